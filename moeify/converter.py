@@ -1,0 +1,399 @@
+"""`moeify convert`: plan -> per-layer upcycling transforms -> streaming writer, into OUT atomically.
+
+The converter knows no architecture (adapters do) and no output naming (formats do). It reads source
+tensors lazily, builds one MoE layer at a time, writes each shard header first and tensors as produced,
+in a temporary folder beside OUT that is renamed into place only when everything is written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, GenerationConfig, PreTrainedConfig
+from transformers.dynamic_module_utils import custom_object_save
+
+from .adapters import ArchitectureAdapter, get_adapter, supported_model_types
+from .checkpoint import SafetensorsCheckpoint
+from .errors import MoeifyError
+from .formats import MoESpec, MoETensorNames, OutputFormat, choose_format
+from .model_card import render_model_card, source_license
+from .params import ParamSummary, summarize
+from .plan import ConvertOptions, parse_layers, parse_max_shard_size
+from .source import is_hub_id, resolve_source
+from .upcycle import EXACT_METHODS, ExpertFFN, LayerContext, MoELayerWeights, get_method
+from .writer import TensorSpec, write_safetensors
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+@dataclass
+class ConversionResult:
+    """What `convert` wrote."""
+
+    output: Path
+    format: str
+    output_class: str
+    reason: str
+    layout: str
+    architecture: str
+    params: ParamSummary
+    exact: bool
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """The one-paragraph report printed at the end of a conversion."""
+        p = self.params
+        layers = f"{len(p.moe_layers)} MoE layers" if p.moe_layers else "no MoE layers"
+        shared = f", {p.shared_experts} shared" if p.shared_experts else ""
+        exact = "outputs equal the dense model's at step 0" if self.exact else "experts differ from the dense FFN"
+        return (
+            f"Wrote {self.output} in {self.seconds:.1f}s: {self.architecture} -> {self.output_class} "
+            f"({self.format} format, {self.layout} layout; {self.reason}). {layers}, {p.num_experts} experts, "
+            f"top-{p.top_k}{shared}; {p.total:,} parameters in total, {p.active:,} active per token; {exact}. "
+            f"Check with: moeify verify DENSE {self.output}"
+        )
+
+
+def _dense_text_config(config: PreTrainedConfig) -> PreTrainedConfig:
+    """The decoder config to upcycle; refuse multimodal wrappers with a clear message."""
+    if config.model_type in supported_model_types():
+        return config
+    raise MoeifyError(
+        f"architecture '{config.model_type}' is not supported; supported: {', '.join(supported_model_types())}."
+    )
+
+
+def _check_output_folder(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise MoeifyError(f"OUT {out} exists and is a file; choose a folder path.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MoeifyError(f"OUT {out} exists and is not empty; pass --overwrite to replace it, or choose another path.")
+
+
+def _clean_stale_temporaries(out: Path) -> None:
+    """Remove temporary folders left beside OUT by conversions that were killed."""
+    for candidate in out.parent.glob(f".{out.name}.moeify-*"):
+        match = re.search(r"-(\d+)$", candidate.name)
+        if match and _pid_alive(int(match.group(1))):
+            continue
+        shutil.rmtree(candidate, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _LayerBuilder:
+    """Builds MoE layers on demand, keeping only the current one (tensors are requested in layer order)."""
+
+    def __init__(self, reader: SafetensorsCheckpoint, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig,
+                 options: ConvertOptions, out_dtype: Callable[[torch.dtype], torch.dtype]) -> None:
+        self.reader = reader
+        self.adapter = adapter
+        self.dense_config = dense_config
+        self.options = options
+        self.out_dtype = out_dtype
+        self.method = get_method(options.method)
+        self._layer: int | None = None
+        self._weights: MoELayerWeights | None = None
+
+    def dense_ffn(self, layer: int) -> ExpertFFN:
+        names = self.adapter.ffn_tensor_names(layer, self.dense_config)
+        get = self.reader.get
+        if "gate_up" in names:
+            gate, up = get(names["gate_up"]).chunk(2, dim=0)
+            gate_bias, up_bias = get(names["gate_up_bias"]).chunk(2) if "gate_up_bias" in names else (None, None)
+        else:
+            gate, up = get(names["gate"]), get(names["up"])
+            gate_bias = get(names["gate_bias"]) if "gate_bias" in names else None
+            up_bias = get(names["up_bias"]) if "up_bias" in names else None
+        down_bias = get(names["down_bias"]) if "down_bias" in names else None
+        return ExpertFFN(gate, up, get(names["down"]), gate_bias, up_bias, down_bias)
+
+    def get(self, layer: int) -> MoELayerWeights:
+        if self._layer != layer:
+            self._weights = None  # free the previous layer before building the next
+            dense = self.dense_ffn(layer)
+            dtype = self.out_dtype(dense.gate.dtype)
+            ctx = LayerContext(layer, self.options.num_experts, self.options.top_k, self.options.shared_experts,
+                               self.options.router_init, self.options.router_init_std, self.options.seed)
+            weights = self.method(_to(dense, torch.float32), ctx)
+            # Convert each distinct expert once, however many experts share it.
+            converted: dict[int, ExpertFFN] = {}
+            experts = [converted.setdefault(id(e), _to(e, dtype)) for e in weights.experts]
+            self._weights = MoELayerWeights(
+                router=weights.router.to(dtype),
+                experts=experts,
+                shared=_to(weights.shared, dtype) if weights.shared is not None else None,
+                shared_gate=weights.shared_gate.to(dtype) if weights.shared_gate is not None else None,
+            )
+            self._layer = layer
+        assert self._weights is not None
+        return self._weights
+
+
+def _to(ffn: ExpertFFN, dtype: torch.dtype) -> ExpertFFN:
+    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(dtype).contiguous()
+
+    return ExpertFFN(cast(ffn.gate), cast(ffn.up), cast(ffn.down), cast(ffn.gate_bias), cast(ffn.up_bias),
+                     cast(ffn.down_bias))  # type: ignore[arg-type]
+
+
+def _moe_layer_specs(layer: int, prefix: str, names: MoETensorNames, layout: str, spec: MoESpec,
+                     hidden: int, dtype: torch.dtype, builder: _LayerBuilder | None) -> list[TensorSpec]:
+    """Output tensors of one MoE layer in `layout`; producers pull the layer from `builder`."""
+    E, I, H = spec.num_experts, spec.intermediate_size, hidden  # noqa: E741 (the papers' names)
+
+    def produce(pick: Callable[[MoELayerWeights], list[torch.Tensor]]) -> Callable[[], Iterator[torch.Tensor]]:
+        def run() -> Iterator[torch.Tensor]:
+            assert builder is not None
+            yield from pick(builder.get(layer))
+
+        return run
+
+    out = [TensorSpec(prefix + names.router_name(layout), dtype, (E, H), produce(lambda w: [w.router]))]
+    if layout == "fused":
+        out.append(TensorSpec(prefix + names.fused["gate_up"], dtype, (E, 2 * I, H),
+                              produce(lambda w: _fused_gate_up(w.experts))))
+        out.append(TensorSpec(prefix + names.fused["down"], dtype, (E, H, I),
+                              produce(lambda w: [e.down for e in w.experts])))
+        if spec.mlp_bias:
+            out.append(TensorSpec(prefix + names.fused["gate_up_bias"], dtype, (E, 2 * I),
+                                  produce(lambda w: _fused_gate_up_bias(w.experts))))
+            out.append(TensorSpec(prefix + names.fused["down_bias"], dtype, (E, H),
+                                  produce(lambda w: [e.down_bias for e in w.experts])))
+    else:
+        shapes = {"gate": (I, H), "up": (I, H), "down": (H, I)}
+        for e in range(E):
+            for role, template in names.per_expert.items():
+                out.append(TensorSpec(prefix + template.format(e=e), dtype, shapes[role],
+                                      produce(lambda w, e=e, role=role: [getattr(w.experts[e], role)])))
+    if spec.shared_experts:
+        SI = spec.shared_experts * I
+        shared_shapes = {"gate": (SI, H), "up": (SI, H), "down": (H, SI), "gate_bias": (SI,), "up_bias": (SI,),
+                         "down_bias": (H,)}
+        for role, name in names.shared.items():
+            out.append(TensorSpec(prefix + name, dtype, shared_shapes[role],
+                                  produce(lambda w, role=role: [getattr(w.shared, role)])))
+        if names.shared_gate:
+            out.append(TensorSpec(prefix + names.shared_gate, dtype, (1, H), produce(lambda w: [w.shared_gate])))
+    elif names.empty_shared and names.shared_gate:
+        for role, shape in (("gate", (0, H)), ("up", (0, H)), ("down", (H, 0))):
+            out.append(TensorSpec(prefix + names.shared[role], dtype, shape, lambda: iter(())))
+        out.append(TensorSpec(prefix + names.shared_gate, dtype, (1, H), lambda H=H, dtype=dtype: iter(
+            [torch.zeros(1, H, dtype=dtype)])))
+    return out
+
+
+def _fused_gate_up(experts: list[ExpertFFN]) -> Iterator[torch.Tensor]:
+    cache: dict[int, torch.Tensor] = {}
+    for e in experts:
+        yield cache.setdefault(id(e), torch.cat([e.gate, e.up], dim=0))
+
+
+def _fused_gate_up_bias(experts: list[ExpertFFN]) -> Iterator[torch.Tensor]:
+    for e in experts:
+        yield torch.cat([e.gate_bias, e.up_bias])  # type: ignore[list-item]
+
+
+def _expected_state(fmt: OutputFormat, config: PreTrainedConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes the output class expects, from an instance on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = fmt.model_class(config)(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None = None, *,
+            progress: bool = True, log: Callable[[str], None] | None = None) -> ConversionResult:
+    """Upcycle the dense causal LM at `source` into an MoE written to `out`.
+
+    Args:
+        source: a checkpoint folder, a Hub id (`org/name[@revision]`) or a `.gguf` file.
+        out: output folder; created atomically (a temporary folder beside it is renamed at the end).
+        options: the conversion settings (`ConvertOptions`, the CLI flags).
+        progress: show progress bars.
+        log: where to report decisions (defaults to stderr).
+
+    Returns:
+        a `ConversionResult` with the chosen format, parameter counts and a printable `summary()`.
+
+    Raises:
+        MoeifyError: bad input (nothing is written).
+    """
+    started = time.perf_counter()
+    options = options or ConvertOptions()
+    say = log or (lambda message: print(message, file=sys.stderr))
+    options.validate()
+    max_shard = parse_max_shard_size(options.max_shard_size)
+    out_path = Path(out).expanduser().absolute()
+    _check_output_folder(out_path, options.overwrite)
+
+    local = resolve_source(source, options.revision, options.trust_remote_code, progress)
+    try:
+        dense_config = AutoConfig.from_pretrained(local, trust_remote_code=options.trust_remote_code)
+    except ValueError as err:
+        raise MoeifyError(f"cannot read the configuration in {local}: {err}") from None
+    dense_config = _dense_text_config(dense_config)
+    adapter = get_adapter(dense_config.model_type)
+    num_layers = dense_config.num_hidden_layers
+    moe_layers = parse_layers(options.layers, num_layers)
+    if not moe_layers:
+        raise MoeifyError(f"--layers '{options.layers}' selects no layer; the model has {num_layers} layers.")
+
+    reader = SafetensorsCheckpoint(local)
+    first = adapter.ffn_tensor_names(moe_layers[0], dense_config)
+    missing = [name for name in first.values() if name not in reader]
+    if missing:
+        raise MoeifyError(f"{local} lacks the {adapter.display_name} MLP tensors {missing}; is it a {adapter.display_name} checkpoint?")
+    hidden, intermediate = reader.shape(first["down"])
+    spec = MoESpec(
+        num_experts=options.num_experts, top_k=options.top_k, shared_experts=options.shared_experts,
+        moe_layers=moe_layers, num_layers=num_layers, intermediate_size=intermediate,
+        mlp_bias=adapter.mlp_bias(dense_config), activation=adapter.activation(dense_config),
+    )
+    fmt, reason = choose_format(adapter, dense_config, spec, options)
+    layout = options.layout if options.layout in fmt.layouts else fmt.layouts[0]
+    notes = []
+    if layout != options.layout:
+        notes.append(f"the {fmt.name} format is written {layout} (transformers' conversion rules do not cover custom code)")
+    say(f"moeify: {adapter.display_name} -> {fmt.description}: {reason}.")
+
+    def out_dtype(source_dtype: torch.dtype) -> torch.dtype:
+        if not source_dtype.is_floating_point:
+            return source_dtype
+        return options.torch_dtype or source_dtype
+
+    ffn_dtype = out_dtype(reader.dtype(first["down"]))
+    out_config = fmt.build_config(adapter, dense_config, spec)
+    out_config.dtype = ffn_dtype
+    builder = _LayerBuilder(reader, adapter, dense_config, options, out_dtype)
+
+    # Every output tensor, in layer order, before any byte is written.
+    names = fmt.tensor_names(adapter, spec)
+    ffn_names = {layer: set(adapter.ffn_tensor_names(layer, dense_config).values()) for layer in moe_layers}
+    layer_of = re.compile("^" + re.escape(adapter.layer_prefix).replace(r"\{layer\}", r"(\d+)"))
+    by_layer: dict[int, list[str]] = {}
+    outside: list[str] = []
+    for name in reader.keys():
+        match = layer_of.match(name)
+        (by_layer.setdefault(int(match.group(1)), []) if match else outside).append(name)
+
+    def passthrough(name: str) -> TensorSpec:
+        return TensorSpec(name, out_dtype(reader.dtype(name)), reader.shape(name), lambda: iter([reader.get(name)]))
+
+    specs = [passthrough(n) for n in outside]
+    fused_check: list[TensorSpec] = list(specs)
+    for layer in range(num_layers):
+        prefix = adapter.layer_prefix.format(layer=layer)
+        for name in by_layer.get(layer, []):
+            if name not in ffn_names.get(layer, ()):
+                specs.append(passthrough(name))
+                fused_check.append(specs[-1])
+        if layer in ffn_names:
+            specs += _moe_layer_specs(layer, prefix, names, layout, spec, hidden, ffn_dtype, builder)
+            fused_check += _moe_layer_specs(layer, prefix, names, "fused", spec, hidden, ffn_dtype, None)
+
+    expected = _expected_state(fmt, out_config)
+    tied = "lm_head.weight" in expected and bool(getattr(out_config.get_text_config(), "tie_word_embeddings", False))
+    unexpected = [s.name for s in fused_check if s.name not in expected]
+    skipped = [n for n in unexpected if n in reader]  # e.g. old `rotary_emb.inv_freq` buffers
+    specs = [s for s in specs if s.name not in skipped]
+    wrong = [f"{s.name} {s.shape} != {expected[s.name]}" for s in fused_check
+             if s.name in expected and tuple(s.shape) != expected[s.name]]
+    absent = sorted(set(expected) - {s.name for s in fused_check} - ({"lm_head.weight"} if tied else set()))
+    if wrong or absent or set(unexpected) - set(skipped):
+        raise RuntimeError(
+            f"internal error: output tensors do not match {fmt.description}: shapes {wrong[:3]}, missing "
+            f"{absent[:3]}, unexpected {sorted(set(unexpected) - set(skipped))[:3]}. Please report this."
+        )
+    if skipped:
+        notes.append(f"dropped {len(skipped)} source tensors the output class does not use ({skipped[0]}, ...)")
+    params = summarize({s.name: s.shape for s in fused_check if s.name not in skipped}, out_config)
+
+    _clean_stale_temporaries(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.parent / f".{out_path.name}.moeify-tmp-{os.getpid()}"
+    try:
+        tmp.mkdir()
+        write_safetensors(specs, tmp, max_shard, progress)
+        if fmt.name == "moeify":
+            with torch.device("meta"):
+                meta_model = fmt.model_class(out_config)(out_config)
+            custom_object_save(meta_model, tmp, config=out_config)  # modeling files + auto_map
+        out_config.save_pretrained(tmp)
+        _write_generation_config(local, dense_config, tmp)
+        for file_name in TOKENIZER_FILES:
+            if (local / file_name).exists():
+                shutil.copy2(local / file_name, tmp / file_name)
+        base_model = source.partition("@")[0] if is_hub_id(source) else Path(source).stem
+        settings = {
+            "experts": options.num_experts, "top-k": options.top_k, "shared experts": options.shared_experts,
+            "MoE layers": f"{len(moe_layers)} of {num_layers} ({options.layers})", "upcycling": options.method,
+            "router init": f"{options.router_init} (seed {options.seed})", "dtype": str(ffn_dtype).replace("torch.", ""),
+            "layout": layout,
+        }
+        card = render_model_card(
+            base_model=base_model, license=source_license(local), architecture=adapter.display_name,
+            output_class=fmt.description.split(" ")[0], format_name=fmt.name, reason=reason, settings=settings,
+            params=params,
+        )
+        card.save(tmp / "README.md")
+        _replace(tmp, out_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ConversionResult(
+        output=out_path, format=fmt.name, output_class=fmt.description.split(" ")[0], reason=reason, layout=layout,
+        architecture=adapter.display_name, params=params, exact=options.method in EXACT_METHODS,
+        seconds=time.perf_counter() - started, notes=notes,
+    )
+
+
+def _write_generation_config(local: Path, dense_config: PreTrainedConfig, folder: Path) -> None:
+    if (local / "generation_config.json").exists():
+        shutil.copy2(local / "generation_config.json", folder / "generation_config.json")
+    else:
+        GenerationConfig.from_model_config(dense_config).save_pretrained(folder)
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished `tmp` to `out`; an old `out` is kept until the new one is in place."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.parent / f".{out.name}.moeify-old-{os.getpid()}"
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

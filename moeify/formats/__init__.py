@@ -1,0 +1,46 @@
+"""Output formats: stock transformers MoE classes (`native`) and moeify's own (`moeify`)."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+
+from ..adapters import ArchitectureAdapter
+from ..errors import MoeifyError
+from ..plan import ConvertOptions
+from .base import MoESpec, MoETensorNames, OutputFormat
+from .moeify import MoeifyFormat
+from .native import NATIVE_FORMATS, NativeFormat
+
+MOEIFY_FORMAT = MoeifyFormat()
+
+
+def choose_format(
+    adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec, options: ConvertOptions
+) -> tuple[OutputFormat, str]:
+    """Pick the output format for `--format` and say why.
+
+    `native`: the first stock class of the adapter that is exact, else a `MoeifyError` naming the reasons and
+    `--format moeify`. `auto`: native when exact, moeify otherwise. `moeify`: always.
+    """
+    if options.format == "moeify":
+        return MOEIFY_FORMAT, "moeify format requested"
+    reasons = []
+    for target in adapter.native_targets:
+        fmt = NATIVE_FORMATS[target]
+        reason = fmt.explain_unsupported(adapter, dense_config, spec, options)
+        if reason is None:
+            return fmt, f"{fmt.description} represents this {adapter.display_name} MoE exactly"
+        reasons.append(f"{fmt.description}: {reason}")
+    if not adapter.native_targets:
+        reasons.append(f"no stock transformers MoE class matches {adapter.display_name}")
+    if options.format == "native":
+        raise MoeifyError(
+            f"--format native cannot represent this {adapter.display_name} MoE exactly ("
+            + "; ".join(reasons)
+            + "). Use --format moeify (loads with `import moeify` or trust_remote_code=True)."
+        )
+    return MOEIFY_FORMAT, "no stock class is exact (" + "; ".join(reasons) + "), so moeify's own format"
+
+
+__all__ = ["MOEIFY_FORMAT", "NATIVE_FORMATS", "MoESpec", "MoETensorNames", "NativeFormat", "OutputFormat",
+           "choose_format"]

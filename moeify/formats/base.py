@@ -1,0 +1,90 @@
+"""The interface every output format implements: can it represent this MoE exactly, its config, its names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedConfig
+
+from ..adapters import ArchitectureAdapter
+from ..plan import ConvertOptions
+
+
+@dataclass(frozen=True)
+class MoETensorNames:
+    """Names of one MoE layer's tensors, relative to the decoder layer prefix (`model.layers.{i}.`).
+
+    `per_expert` templates contain `{e}`; keys are roles: gate, up, down (+ `*_bias`). `fused` keys are
+    gate_up, down (+ `*_bias`). `shared` keys are gate, up, down (+ `*_bias`).
+    """
+
+    router: str
+    fused: dict[str, str]
+    per_expert: dict[str, str] = field(default_factory=dict)
+    shared: dict[str, str] = field(default_factory=dict)
+    shared_gate: str | None = None
+    per_expert_router: str | None = None
+    # Qwen2-MoE always builds a shared expert: with none asked for, write it with zero neurons.
+    empty_shared: bool = False
+
+    def router_name(self, layout: str) -> str:
+        """The router's name in `layout` (Mixtral's per-expert files keep the legacy `block_sparse_moe`)."""
+        return self.per_expert_router if layout == "per-expert" and self.per_expert_router else self.router
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """The MoE being written, as formats need it."""
+
+    num_experts: int
+    top_k: int
+    shared_experts: int
+    moe_layers: list[int]
+    num_layers: int
+    intermediate_size: int
+    mlp_bias: bool
+    activation: str
+
+    @property
+    def all_layers(self) -> bool:
+        return len(self.moe_layers) == self.num_layers
+
+    @property
+    def dense_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if i not in set(self.moe_layers)]
+
+
+class OutputFormat:
+    """An output format: subclasses set `name`, `layouts` and implement the three methods."""
+
+    name: str = ""
+    description: str = ""
+    layouts: tuple[str, ...] = ("fused",)
+
+    def explain_unsupported(
+        self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec, options: ConvertOptions
+    ) -> str | None:
+        """`None` if this format represents the MoE exactly, else a one-line reason."""
+        raise NotImplementedError
+
+    def build_config(
+        self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec
+    ) -> PreTrainedConfig:
+        """The output model's configuration."""
+        raise NotImplementedError
+
+    def tensor_names(self, adapter: ArchitectureAdapter, spec: MoESpec) -> MoETensorNames:
+        """Names of an MoE layer's tensors."""
+        raise NotImplementedError
+
+    def model_class(self, config: PreTrainedConfig) -> type:
+        """The transformers class that loads the output (used to check names and shapes on the meta device)."""
+        raise NotImplementedError
+
+
+def dense_config_dict(dense_config: PreTrainedConfig) -> dict:
+    """The dense config's fields, without the keys that identify its class."""
+    values = dense_config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"):
+        values.pop(key, None)
+    return values

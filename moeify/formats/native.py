@@ -1,0 +1,151 @@
+"""Stock transformers MoE classes (Mixtral, Qwen2-MoE, Qwen3-MoE): served unchanged by vLLM, SGLang, llama.cpp.
+
+Each target says which dense architectures and options it represents exactly (see the table in the design
+notes), builds its config from the dense one, and names its tensors as stock `save_pretrained` does:
+per-expert by default (what released checkpoints and serving engines read), fused 3-D with `--layout fused`.
+"""
+
+from __future__ import annotations
+
+from transformers import MixtralConfig, PreTrainedConfig, Qwen2MoeConfig, Qwen3MoeConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from ..adapters import ArchitectureAdapter
+from ..plan import ConvertOptions
+from .base import MoESpec, MoETensorNames, OutputFormat, dense_config_dict
+
+_QWEN_EXPERT = {"gate": "mlp.experts.{e}.gate_proj.weight", "up": "mlp.experts.{e}.up_proj.weight",
+                "down": "mlp.experts.{e}.down_proj.weight"}
+_FUSED = {"gate_up": "mlp.experts.gate_up_proj", "down": "mlp.experts.down_proj"}
+
+
+class NativeFormat(OutputFormat):
+    """Common checks of the stock classes; subclasses add their own."""
+
+    layouts = ("per-expert", "fused")
+    dense_types: tuple[str, ...] = ()
+    config_class: type[PreTrainedConfig]
+
+    def model_class(self, config: PreTrainedConfig) -> type:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+
+    def explain_unsupported(
+        self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec, options: ConvertOptions
+    ) -> str | None:
+        if adapter.model_type not in self.dense_types:
+            return f"{self.name} cannot represent a {adapter.display_name} model exactly"
+        if spec.mlp_bias:
+            return f"{self.name} experts have no biases and this model's MLP has (mlp_bias=True)"
+        if spec.activation != getattr(dense_config, "hidden_act", spec.activation):
+            return f"{self.name} uses hidden_act for its experts"
+        return self.explain_specific(adapter, dense_config, spec)
+
+    def explain_specific(self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec) -> str | None:
+        return None
+
+
+class MixtralFormat(NativeFormat):
+    name = "mixtral"
+    description = "MixtralForCausalLM"
+    dense_types = ("llama", "mistral")
+
+    def explain_specific(self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec) -> str | None:
+        if spec.shared_experts:
+            return "Mixtral has no shared experts"
+        if not spec.all_layers:
+            return "Mixtral makes every layer an MoE layer (no dense-layer subset)"
+        if getattr(dense_config, "attention_bias", False):
+            return "Mixtral attention has no biases and this model's has (attention_bias=True)"
+        return None
+
+    def build_config(self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec) -> PreTrainedConfig:
+        values = dense_config_dict(dense_config)
+        values.update(num_local_experts=spec.num_experts, num_experts_per_tok=spec.top_k, router_jitter_noise=0.0,
+                      architectures=["MixtralForCausalLM"])
+        return MixtralConfig(**values)
+
+    def tensor_names(self, adapter: ArchitectureAdapter, spec: MoESpec) -> MoETensorNames:
+        return MoETensorNames(
+            router="mlp.gate.weight",
+            fused=dict(_FUSED),
+            per_expert={"gate": "block_sparse_moe.experts.{e}.w1.weight", "up": "block_sparse_moe.experts.{e}.w3.weight",
+                        "down": "block_sparse_moe.experts.{e}.w2.weight"},
+            per_expert_router="block_sparse_moe.gate.weight",
+        )
+
+
+class Qwen2MoeFormat(NativeFormat):
+    name = "qwen2_moe"
+    description = "Qwen2MoeForCausalLM"
+    dense_types = ("llama", "mistral", "qwen2")
+
+    def explain_specific(self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec) -> str | None:
+        if getattr(dense_config, "attention_bias", False):
+            return "Qwen2-MoE has biases on q/k/v only and this model's o_proj has one too (attention_bias=True)"
+        return None
+
+    def build_config(self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec) -> PreTrainedConfig:
+        values = dense_config_dict(dense_config)
+        values.update(
+            num_experts=spec.num_experts,
+            num_experts_per_tok=spec.top_k,
+            moe_intermediate_size=spec.intermediate_size,
+            shared_expert_intermediate_size=spec.shared_experts * spec.intermediate_size,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=spec.dense_layers,
+            qkv_bias=adapter.model_type == "qwen2",
+            architectures=["Qwen2MoeForCausalLM"],
+        )
+        if adapter.model_type == "mistral":
+            sliding = dense_config.sliding_window is not None
+            values.update(use_sliding_window=sliding, max_window_layers=spec.num_layers,
+                          layer_types=[("sliding_attention" if sliding else "full_attention")] * spec.num_layers)
+        elif adapter.model_type == "llama":
+            values.update(use_sliding_window=False, layer_types=["full_attention"] * spec.num_layers)
+        return Qwen2MoeConfig(**values)
+
+    def tensor_names(self, adapter: ArchitectureAdapter, spec: MoESpec) -> MoETensorNames:
+        return MoETensorNames(
+            router="mlp.gate.weight",
+            fused=dict(_FUSED),
+            per_expert=dict(_QWEN_EXPERT),
+            shared={"gate": "mlp.shared_expert.gate_proj.weight", "up": "mlp.shared_expert.up_proj.weight",
+                    "down": "mlp.shared_expert.down_proj.weight"},
+            shared_gate="mlp.shared_expert_gate.weight",
+            empty_shared=True,
+        )
+
+
+class Qwen3MoeFormat(NativeFormat):
+    name = "qwen3_moe"
+    description = "Qwen3MoeForCausalLM"
+    dense_types = ("qwen3",)
+
+    def explain_specific(self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec) -> str | None:
+        if spec.shared_experts:
+            return "Qwen3-MoE has no shared experts"
+        layer_types = set(getattr(dense_config, "layer_types", None) or ["full_attention"])
+        if getattr(dense_config, "use_sliding_window", False) and layer_types != {"sliding_attention"}:
+            return "Qwen3-MoE slides the window on every layer and this model slides only some"
+        return None
+
+    def build_config(self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec) -> PreTrainedConfig:
+        values = dense_config_dict(dense_config)
+        values.pop("layer_types", None)
+        values.update(
+            num_experts=spec.num_experts,
+            num_experts_per_tok=spec.top_k,
+            moe_intermediate_size=spec.intermediate_size,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=spec.dense_layers,
+            architectures=["Qwen3MoeForCausalLM"],
+        )
+        return Qwen3MoeConfig(**values)
+
+    def tensor_names(self, adapter: ArchitectureAdapter, spec: MoESpec) -> MoETensorNames:
+        return MoETensorNames(router="mlp.gate.weight", fused=dict(_FUSED), per_expert=dict(_QWEN_EXPERT))
+
+
+NATIVE_FORMATS: dict[str, NativeFormat] = {f.name: f for f in (MixtralFormat(), Qwen2MoeFormat(), Qwen3MoeFormat())}

@@ -1,0 +1,77 @@
+"""The model card (README.md with YAML metadata) written next to a converted model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .params import ParamSummary, human
+
+
+def source_license(folder: Path) -> str | None:
+    """The `license` of the source checkpoint's model card, if it has one."""
+    readme = folder / "README.md"
+    if not readme.exists():
+        return None
+    try:
+        return ModelCard.load(readme).data.to_dict().get("license")
+    except Exception:  # a malformed card must not stop a conversion
+        return None
+
+
+def render_model_card(
+    *,
+    base_model: str,
+    license: str | None,
+    architecture: str,
+    output_class: str,
+    format_name: str,
+    reason: str,
+    settings: dict[str, object],
+    params: ParamSummary,
+) -> ModelCard:
+    """Build the card: metadata (base_model, tags, license) and a body with settings, parameters and usage."""
+    data = ModelCardData(
+        base_model=base_model,
+        license=license,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["moe", "moeify", "mixture-of-experts", "upcycling"],
+    )
+    loader = (
+        "import moeify  # registers MoeifyForCausalLM; or pass trust_remote_code=True without moeify\n"
+        if format_name == "moeify"
+        else ""
+    )
+    remote = ", trust_remote_code=True" if format_name == "moeify" else ""
+    rows = "\n".join(f"| {key} | {value} |" for key, value in settings.items())
+    body = f"""
+# {Path(base_model).name} upcycled to a Mixture-of-Experts
+
+Sparse upcycling of `{base_model}` ({architecture}) with [moeify](https://pypi.org/project/moeify/):
+each MLP became {params.num_experts} experts (top-{params.top_k}) that start as copies of the dense MLP, so
+before fine-tuning this model computes the same outputs as the dense one.
+
+Output class: `{output_class}` ({reason}).
+
+| setting | value |
+|---|---|
+{rows}
+
+| parameters | count |
+|---|---|
+| total | {params.total:,} ({human(params.total)}) |
+| active per token | {params.active:,} ({human(params.active)}) |
+| routed experts | {params.routed_expert_params:,} ({human(params.routed_expert_params)}) |
+
+## Load
+
+```python
+{loader}from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO"{remote})
+tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")
+```
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")

@@ -1,0 +1,208 @@
+"""moeify's Mixture-of-Experts causal LM: a dense transformers decoder whose MLPs became MoE blocks.
+
+Data flow: the dense architecture named by `config.text_config` (embeddings, attention, norms, rotary,
+masks, KV cache: transformers' own code for Llama, Gemma 3, Phi-3, ...) runs unchanged, except that the MLP
+of each layer in `config.moe_layers` is a `MoeifySparseMoeBlock`: router -> routed experts (+ shared
+experts) -> weighted sum.
+
+Copied next to the weights for `trust_remote_code=True`: imports torch, transformers and its siblings only.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+from .configuration_moeify import MoeifyConfig
+from .experts import MoeifyExpertsBase, build_experts
+from .router import MoeifyTopKRouter
+
+
+class MoeifySharedExperts(nn.Module):
+    """The shared experts: one gated MLP of `num_shared_experts * shared_expert_intermediate_size` neurons."""
+
+    def __init__(self, config: MoeifyConfig) -> None:
+        super().__init__()
+        hidden = config.text_config.hidden_size
+        inner = config.num_shared_experts * config.shared_expert_intermediate_size
+        self.gate_proj = nn.Linear(hidden, inner, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(hidden, inner, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(inner, hidden, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.mlp_activation]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+class MoeifySparseMoeBlock(nn.Module):
+    """Router, routed experts and optional shared experts; a drop-in for a dense decoder layer's MLP.
+
+    `y = sum_{i in topk} w_i expert_i(x) [+ sigmoid(g . x) * shared(x)]`
+    """
+
+    def __init__(self, config: MoeifyConfig) -> None:
+        super().__init__()
+        self.router = MoeifyTopKRouter(config)
+        self.experts = build_experts(config)
+        self.shared_experts = MoeifySharedExperts(config) if config.num_shared_experts > 0 else None
+        self.shared_expert_gate = (
+            nn.Linear(config.text_config.hidden_size, 1, bias=False)
+            if config.num_shared_experts > 0 and config.shared_expert_gate
+            else None
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_shape = hidden_states.shape
+        flat = hidden_states.reshape(-1, input_shape[-1])
+        _, top_k_weights, top_k_index = self.router(flat)
+        output = self.experts(flat, top_k_index, top_k_weights)
+        if self.shared_experts is not None:
+            shared = self.shared_experts(flat)
+            if self.shared_expert_gate is not None:
+                shared = F.sigmoid(self.shared_expert_gate(flat)) * shared
+            output = output + shared
+        return output.reshape(input_shape)
+
+
+@torch.no_grad()
+def init_moe_weights(module: nn.Module, std: float) -> None:
+    """Random initialisation of the MoE modules (conversion overwrites it with the upcycled weights)."""
+    if isinstance(module, MoeifyExpertsBase):
+        nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
+        nn.init.normal_(module.down_proj, mean=0.0, std=std)
+        if hasattr(module, "gate_up_proj_bias"):
+            nn.init.zeros_(module.gate_up_proj_bias)
+            nn.init.zeros_(module.down_proj_bias)
+    elif isinstance(module, MoeifyTopKRouter):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+
+
+def _dense_init_then_moe(dense_init: Any, std: float, module: nn.Module) -> None:
+    dense_init(module)
+    init_moe_weights(module, std)
+
+
+class MoeifyPreTrainedModel(PreTrainedModel):
+    config: MoeifyConfig
+    config_class = MoeifyConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # transformers looks for `@use_experts_implementation` in this file's text; our experts live in experts.py.
+        return True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        init_moe_weights(module, getattr(self.config.text_config, "initializer_range", 0.02))
+
+
+class MoeifyForCausalLM(MoeifyPreTrainedModel, GenerationMixin):
+    """A causal LM whose `config.moe_layers` MLPs are `MoeifySparseMoeBlock`s.
+
+    `self.model` is the dense architecture's own base model (e.g. `Gemma3TextModel`), so parameter names are
+    the dense model's (`model.layers.3.self_attn.q_proj.weight`) except inside the MoE blocks
+    (`model.layers.3.mlp.router.weight`, `model.layers.3.mlp.experts.gate_up_proj`, ...).
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MoeifyConfig) -> None:
+        super().__init__(config)
+        dense_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config.text_config)]
+        dense = dense_class(config.text_config)
+        self._no_split_modules = list(getattr(dense, "_no_split_modules", None) or [])
+        self.model = dense.model
+        self.lm_head = dense.lm_head
+        self.vocab_size = config.text_config.vocab_size
+        for layer_idx in config.moe_layers:
+            setattr(self.model.layers[layer_idx], config.mlp_module_name, MoeifySparseMoeBlock(config))
+        # transformers initialises a nested PreTrainedModel's subtree with that model's own `_init_weights`,
+        # which does not know the MoE modules: extend it for this instance.
+        std = getattr(config.text_config, "initializer_range", 0.02)
+        self.model._init_weights = partial(_dense_init_then_moe, self.model._init_weights, std)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> MoeCausalLMOutputWithPast:
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
+        router_logits: list[torch.Tensor] = []
+        hooks = []
+        if output_router_logits:
+            # The dense decoder layers do not return router logits, so collect them at the routers.
+            for module in self.modules():
+                if isinstance(module, MoeifyTopKRouter):
+                    hooks.append(module.register_forward_hook(lambda _m, _i, out: router_logits.append(out[0])))
+        try:
+            outputs = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        softcap = getattr(self.config.text_config, "final_logit_softcapping", None)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        aux_loss = None
+        if output_router_logits and router_logits:
+            aux_loss = load_balancing_loss_func(
+                tuple(router_logits), self.config.num_experts, self.config.num_experts_per_tok, attention_mask
+            )
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=tuple(router_logits) if output_router_logits else None,
+        )
+
+
+__all__ = ["MoeifyForCausalLM", "MoeifyPreTrainedModel", "MoeifySparseMoeBlock"]

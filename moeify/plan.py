@@ -1,0 +1,128 @@
+"""What a conversion will build, validated before anything is read or written."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import MoeifyError
+
+DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+FORMATS = ("auto", "native", "moeify")
+LAYOUTS = ("per-expert", "fused")
+ROUTER_INITS = ("random", "zeros")
+
+
+@dataclass
+class ConvertOptions:
+    """User choices for `moeify convert` (the CLI flags, one field each)."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    shared_experts: int = 0
+    layers: str = "all"
+    format: str = "auto"
+    dtype: str = "auto"
+    router_init: str = "random"
+    router_init_std: float = 0.02
+    seed: int = 0
+    max_shard_size: str | int = "5GB"
+    layout: str = "per-expert"
+    method: str = "copy"
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    revision: str | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raise `MoeifyError` for settings that cannot describe an MoE, before any I/O."""
+        if self.num_experts < 2:
+            raise MoeifyError(f"--num-experts must be at least 2 (got {self.num_experts}): an MoE needs experts to route between.")
+        if self.top_k < 1:
+            raise MoeifyError(f"--top-k must be at least 1 (got {self.top_k}).")
+        if self.top_k > self.num_experts:
+            raise MoeifyError(
+                f"--top-k {self.top_k} is larger than --num-experts {self.num_experts}: a token cannot use more "
+                "experts than there are. Lower --top-k or raise --num-experts."
+            )
+        if self.shared_experts < 0:
+            raise MoeifyError(f"--shared-experts must be 0 or more (got {self.shared_experts}).")
+        for name, value, allowed in (
+            ("--format", self.format, FORMATS),
+            ("--dtype", self.dtype, tuple(DTYPES)),
+            ("--layout", self.layout, LAYOUTS),
+            ("--router-init", self.router_init, ROUTER_INITS),
+        ):
+            if value not in allowed:
+                raise MoeifyError(f"{name} must be one of {', '.join(allowed)} (got '{value}').")
+        parse_max_shard_size(self.max_shard_size)
+        parse_layers(self.layers, None)
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """The output dtype, or `None` to keep each source tensor's dtype."""
+        return DTYPES[self.dtype]
+
+
+_LAYER_SPEC = re.compile(r"^\d+(-\d+)?$")
+
+
+def parse_layers(spec: str, num_layers: int | None) -> list[int]:
+    """Parse `--layers`: `all`, `every:N` (layers 0, N, 2N, ...), or a list like `0-11,14`.
+
+    With `num_layers=None` only the syntax is checked (and an empty list returned).
+    """
+    text = spec.strip().lower()
+    hint = "Use 'all', 'every:N' or a comma list of layers and ranges such as '0-11,14'."
+    if text == "all":
+        return list(range(num_layers)) if num_layers is not None else []
+    if text.startswith("every:"):
+        step_text = text.split(":", 1)[1]
+        if not step_text.isdigit() or int(step_text) < 1:
+            raise MoeifyError(f"bad --layers '{spec}': every:N needs a positive integer N. {hint}")
+        return list(range(0, num_layers, int(step_text))) if num_layers is not None else []
+    layers: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not _LAYER_SPEC.match(part):
+            raise MoeifyError(f"bad --layers '{spec}': cannot read '{part}'. {hint}")
+        if "-" in part:
+            start, end = (int(x) for x in part.split("-"))
+            if end < start:
+                raise MoeifyError(f"bad --layers '{spec}': range '{part}' runs backwards. {hint}")
+            layers.update(range(start, end + 1))
+        else:
+            layers.add(int(part))
+    if num_layers is None:
+        return []
+    outside = sorted(i for i in layers if i >= num_layers)
+    if outside:
+        raise MoeifyError(
+            f"bad --layers '{spec}': layers {outside} do not exist; the model has {num_layers} layers (0-{num_layers - 1})."
+        )
+    return sorted(layers)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_max_shard_size(size: str | int) -> int:
+    """`'5GB'` -> 5_000_000_000 (also KB/MB/TB, KiB/MiB/GiB, or a plain byte count)."""
+    if isinstance(size, int):
+        value = size
+    else:
+        match = _SIZE.match(size)
+        if not match:
+            raise MoeifyError(f"bad --max-shard-size '{size}': use a size such as 5GB, 500MB or 2GiB.")
+        value = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+    if value <= 0:
+        raise MoeifyError(f"--max-shard-size must be positive (got {size}).")
+    return value

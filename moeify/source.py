@@ -1,0 +1,88 @@
+"""Turn SOURCE (a folder, a Hub id `org/name[@rev]`, or a `.gguf` file) into a local checkpoint folder."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .errors import MoeifyError
+
+# What a conversion needs from a Hub repository: config, tokenizer, safetensors weights, the card (license).
+HUB_ALLOW_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "README.md",
+    "LICENSE*",
+]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+def is_hub_id(source: str) -> bool:
+    """`org/name` or `org/name@revision` that is not an existing local path."""
+    return bool(_HUB_ID.match(source)) and not Path(source).exists()
+
+
+def resolve_source(source: str, revision: str | None = None, trust_remote_code: bool = False,
+                   progress: bool = True) -> Path:
+    """A local folder with config.json and safetensors weights for `source`.
+
+    A `.gguf` file is dequantized once into moeify's cache (see `moeify.gguf_source`); a Hub id is fetched
+    with `huggingface_hub.snapshot_download` (only the files in `HUB_ALLOW_PATTERNS`), honouring the HF
+    cache and `HF_HUB_OFFLINE`.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise MoeifyError(f"SOURCE folder {path} has no config.json: it is not a transformers checkpoint.")
+        return path
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise MoeifyError(f"SOURCE {path} is a file but not a .gguf; give a checkpoint folder, a .gguf or a Hub id.")
+        from .gguf_source import dequantize_gguf
+
+        try:
+            return dequantize_gguf(path, trust_remote_code=trust_remote_code, progress=progress)
+        except ValueError as err:
+            raise MoeifyError(str(err)) from None
+    if is_hub_id(source):
+        repo_id, _, rev = source.partition("@")
+        return _download(repo_id, revision or rev or None)
+    raise MoeifyError(
+        f"SOURCE '{source}' does not exist: give a local checkpoint folder, a .gguf file, or a Hub id such as "
+        "org/name or org/name@revision."
+    )
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS))
+    except GatedRepoError:
+        raise MoeifyError(f"{repo_id} is gated: accept its license on the Hub and log in (hf auth login).") from None
+    except RepositoryNotFoundError:
+        raise MoeifyError(f"Hub repository {repo_id} not found (or private: log in with hf auth login).") from None
+    except RevisionNotFoundError:
+        raise MoeifyError(f"revision '{revision}' not found in {repo_id}.") from None
+    except LocalEntryNotFoundError:
+        raise MoeifyError(
+            f"cannot download {repo_id}: offline (HF_HUB_OFFLINE or no network) and it is not in the HF cache. "
+            "Pass a local folder instead, or go online once to cache it."
+        ) from None

@@ -1,0 +1,117 @@
+"""Streaming safetensors writer: each shard's header first, then every tensor as it is produced.
+
+The `safetensors` library serialises a whole dict of tensors at once, so a shard would sit in memory;
+here every output tensor's name, dtype and shape is known before conversion starts, so each shard's
+header is written first and tensor bytes follow as they are produced, then are freed. The files are
+ordinary safetensors files (header layout per the safetensors spec) that `safe_open` and transformers read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+
+
+@dataclass
+class TensorSpec:
+    """One output tensor: its name, dtype, shape, and a producer of its data in row-major chunks."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    produce: Callable[[], Iterable[torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def plan_shards(specs: list[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
+    """Split `specs` (in order) into shards of at most `max_shard_size` bytes (a bigger tensor gets its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return [s for s in shards if s]
+
+
+def shard_file_names(count: int) -> list[str]:
+    """transformers' shard names: `model.safetensors`, or `model-00001-of-00003.safetensors`, ..."""
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def _header(specs: list[TensorSpec]) -> bytes:
+    entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for spec in specs:
+        entries[spec.name] = {
+            "dtype": SAFETENSORS_DTYPES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the spec pads the header to 8 bytes with spaces
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def _write_tensor(handle, spec: TensorSpec) -> None:
+    written = 0
+    for chunk in spec.produce():
+        data = chunk.detach().to(device="cpu", dtype=spec.dtype).contiguous().reshape(-1)
+        buffer = data.view(torch.uint8).numpy()
+        handle.write(memoryview(buffer))
+        written += buffer.nbytes
+    if written != spec.nbytes:
+        raise RuntimeError(f"internal error: {spec.name} produced {written} bytes, expected {spec.nbytes}")
+
+
+def write_safetensors(
+    specs: list[TensorSpec], folder: Path, max_shard_size: int, progress: bool = True
+) -> dict[str, str]:
+    """Write `specs` as sharded safetensors (+ index when sharded) into `folder`; returns name -> file."""
+    shards = plan_shards(specs, max_shard_size)
+    names = shard_file_names(len(shards))
+    weight_map: dict[str, str] = {}
+    total = sum(spec.nbytes for spec in specs)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="Writing shards", disable=not progress) as bar:
+        for shard, file_name in zip(shards, names, strict=True):
+            with open(folder / file_name, "wb") as handle:
+                handle.write(_header(shard))
+                for spec in shard:
+                    _write_tensor(handle, spec)
+                    weight_map[spec.name] = file_name
+                    bar.update(spec.nbytes)
+                handle.flush()
+                os.fsync(handle.fileno())
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return weight_map
