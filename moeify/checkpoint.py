@@ -38,12 +38,15 @@ class SafetensorsCheckpoint:
             except (SafetensorError, OSError) as err:
                 raise MoeifyError(f"cannot read {folder / name}: {err}. The file is corrupt or truncated.") from None
             self._handles[name] = handle
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (safe_open handles are not dicts)
                 self._file_of[key] = name
 
     def keys(self) -> list[str]:
         """All tensor names, in file order."""
         return list(self._file_of)
+
+    def __iter__(self):
+        return iter(self._file_of)
 
     def __contains__(self, name: str) -> bool:
         return name in self._file_of

@@ -113,8 +113,14 @@ def _pid_alive(pid: int) -> bool:
 class _LayerBuilder:
     """Builds MoE layers on demand, keeping only the current one (tensors are requested in layer order)."""
 
-    def __init__(self, reader: SafetensorsCheckpoint, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig,
-                 options: ConvertOptions, out_dtype: Callable[[torch.dtype], torch.dtype]) -> None:
+    def __init__(
+        self,
+        reader: SafetensorsCheckpoint,
+        adapter: ArchitectureAdapter,
+        dense_config: PreTrainedConfig,
+        options: ConvertOptions,
+        out_dtype: Callable[[torch.dtype], torch.dtype],
+    ) -> None:
         self.reader = reader
         self.adapter = adapter
         self.dense_config = dense_config
@@ -142,8 +148,15 @@ class _LayerBuilder:
             self._weights = None  # free the previous layer before building the next
             dense = self.dense_ffn(layer)
             dtype = self.out_dtype(dense.gate.dtype)
-            ctx = LayerContext(layer, self.options.num_experts, self.options.top_k, self.options.shared_experts,
-                               self.options.router_init, self.options.router_init_std, self.options.seed)
+            ctx = LayerContext(
+                layer,
+                self.options.num_experts,
+                self.options.top_k,
+                self.options.shared_experts,
+                self.options.router_init,
+                self.options.router_init_std,
+                self.options.seed,
+            )
             weights = self.method(_to(dense, torch.float32), ctx)
             # Convert each distinct expert once, however many experts share it.
             converted: dict[int, ExpertFFN] = {}
@@ -163,12 +176,21 @@ def _to(ffn: ExpertFFN, dtype: torch.dtype) -> ExpertFFN:
     def cast(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(dtype).contiguous()
 
-    return ExpertFFN(cast(ffn.gate), cast(ffn.up), cast(ffn.down), cast(ffn.gate_bias), cast(ffn.up_bias),
-                     cast(ffn.down_bias))  # type: ignore[arg-type]
+    return ExpertFFN(
+        cast(ffn.gate), cast(ffn.up), cast(ffn.down), cast(ffn.gate_bias), cast(ffn.up_bias), cast(ffn.down_bias)
+    )  # type: ignore[arg-type]
 
 
-def _moe_layer_specs(layer: int, prefix: str, names: MoETensorNames, layout: str, spec: MoESpec,
-                     hidden: int, dtype: torch.dtype, builder: _LayerBuilder | None) -> list[TensorSpec]:
+def _moe_layer_specs(
+    layer: int,
+    prefix: str,
+    names: MoETensorNames,
+    layout: str,
+    spec: MoESpec,
+    hidden: int,
+    dtype: torch.dtype,
+    builder: _LayerBuilder | None,
+) -> list[TensorSpec]:
     """Output tensors of one MoE layer in `layout`; producers pull the layer from `builder`."""
     E, I, H = spec.num_experts, spec.intermediate_size, hidden  # noqa: E741 (the papers' names)
 
@@ -181,35 +203,72 @@ def _moe_layer_specs(layer: int, prefix: str, names: MoETensorNames, layout: str
 
     out = [TensorSpec(prefix + names.router_name(layout), dtype, (E, H), produce(lambda w: [w.router]))]
     if layout == "fused":
-        out.append(TensorSpec(prefix + names.fused["gate_up"], dtype, (E, 2 * I, H),
-                              produce(lambda w: _fused_gate_up(w.experts))))
-        out.append(TensorSpec(prefix + names.fused["down"], dtype, (E, H, I),
-                              produce(lambda w: [e.down for e in w.experts])))
+        out.append(
+            TensorSpec(
+                prefix + names.fused["gate_up"], dtype, (E, 2 * I, H), produce(lambda w: _fused_gate_up(w.experts))
+            )
+        )
+        out.append(
+            TensorSpec(prefix + names.fused["down"], dtype, (E, H, I), produce(lambda w: [e.down for e in w.experts]))
+        )
         if spec.mlp_bias:
-            out.append(TensorSpec(prefix + names.fused["gate_up_bias"], dtype, (E, 2 * I),
-                                  produce(lambda w: _fused_gate_up_bias(w.experts))))
-            out.append(TensorSpec(prefix + names.fused["down_bias"], dtype, (E, H),
-                                  produce(lambda w: [e.down_bias for e in w.experts])))
+            out.append(
+                TensorSpec(
+                    prefix + names.fused["gate_up_bias"],
+                    dtype,
+                    (E, 2 * I),
+                    produce(lambda w: _fused_gate_up_bias(w.experts)),
+                )
+            )
+            out.append(
+                TensorSpec(
+                    prefix + names.fused["down_bias"],
+                    dtype,
+                    (E, H),
+                    produce(lambda w: [e.down_bias for e in w.experts]),
+                )
+            )
     else:
         shapes = {"gate": (I, H), "up": (I, H), "down": (H, I)}
         for e in range(E):
             for role, template in names.per_expert.items():
-                out.append(TensorSpec(prefix + template.format(e=e), dtype, shapes[role],
-                                      produce(lambda w, e=e, role=role: [getattr(w.experts[e], role)])))
+                out.append(
+                    TensorSpec(
+                        prefix + template.format(e=e),
+                        dtype,
+                        shapes[role],
+                        produce(lambda w, e=e, role=role: [getattr(w.experts[e], role)]),
+                    )
+                )
     if spec.shared_experts:
         SI = spec.shared_experts * I
-        shared_shapes = {"gate": (SI, H), "up": (SI, H), "down": (H, SI), "gate_bias": (SI,), "up_bias": (SI,),
-                         "down_bias": (H,)}
+        shared_shapes = {
+            "gate": (SI, H),
+            "up": (SI, H),
+            "down": (H, SI),
+            "gate_bias": (SI,),
+            "up_bias": (SI,),
+            "down_bias": (H,),
+        }
         for role, name in names.shared.items():
-            out.append(TensorSpec(prefix + name, dtype, shared_shapes[role],
-                                  produce(lambda w, role=role: [getattr(w.shared, role)])))
+            out.append(
+                TensorSpec(
+                    prefix + name, dtype, shared_shapes[role], produce(lambda w, role=role: [getattr(w.shared, role)])
+                )
+            )
         if names.shared_gate:
             out.append(TensorSpec(prefix + names.shared_gate, dtype, (1, H), produce(lambda w: [w.shared_gate])))
     elif names.empty_shared and names.shared_gate:
         for role, shape in (("gate", (0, H)), ("up", (0, H)), ("down", (H, 0))):
             out.append(TensorSpec(prefix + names.shared[role], dtype, shape, lambda: iter(())))
-        out.append(TensorSpec(prefix + names.shared_gate, dtype, (1, H), lambda H=H, dtype=dtype: iter(
-            [torch.zeros(1, H, dtype=dtype)])))
+        out.append(
+            TensorSpec(
+                prefix + names.shared_gate,
+                dtype,
+                (1, H),
+                lambda H=H, dtype=dtype: iter([torch.zeros(1, H, dtype=dtype)]),
+            )
+        )
     return out
 
 
@@ -231,8 +290,14 @@ def _expected_state(fmt: OutputFormat, config: PreTrainedConfig) -> dict[str, tu
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None = None, *,
-            progress: bool = True, log: Callable[[str], None] | None = None) -> ConversionResult:
+def convert(
+    source: str,
+    out: str | os.PathLike,
+    options: ConvertOptions | None = None,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> ConversionResult:
     """Upcycle the dense causal LM at `source` into an MoE written to `out`.
 
     Args:
@@ -272,18 +337,28 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
     first = adapter.ffn_tensor_names(moe_layers[0], dense_config)
     missing = [name for name in first.values() if name not in reader]
     if missing:
-        raise MoeifyError(f"{local} lacks the {adapter.display_name} MLP tensors {missing}; is it a {adapter.display_name} checkpoint?")
+        raise MoeifyError(
+            f"{local} lacks the {adapter.display_name} MLP tensors {missing}; "
+            f"is it a {adapter.display_name} checkpoint?"
+        )
     hidden, intermediate = reader.shape(first["down"])
     spec = MoESpec(
-        num_experts=options.num_experts, top_k=options.top_k, shared_experts=options.shared_experts,
-        moe_layers=moe_layers, num_layers=num_layers, intermediate_size=intermediate,
-        mlp_bias=adapter.mlp_bias(dense_config), activation=adapter.activation(dense_config),
+        num_experts=options.num_experts,
+        top_k=options.top_k,
+        shared_experts=options.shared_experts,
+        moe_layers=moe_layers,
+        num_layers=num_layers,
+        intermediate_size=intermediate,
+        mlp_bias=adapter.mlp_bias(dense_config),
+        activation=adapter.activation(dense_config),
     )
     fmt, reason = choose_format(adapter, dense_config, spec, options)
     layout = options.layout if options.layout in fmt.layouts else fmt.layouts[0]
     notes = []
-    if layout != options.layout:
-        notes.append(f"the {fmt.name} format is written {layout} (transformers' conversion rules do not cover custom code)")
+    if options.layout and layout != options.layout:
+        notes.append(
+            f"the {fmt.name} format is written {layout} (transformers' conversion rules do not cover custom code)"
+        )
     say(f"moeify: {adapter.display_name} -> {fmt.description}: {reason}.")
 
     def out_dtype(source_dtype: torch.dtype) -> torch.dtype:
@@ -302,7 +377,7 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
     layer_of = re.compile("^" + re.escape(adapter.layer_prefix).replace(r"\{layer\}", r"(\d+)"))
     by_layer: dict[int, list[str]] = {}
     outside: list[str] = []
-    for name in reader.keys():
+    for name in reader:
         match = layer_of.match(name)
         (by_layer.setdefault(int(match.group(1)), []) if match else outside).append(name)
 
@@ -326,8 +401,11 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
     unexpected = [s.name for s in fused_check if s.name not in expected]
     skipped = [n for n in unexpected if n in reader]  # e.g. old `rotary_emb.inv_freq` buffers
     specs = [s for s in specs if s.name not in skipped]
-    wrong = [f"{s.name} {s.shape} != {expected[s.name]}" for s in fused_check
-             if s.name in expected and tuple(s.shape) != expected[s.name]]
+    wrong = [
+        f"{s.name} {s.shape} != {expected[s.name]}"
+        for s in fused_check
+        if s.name in expected and tuple(s.shape) != expected[s.name]
+    ]
     absent = sorted(set(expected) - {s.name for s in fused_check} - ({"lm_head.weight"} if tied else set()))
     if wrong or absent or set(unexpected) - set(skipped):
         raise RuntimeError(
@@ -355,14 +433,23 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
                 shutil.copy2(local / file_name, tmp / file_name)
         base_model = source.partition("@")[0] if is_hub_id(source) else Path(source).stem
         settings = {
-            "experts": options.num_experts, "top-k": options.top_k, "shared experts": options.shared_experts,
-            "MoE layers": f"{len(moe_layers)} of {num_layers} ({options.layers})", "upcycling": options.method,
-            "router init": f"{options.router_init} (seed {options.seed})", "dtype": str(ffn_dtype).replace("torch.", ""),
+            "experts": options.num_experts,
+            "top-k": options.top_k,
+            "shared experts": options.shared_experts,
+            "MoE layers": f"{len(moe_layers)} of {num_layers} ({options.layers})",
+            "upcycling": options.method,
+            "router init": f"{options.router_init} (seed {options.seed})",
+            "dtype": str(ffn_dtype).replace("torch.", ""),
             "layout": layout,
         }
         card = render_model_card(
-            base_model=base_model, license=source_license(local), architecture=adapter.display_name,
-            output_class=fmt.description.split(" ")[0], format_name=fmt.name, reason=reason, settings=settings,
+            base_model=base_model,
+            license=source_license(local),
+            architecture=adapter.display_name,
+            output_class=fmt.description.split(" ")[0],
+            format_name=fmt.name,
+            reason=reason,
+            settings=settings,
             params=params,
         )
         card.save(tmp / "README.md")
@@ -371,9 +458,16 @@ def convert(source: str, out: str | os.PathLike, options: ConvertOptions | None 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ConversionResult(
-        output=out_path, format=fmt.name, output_class=fmt.description.split(" ")[0], reason=reason, layout=layout,
-        architecture=adapter.display_name, params=params, exact=options.method in EXACT_METHODS,
-        seconds=time.perf_counter() - started, notes=notes,
+        output=out_path,
+        format=fmt.name,
+        output_class=fmt.description.split(" ")[0],
+        reason=reason,
+        layout=layout,
+        architecture=adapter.display_name,
+        params=params,
+        exact=options.method in EXACT_METHODS,
+        seconds=time.perf_counter() - started,
+        notes=notes,
     )
 
 

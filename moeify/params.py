@@ -35,17 +35,23 @@ def moe_settings(config) -> tuple[int, int, int]:
     return int(num_experts), int(top_k), int(shared)
 
 
+def counted_shapes(shapes: dict[str, tuple[int, ...]], config) -> dict[str, tuple[int, ...]]:
+    """`shapes` without a tied `lm_head` (it is the embedding matrix, counted once as `model.parameters()` does)."""
+    tied = bool(
+        getattr(config.get_text_config(), "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False)
+    )
+    if tied and "lm_head.weight" in shapes and any(k.endswith("embed_tokens.weight") for k in shapes):
+        return {name: shape for name, shape in shapes.items() if name != "lm_head.weight"}
+    return shapes
+
+
 def summarize(shapes: dict[str, tuple[int, ...]], config) -> ParamSummary:
-    """Count parameters from `name -> shape`; a tied `lm_head` is counted once, as `model.parameters()` does."""
+    """Count parameters from `name -> shape`, as `sum(p.numel() for p in model.parameters())` would."""
     num_experts, top_k, shared = moe_settings(config)
-    tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False) or
-                getattr(config, "tie_word_embeddings", False))
     total = 0
     routed = 0
     moe_layers: set[int] = set()
-    for name, shape in shapes.items():
-        if tied and name == "lm_head.weight" and any(k.endswith("embed_tokens.weight") for k in shapes):
-            continue
+    for name, shape in counted_shapes(shapes, config).items():
         count = math.prod(shape)
         total += count
         if num_experts and _EXPERT.search(name):

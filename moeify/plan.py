@@ -34,7 +34,7 @@ class ConvertOptions:
     router_init_std: float = 0.02
     seed: int = 0
     max_shard_size: str | int = "5GB"
-    layout: str = "per-expert"
+    layout: str | None = None  # None: per-expert for native formats, fused for moeify
     method: str = "copy"
     overwrite: bool = False
     trust_remote_code: bool = False
@@ -44,7 +44,9 @@ class ConvertOptions:
     def validate(self) -> None:
         """Raise `MoeifyError` for settings that cannot describe an MoE, before any I/O."""
         if self.num_experts < 2:
-            raise MoeifyError(f"--num-experts must be at least 2 (got {self.num_experts}): an MoE needs experts to route between.")
+            raise MoeifyError(
+                f"--num-experts must be at least 2 (got {self.num_experts}): an MoE needs experts to route between."
+            )
         if self.top_k < 1:
             raise MoeifyError(f"--top-k must be at least 1 (got {self.top_k}).")
         if self.top_k > self.num_experts:
@@ -57,7 +59,7 @@ class ConvertOptions:
         for name, value, allowed in (
             ("--format", self.format, FORMATS),
             ("--dtype", self.dtype, tuple(DTYPES)),
-            ("--layout", self.layout, LAYOUTS),
+            ("--layout", self.layout or LAYOUTS[0], LAYOUTS),
             ("--router-init", self.router_init, ROUTER_INITS),
         ):
             if value not in allowed:
@@ -105,13 +107,24 @@ def parse_layers(spec: str, num_layers: int | None) -> list[int]:
     outside = sorted(i for i in layers if i >= num_layers)
     if outside:
         raise MoeifyError(
-            f"bad --layers '{spec}': layers {outside} do not exist; the model has {num_layers} layers (0-{num_layers - 1})."
+            f"bad --layers '{spec}': layers {outside} do not exist; "
+            f"the model has {num_layers} layers (0-{num_layers - 1})."
         )
     return sorted(layers)
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_max_shard_size(size: str | int) -> int:

@@ -33,8 +33,9 @@ def is_hub_id(source: str) -> bool:
     return bool(_HUB_ID.match(source)) and not Path(source).exists()
 
 
-def resolve_source(source: str, revision: str | None = None, trust_remote_code: bool = False,
-                   progress: bool = True) -> Path:
+def resolve_source(
+    source: str, revision: str | None = None, trust_remote_code: bool = False, progress: bool = True
+) -> Path:
     """A local folder with config.json and safetensors weights for `source`.
 
     A `.gguf` file is dequantized once into moeify's cache (see `moeify.gguf_source`); a Hub id is fetched
@@ -48,7 +49,9 @@ def resolve_source(source: str, revision: str | None = None, trust_remote_code: 
         return path
     if path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise MoeifyError(f"SOURCE {path} is a file but not a .gguf; give a checkpoint folder, a .gguf or a Hub id.")
+            raise MoeifyError(
+                f"SOURCE {path} is a file but not a .gguf; give a checkpoint folder, a .gguf or a Hub id."
+            )
         from .gguf_source import dequantize_gguf
 
         try:

@@ -42,5 +42,12 @@ def choose_format(
     return MOEIFY_FORMAT, "no stock class is exact (" + "; ".join(reasons) + "), so moeify's own format"
 
 
-__all__ = ["MOEIFY_FORMAT", "NATIVE_FORMATS", "MoESpec", "MoETensorNames", "NativeFormat", "OutputFormat",
-           "choose_format"]
+__all__ = [
+    "MOEIFY_FORMAT",
+    "NATIVE_FORMATS",
+    "MoESpec",
+    "MoETensorNames",
+    "NativeFormat",
+    "OutputFormat",
+    "choose_format",
+]

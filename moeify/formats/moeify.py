@@ -24,7 +24,9 @@ class MoeifyFormat(OutputFormat):
     ) -> str | None:
         return None
 
-    def build_config(self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec) -> PreTrainedConfig:
+    def build_config(
+        self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec
+    ) -> PreTrainedConfig:
         return MoeifyConfig(
             text_config=dense_config,
             num_experts=spec.num_experts,

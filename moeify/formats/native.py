@@ -14,8 +14,11 @@ from ..adapters import ArchitectureAdapter
 from ..plan import ConvertOptions
 from .base import MoESpec, MoETensorNames, OutputFormat, dense_config_dict
 
-_QWEN_EXPERT = {"gate": "mlp.experts.{e}.gate_proj.weight", "up": "mlp.experts.{e}.up_proj.weight",
-                "down": "mlp.experts.{e}.down_proj.weight"}
+_QWEN_EXPERT = {
+    "gate": "mlp.experts.{e}.gate_proj.weight",
+    "up": "mlp.experts.{e}.up_proj.weight",
+    "down": "mlp.experts.{e}.down_proj.weight",
+}
 _FUSED = {"gate_up": "mlp.experts.gate_up_proj", "down": "mlp.experts.down_proj"}
 
 
@@ -40,7 +43,9 @@ class NativeFormat(OutputFormat):
             return f"{self.name} uses hidden_act for its experts"
         return self.explain_specific(adapter, dense_config, spec)
 
-    def explain_specific(self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec) -> str | None:
+    def explain_specific(
+        self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec
+    ) -> str | None:
         return None
 
 
@@ -49,7 +54,9 @@ class MixtralFormat(NativeFormat):
     description = "MixtralForCausalLM"
     dense_types = ("llama", "mistral")
 
-    def explain_specific(self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec) -> str | None:
+    def explain_specific(
+        self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec
+    ) -> str | None:
         if spec.shared_experts:
             return "Mixtral has no shared experts"
         if not spec.all_layers:
@@ -58,18 +65,27 @@ class MixtralFormat(NativeFormat):
             return "Mixtral attention has no biases and this model's has (attention_bias=True)"
         return None
 
-    def build_config(self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec) -> PreTrainedConfig:
+    def build_config(
+        self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec
+    ) -> PreTrainedConfig:
         values = dense_config_dict(dense_config)
-        values.update(num_local_experts=spec.num_experts, num_experts_per_tok=spec.top_k, router_jitter_noise=0.0,
-                      architectures=["MixtralForCausalLM"])
+        values.update(
+            num_local_experts=spec.num_experts,
+            num_experts_per_tok=spec.top_k,
+            router_jitter_noise=0.0,
+            architectures=["MixtralForCausalLM"],
+        )
         return MixtralConfig(**values)
 
     def tensor_names(self, adapter: ArchitectureAdapter, spec: MoESpec) -> MoETensorNames:
         return MoETensorNames(
             router="mlp.gate.weight",
             fused=dict(_FUSED),
-            per_expert={"gate": "block_sparse_moe.experts.{e}.w1.weight", "up": "block_sparse_moe.experts.{e}.w3.weight",
-                        "down": "block_sparse_moe.experts.{e}.w2.weight"},
+            per_expert={
+                "gate": "block_sparse_moe.experts.{e}.w1.weight",
+                "up": "block_sparse_moe.experts.{e}.w3.weight",
+                "down": "block_sparse_moe.experts.{e}.w2.weight",
+            },
             per_expert_router="block_sparse_moe.gate.weight",
         )
 
@@ -79,12 +95,16 @@ class Qwen2MoeFormat(NativeFormat):
     description = "Qwen2MoeForCausalLM"
     dense_types = ("llama", "mistral", "qwen2")
 
-    def explain_specific(self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec) -> str | None:
+    def explain_specific(
+        self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec
+    ) -> str | None:
         if getattr(dense_config, "attention_bias", False):
             return "Qwen2-MoE has biases on q/k/v only and this model's o_proj has one too (attention_bias=True)"
         return None
 
-    def build_config(self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec) -> PreTrainedConfig:
+    def build_config(
+        self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec
+    ) -> PreTrainedConfig:
         values = dense_config_dict(dense_config)
         values.update(
             num_experts=spec.num_experts,
@@ -99,8 +119,11 @@ class Qwen2MoeFormat(NativeFormat):
         )
         if adapter.model_type == "mistral":
             sliding = dense_config.sliding_window is not None
-            values.update(use_sliding_window=sliding, max_window_layers=spec.num_layers,
-                          layer_types=[("sliding_attention" if sliding else "full_attention")] * spec.num_layers)
+            values.update(
+                use_sliding_window=sliding,
+                max_window_layers=spec.num_layers,
+                layer_types=[("sliding_attention" if sliding else "full_attention")] * spec.num_layers,
+            )
         elif adapter.model_type == "llama":
             values.update(use_sliding_window=False, layer_types=["full_attention"] * spec.num_layers)
         return Qwen2MoeConfig(**values)
@@ -110,8 +133,11 @@ class Qwen2MoeFormat(NativeFormat):
             router="mlp.gate.weight",
             fused=dict(_FUSED),
             per_expert=dict(_QWEN_EXPERT),
-            shared={"gate": "mlp.shared_expert.gate_proj.weight", "up": "mlp.shared_expert.up_proj.weight",
-                    "down": "mlp.shared_expert.down_proj.weight"},
+            shared={
+                "gate": "mlp.shared_expert.gate_proj.weight",
+                "up": "mlp.shared_expert.up_proj.weight",
+                "down": "mlp.shared_expert.down_proj.weight",
+            },
             shared_gate="mlp.shared_expert_gate.weight",
             empty_shared=True,
         )
@@ -122,7 +148,9 @@ class Qwen3MoeFormat(NativeFormat):
     description = "Qwen3MoeForCausalLM"
     dense_types = ("qwen3",)
 
-    def explain_specific(self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec) -> str | None:
+    def explain_specific(
+        self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec
+    ) -> str | None:
         if spec.shared_experts:
             return "Qwen3-MoE has no shared experts"
         layer_types = set(getattr(dense_config, "layer_types", None) or ["full_attention"])
@@ -130,7 +158,9 @@ class Qwen3MoeFormat(NativeFormat):
             return "Qwen3-MoE slides the window on every layer and this model slides only some"
         return None
 
-    def build_config(self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec) -> PreTrainedConfig:
+    def build_config(
+        self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec
+    ) -> PreTrainedConfig:
         values = dense_config_dict(dense_config)
         values.pop("layer_types", None)
         values.update(

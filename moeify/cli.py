@@ -1,0 +1,170 @@
+"""The `moeify` command line: parses, reports, and hands work to the library (it converts nothing itself)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .errors import MoeifyError
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="upcycle a dense model into an MoE",
+        description="Upcycle a dense causal LM (folder, Hub id org/name[@rev], or .gguf) into an MoE.",
+    )
+    p.add_argument("source", metavar="SOURCE", help="checkpoint folder, Hub id org/name[@revision], or .gguf file")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
+    p.add_argument("--num-experts", type=int, default=8, metavar="E", help="routed experts per MoE layer (default 8)")
+    p.add_argument("--top-k", type=int, default=2, metavar="K", help="experts used per token (default 2)")
+    p.add_argument("--shared-experts", type=int, default=0, metavar="S", help="shared experts (default 0)")
+    p.add_argument("--layers", default="all", metavar="SPEC", help="MoE layers: all, every:2, 0-11,14 (default all)")
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "native", "moeify"],
+        help="native transformers class when exact, or moeify's own (default auto)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="output dtype (default: the source's)",
+    )
+    p.add_argument(
+        "--router-init", default="random", choices=["random", "zeros"], help="router weights (default random)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random router (default 0)")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest output shard (default 5GB)")
+    p.add_argument(
+        "--layout",
+        default=None,
+        choices=["per-expert", "fused"],
+        help="native formats: tensors per expert (default; what serving engines read) or fused 3-D "
+        "(faster to load); the moeify format is always fused",
+    )
+    p.add_argument("--revision", default=None, help="Hub revision of SOURCE")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the source's own code to run")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (kept until the new one is done)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "verify",
+        help="check an MoE against its dense model",
+        description="Run both models on fixed real prompts; exit 0 if max |logit diff| <= tolerance.",
+    )
+    p.add_argument("dense", metavar="DENSE", help="dense model: folder, Hub id or .gguf")
+    p.add_argument("moe", metavar="MOE", help="MoE model: folder or Hub id")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max allowed |logit difference| (default 1e-4)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["bfloat16", "float16", "float32"],
+        help="dtype both models run in (default float32)",
+    )
+    p.add_argument(
+        "--generate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also greedy-decode N tokens with both models and print them side by side",
+    )
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the models' own code to run")
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "info",
+        help="summarise a model: experts, total and active parameters, size",
+        description="Architecture, MoE layers, experts, top-k, total and active parameters, sizes.",
+    )
+    p.add_argument("model", metavar="MODEL", help="folder, Hub id or .gguf")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `moeify` command."""
+    parser = argparse.ArgumentParser(
+        prog="moeify", description="Upcycle dense Hugging Face LMs into Mixture-of-Experts."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
+    _add_verify(sub)
+    _add_info(sub)
+    return parser
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .converter import convert
+    from .plan import ConvertOptions
+
+    options = ConvertOptions(
+        num_experts=args.num_experts,
+        top_k=args.top_k,
+        shared_experts=args.shared_experts,
+        layers=args.layers,
+        format=args.format,
+        dtype=args.dtype,
+        router_init=args.router_init,
+        seed=args.seed,
+        max_shard_size=args.max_shard_size,
+        layout=args.layout,
+        overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code,
+        revision=args.revision,
+    )
+    result = convert(args.source, args.output, options, progress=not args.quiet)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(result.summary())
+    return 0
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    report, samples = verify(
+        args.dense,
+        args.moe,
+        tolerance=args.tolerance,
+        dtype=args.dtype,
+        generate_tokens=args.generate,
+        trust_remote_code=args.trust_remote_code,
+    )
+    print(report)
+    for prompt, dense_text, moe_text in samples:
+        print(f"\nprompt: {prompt!r}\n  dense: {dense_text!r}\n  moe:   {moe_text!r}")
+        print("  greedy generations are identical" if dense_text == moe_text else "  greedy generations DIFFER")
+    return 0 if report.passed else 1
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from .info import format_info, model_info
+
+    info = model_info(args.model, trust_remote_code=args.trust_remote_code)
+    print(json.dumps(info) if args.json else format_info(info))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `moeify` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    runners = {"convert": _run_convert, "verify": _run_verify, "info": _run_info}
+    try:
+        return runners[args.command](args)
+    except MoeifyError as err:
+        print(f"moeify {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moeify {args.command}: interrupted; nothing was left half-written.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
