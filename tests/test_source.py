@@ -1,0 +1,79 @@
+"""SOURCE resolution: Hub ids through huggingface_hub (from a cache laid out as the Hub's), folders, errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from moeify.converter import convert
+from moeify.errors import MoeifyError
+from moeify.plan import ConvertOptions
+from moeify.source import is_hub_id, resolve_source
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_cache(root: Path, repo_id: str, files_from: Path, revision: str = "main") -> Path:
+    """Lay out `files_from` as huggingface_hub's cache holds a downloaded snapshot of `repo_id`."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    for file in files_from.iterdir():
+        shutil.copy2(file, snapshot / file.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / revision).write_text(COMMIT)
+    return snapshot
+
+
+def test_hub_id_resolves_through_huggingface_hub_cache(dense_llama: Path, tmp_path: Path, monkeypatch) -> None:
+    cache = tmp_path / "hub"
+    hub_cache(cache, "acme/tiny-llama", dense_llama)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    folder = resolve_source("acme/tiny-llama")
+    assert folder.name == COMMIT and (folder / "config.json").exists()
+    result = convert("acme/tiny-llama", tmp_path / "out", ConvertOptions(num_experts=4), progress=False)
+    assert result.format == "mixtral"
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "base_model: acme/tiny-llama" in card
+
+
+def test_hub_id_offline_and_not_cached(tmp_path: Path, monkeypatch) -> None:
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(MoeifyError, match="offline") as err:
+        resolve_source("acme/not-cached@v1")
+    assert "local folder" in str(err.value)
+
+
+def test_source_kinds(tmp_path: Path) -> None:
+    assert is_hub_id("org/name") and is_hub_id("org/name@v1.0")
+    assert not is_hub_id("just-a-name") and not is_hub_id("a/b/c")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MoeifyError, match="no config.json"):
+        resolve_source(str(tmp_path / "empty"))
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(MoeifyError, match="not a .gguf"):
+        resolve_source(str(tmp_path / "weights.bin"))
+    (tmp_path / "fake.gguf").write_bytes(b"NOPE" + b"\0" * 16)
+    with pytest.raises(MoeifyError, match="GGUF"):
+        resolve_source(str(tmp_path / "fake.gguf"))
+
+
+def test_pickle_only_checkpoint_is_refused(dense_llama: Path, tmp_path: Path) -> None:
+    source = tmp_path / "pickled"
+    source.mkdir()
+    shutil.copy2(dense_llama / "config.json", source / "config.json")
+    (source / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    with pytest.raises(MoeifyError, match="no safetensors weights") as err:
+        convert(str(source), tmp_path / "out", ConvertOptions(num_experts=4), progress=False)
+    assert "pytorch_model.bin" in str(err.value)
+    assert not (tmp_path / "out").exists()
