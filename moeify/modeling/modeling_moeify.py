@@ -126,7 +126,14 @@ class MoeifyForCausalLM(MoeifyPreTrainedModel, GenerationMixin):
     def __init__(self, config: MoeifyConfig) -> None:
         super().__init__(config)
         dense_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config.text_config)]
-        dense = dense_class(config.text_config)
+        # `from_pretrained(experts_implementation=...)` is copied onto `text_config` too, and the dense class (no
+        # experts) refuses an explicit "grouped_mm": build it without the request, which applies to our experts.
+        requested_experts = getattr(config.text_config, "_experts_implementation_internal", None)
+        config.text_config._experts_implementation_internal = None
+        try:
+            dense = dense_class(config.text_config)
+        finally:
+            config.text_config._experts_implementation_internal = requested_experts
         self._no_split_modules = list(getattr(dense, "_no_split_modules", None) or [])
         self.model = dense.model
         self.lm_head = dense.lm_head
