@@ -27,21 +27,9 @@ from .formats import MoESpec, MoETensorNames, OutputFormat, choose_format
 from .model_card import render_model_card, source_license
 from .params import ParamSummary, summarize
 from .plan import ConvertOptions, parse_layers, parse_max_shard_size
-from .source import is_hub_id, resolve_source
+from .source import TOKENIZER_FILES, is_hub_id, resolve_source
 from .upcycle import EXACT_METHODS, ExpertFFN, LayerContext, MoELayerWeights, get_method
 from .writer import TensorSpec, write_safetensors
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 
 
 @dataclass
@@ -290,37 +278,31 @@ def _expected_state(fmt: OutputFormat, config: PreTrainedConfig) -> dict[str, tu
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def convert(
-    source: str,
-    out: str | os.PathLike,
-    options: ConvertOptions | None = None,
-    *,
-    progress: bool = True,
-    log: Callable[[str], None] | None = None,
-) -> ConversionResult:
-    """Upcycle the dense causal LM at `source` into an MoE written to `out`.
+@dataclass
+class ConversionPlan:
+    """Everything a conversion will write, decided and checked before the first byte is written."""
 
-    Args:
-        source: a checkpoint folder, a Hub id (`org/name[@revision]`) or a `.gguf` file.
-        out: output folder; created atomically (a temporary folder beside it is renamed at the end).
-        options: the conversion settings (`ConvertOptions`, the CLI flags).
-        progress: show progress bars.
-        log: where to report decisions (defaults to stderr).
+    source: str
+    local: Path
+    options: ConvertOptions
+    adapter: ArchitectureAdapter
+    dense_config: PreTrainedConfig
+    spec: MoESpec
+    fmt: OutputFormat
+    reason: str
+    layout: str
+    out_config: PreTrainedConfig
+    tensors: list[TensorSpec]
+    params: ParamSummary
+    notes: list[str]
 
-    Returns:
-        a `ConversionResult` with the chosen format, parameter counts and a printable `summary()`.
 
-    Raises:
-        MoeifyError: bad input (nothing is written).
+def plan_conversion(source: str, options: ConvertOptions, progress: bool = True) -> ConversionPlan:
+    """Resolve `source`, pick the output format and list every output tensor (name, dtype, shape, producer).
+
+    Raises `MoeifyError` for bad input. Reads configs and safetensors headers only, no weights.
     """
-    started = time.perf_counter()
-    options = options or ConvertOptions()
-    say = log or (lambda message: print(message, file=sys.stderr))
     options.validate()
-    max_shard = parse_max_shard_size(options.max_shard_size)
-    out_path = Path(out).expanduser().absolute()
-    _check_output_folder(out_path, options.overwrite)
-
     local = resolve_source(source, options.revision, options.trust_remote_code, progress)
     try:
         dense_config = AutoConfig.from_pretrained(local, trust_remote_code=options.trust_remote_code)
@@ -356,10 +338,7 @@ def convert(
     layout = options.layout if options.layout in fmt.layouts else fmt.layouts[0]
     notes = []
     if options.layout and layout != options.layout:
-        notes.append(
-            f"the {fmt.name} format is written {layout} (transformers' conversion rules do not cover custom code)"
-        )
-    say(f"moeify: {adapter.display_name} -> {fmt.description}: {reason}.")
+        notes.append(f"the {fmt.name} format is always written {layout}")
 
     def out_dtype(source_dtype: torch.dtype) -> torch.dtype:
         if not source_dtype.is_floating_point:
@@ -371,7 +350,8 @@ def convert(
     out_config.dtype = ffn_dtype
     builder = _LayerBuilder(reader, adapter, dense_config, options, out_dtype)
 
-    # Every output tensor, in layer order, before any byte is written.
+    # Every output tensor in layer order (so the builder holds one layer at a time), plus the same list in
+    # the fused layout, which is how the output class names its parameters in memory.
     names = fmt.tensor_names(adapter, spec)
     ffn_names = {layer: set(adapter.ffn_tensor_names(layer, dense_config).values()) for layer in moe_layers}
     layer_of = re.compile("^" + re.escape(adapter.layer_prefix).replace(r"\{layer\}", r"(\d+)"))
@@ -384,98 +364,147 @@ def convert(
     def passthrough(name: str) -> TensorSpec:
         return TensorSpec(name, out_dtype(reader.dtype(name)), reader.shape(name), lambda: iter([reader.get(name)]))
 
-    specs = [passthrough(n) for n in outside]
-    fused_check: list[TensorSpec] = list(specs)
+    tensors = [passthrough(n) for n in outside]
+    in_memory = list(tensors)
     for layer in range(num_layers):
         prefix = adapter.layer_prefix.format(layer=layer)
         for name in by_layer.get(layer, []):
             if name not in ffn_names.get(layer, ()):
-                specs.append(passthrough(name))
-                fused_check.append(specs[-1])
+                tensors.append(passthrough(name))
+                in_memory.append(tensors[-1])
         if layer in ffn_names:
-            specs += _moe_layer_specs(layer, prefix, names, layout, spec, hidden, ffn_dtype, builder)
-            fused_check += _moe_layer_specs(layer, prefix, names, "fused", spec, hidden, ffn_dtype, None)
+            tensors += _moe_layer_specs(layer, prefix, names, layout, spec, hidden, ffn_dtype, builder)
+            in_memory += _moe_layer_specs(layer, prefix, names, "fused", spec, hidden, ffn_dtype, None)
 
-    expected = _expected_state(fmt, out_config)
-    tied = "lm_head.weight" in expected and bool(getattr(out_config.get_text_config(), "tie_word_embeddings", False))
-    unexpected = [s.name for s in fused_check if s.name not in expected]
-    skipped = [n for n in unexpected if n in reader]  # e.g. old `rotary_emb.inv_freq` buffers
-    specs = [s for s in specs if s.name not in skipped]
+    unused = _check_against_output_class(fmt, out_config, in_memory, reader)
+    if unused:
+        notes.append(f"dropped {len(unused)} source tensors the output class does not use ({unused[0]}, ...)")
+    tensors = [t for t in tensors if t.name not in unused]
+    params = summarize({t.name: t.shape for t in in_memory if t.name not in unused}, out_config)
+    return ConversionPlan(
+        source, local, options, adapter, dense_config, spec, fmt, reason, layout, out_config, tensors, params, notes
+    )
+
+
+def _check_against_output_class(
+    fmt: OutputFormat, config: PreTrainedConfig, in_memory: list[TensorSpec], reader: SafetensorsCheckpoint
+) -> list[str]:
+    """Compare the planned tensors with the output class's parameters; return source tensors it does not use.
+
+    A mismatch here is a bug in an adapter or format, caught before anything is written.
+    """
+    expected = _expected_state(fmt, config)
+    tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
+    unexpected = [t.name for t in in_memory if t.name not in expected]
+    unused = [n for n in unexpected if n in reader]  # e.g. old `rotary_emb.inv_freq` buffers
     wrong = [
-        f"{s.name} {s.shape} != {expected[s.name]}"
-        for s in fused_check
-        if s.name in expected and tuple(s.shape) != expected[s.name]
+        f"{t.name} {t.shape} != {expected[t.name]}"
+        for t in in_memory
+        if t.name in expected and tuple(t.shape) != expected[t.name]
     ]
-    absent = sorted(set(expected) - {s.name for s in fused_check} - ({"lm_head.weight"} if tied else set()))
-    if wrong or absent or set(unexpected) - set(skipped):
+    absent = sorted(set(expected) - {t.name for t in in_memory} - ({"lm_head.weight"} if tied else set()))
+    invented = sorted(set(unexpected) - set(unused))
+    if wrong or absent or invented:
         raise RuntimeError(
-            f"internal error: output tensors do not match {fmt.description}: shapes {wrong[:3]}, missing "
-            f"{absent[:3]}, unexpected {sorted(set(unexpected) - set(skipped))[:3]}. Please report this."
+            f"internal error: output tensors do not match {fmt.class_name}: shapes {wrong[:3]}, missing "
+            f"{absent[:3]}, unexpected {invented[:3]}. Please report this."
         )
-    if skipped:
-        notes.append(f"dropped {len(skipped)} source tensors the output class does not use ({skipped[0]}, ...)")
-    params = summarize({s.name: s.shape for s in fused_check if s.name not in skipped}, out_config)
+    return unused
+
+
+def convert(
+    source: str,
+    out: str | os.PathLike,
+    options: ConvertOptions | None = None,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> ConversionResult:
+    """Upcycle the dense causal LM at `source` into an MoE written to `out`.
+
+    Args:
+        source: a checkpoint folder, a Hub id (`org/name[@revision]`) or a `.gguf` file.
+        out: output folder; created atomically (a temporary folder beside it is renamed at the end).
+        options: the conversion settings (`ConvertOptions`, the CLI flags).
+        progress: show progress bars.
+        log: where to report decisions (defaults to stderr).
+
+    Returns:
+        a `ConversionResult` with the chosen format, parameter counts and a printable `summary()`.
+
+    Raises:
+        MoeifyError: bad input (nothing is written).
+    """
+    started = time.perf_counter()
+    options = options or ConvertOptions()
+    say = log or (lambda message: print(message, file=sys.stderr))
+    max_shard = parse_max_shard_size(options.max_shard_size)
+    out_path = Path(out).expanduser().absolute()
+    _check_output_folder(out_path, options.overwrite)
+    plan = plan_conversion(source, options, progress)
+    say(f"moeify: {plan.adapter.display_name} -> {plan.fmt.class_name}: {plan.reason}.")
 
     _clean_stale_temporaries(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.parent / f".{out_path.name}.moeify-tmp-{os.getpid()}"
     try:
         tmp.mkdir()
-        write_safetensors(specs, tmp, max_shard, progress)
-        if fmt.name == "moeify":
-            with torch.device("meta"):
-                meta_model = fmt.model_class(out_config)(out_config)
-            custom_object_save(meta_model, tmp, config=out_config)  # modeling files + auto_map
-        out_config.save_pretrained(tmp)
-        _write_generation_config(local, dense_config, tmp)
-        for file_name in TOKENIZER_FILES:
-            if (local / file_name).exists():
-                shutil.copy2(local / file_name, tmp / file_name)
-        base_model = source.partition("@")[0] if is_hub_id(source) else Path(source).stem
-        settings = {
-            "experts": options.num_experts,
-            "top-k": options.top_k,
-            "shared experts": options.shared_experts,
-            "MoE layers": f"{len(moe_layers)} of {num_layers} ({options.layers})",
-            "upcycling": options.method,
-            "router init": f"{options.router_init} (seed {options.seed})",
-            "dtype": str(ffn_dtype).replace("torch.", ""),
-            "layout": layout,
-        }
-        card = render_model_card(
-            base_model=base_model,
-            license=source_license(local),
-            architecture=adapter.display_name,
-            output_class=fmt.description.split(" ")[0],
-            format_name=fmt.name,
-            reason=reason,
-            settings=settings,
-            params=params,
-        )
-        card.save(tmp / "README.md")
+        write_safetensors(plan.tensors, tmp, max_shard, progress)
+        _write_metadata(plan, tmp)
         _replace(tmp, out_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ConversionResult(
         output=out_path,
-        format=fmt.name,
-        output_class=fmt.description.split(" ")[0],
-        reason=reason,
-        layout=layout,
-        architecture=adapter.display_name,
-        params=params,
+        format=plan.fmt.name,
+        output_class=plan.fmt.class_name,
+        reason=plan.reason,
+        layout=plan.layout,
+        architecture=plan.adapter.display_name,
+        params=plan.params,
         exact=options.method in EXACT_METHODS,
         seconds=time.perf_counter() - started,
-        notes=notes,
+        notes=plan.notes,
     )
 
 
-def _write_generation_config(local: Path, dense_config: PreTrainedConfig, folder: Path) -> None:
-    if (local / "generation_config.json").exists():
-        shutil.copy2(local / "generation_config.json", folder / "generation_config.json")
+def _write_metadata(plan: ConversionPlan, folder: Path) -> None:
+    """Config (+ modeling code for the moeify format), generation config, tokenizer files, model card."""
+    if plan.fmt.name == "moeify":
+        with torch.device("meta"):
+            meta_model = plan.fmt.model_class(plan.out_config)(plan.out_config)
+        custom_object_save(meta_model, folder, config=plan.out_config)  # modeling files + auto_map
+    plan.out_config.save_pretrained(folder)
+    if (plan.local / "generation_config.json").exists():
+        shutil.copy2(plan.local / "generation_config.json", folder / "generation_config.json")
     else:
-        GenerationConfig.from_model_config(dense_config).save_pretrained(folder)
+        GenerationConfig.from_model_config(plan.dense_config).save_pretrained(folder)
+    for file_name in TOKENIZER_FILES:
+        if (plan.local / file_name).exists():
+            shutil.copy2(plan.local / file_name, folder / file_name)
+    options, spec = plan.options, plan.spec
+    settings = {
+        "experts": options.num_experts,
+        "top-k": options.top_k,
+        "shared experts": options.shared_experts,
+        "MoE layers": f"{len(spec.moe_layers)} of {spec.num_layers} ({options.layers})",
+        "upcycling": options.method,
+        "router init": f"{options.router_init} (seed {options.seed})",
+        "dtype": str(plan.out_config.dtype).replace("torch.", ""),
+        "layout": plan.layout,
+    }
+    card = render_model_card(
+        base_model=plan.source.partition("@")[0] if is_hub_id(plan.source) else Path(plan.source).stem,
+        license=source_license(plan.local),
+        architecture=plan.adapter.display_name,
+        output_class=plan.fmt.class_name,
+        format_name=plan.fmt.name,
+        reason=plan.reason,
+        settings=settings,
+        params=plan.params,
+    )
+    card.save(folder / "README.md")
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -7,12 +7,8 @@ from pathlib import Path
 
 from .errors import MoeifyError
 
-# What a conversion needs from a Hub repository: config, tokenizer, safetensors weights, the card (license).
-HUB_ALLOW_PATTERNS = [
-    "config.json",
-    "generation_config.json",
-    "*.safetensors",
-    "model.safetensors.index.json",
+# Tokenizer files a converted model carries over from its source.
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -22,6 +18,14 @@ HUB_ALLOW_PATTERNS = [
     "merges.txt",
     "chat_template.jinja",
     "chat_template.json",
+)
+# What a conversion needs from a Hub repository: config, tokenizer, safetensors weights, the card (license).
+HUB_ALLOW_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    *TOKENIZER_FILES,
     "README.md",
     "LICENSE*",
 ]

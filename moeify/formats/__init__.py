@@ -29,8 +29,8 @@ def choose_format(
         fmt = NATIVE_FORMATS[target]
         reason = fmt.explain_unsupported(adapter, dense_config, spec, options)
         if reason is None:
-            return fmt, f"{fmt.description} represents this {adapter.display_name} MoE exactly"
-        reasons.append(f"{fmt.description}: {reason}")
+            return fmt, f"{fmt.class_name} represents this {adapter.display_name} MoE exactly"
+        reasons.append(f"{fmt.class_name}: {reason}")
     if not adapter.native_targets:
         reasons.append(f"no stock transformers MoE class matches {adapter.display_name}")
     if options.format == "native":

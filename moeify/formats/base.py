@@ -58,7 +58,7 @@ class OutputFormat:
     """An output format: subclasses set `name`, `layouts` and implement the three methods."""
 
     name: str = ""
-    description: str = ""
+    class_name: str = ""  # the causal-LM class that loads the output
     layouts: tuple[str, ...] = ("fused",)
 
     def explain_unsupported(

@@ -16,7 +16,7 @@ from .base import MoESpec, MoETensorNames, OutputFormat
 
 class MoeifyFormat(OutputFormat):
     name = "moeify"
-    description = "MoeifyForCausalLM (moeify's own classes; trust_remote_code or `import moeify`)"
+    class_name = "MoeifyForCausalLM"
     layouts = ("fused",)
 
     def explain_unsupported(

@@ -51,7 +51,7 @@ class NativeFormat(OutputFormat):
 
 class MixtralFormat(NativeFormat):
     name = "mixtral"
-    description = "MixtralForCausalLM"
+    class_name = "MixtralForCausalLM"
     dense_types = ("llama", "mistral")
 
     def explain_specific(
@@ -92,7 +92,7 @@ class MixtralFormat(NativeFormat):
 
 class Qwen2MoeFormat(NativeFormat):
     name = "qwen2_moe"
-    description = "Qwen2MoeForCausalLM"
+    class_name = "Qwen2MoeForCausalLM"
     dense_types = ("llama", "mistral", "qwen2")
 
     def explain_specific(
@@ -145,7 +145,7 @@ class Qwen2MoeFormat(NativeFormat):
 
 class Qwen3MoeFormat(NativeFormat):
     name = "qwen3_moe"
-    description = "Qwen3MoeForCausalLM"
+    class_name = "Qwen3MoeForCausalLM"
     dense_types = ("qwen3",)
 
     def explain_specific(
