@@ -7,6 +7,7 @@ in a temporary folder beside OUT that is renamed into place only when everything
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -78,12 +79,28 @@ def _check_output_folder(out: Path, overwrite: bool) -> None:
 
 
 def _clean_stale_temporaries(out: Path) -> None:
-    """Remove temporary folders left beside OUT by conversions that were killed."""
-    for candidate in out.parent.glob(f".{out.name}.moeify-*"):
+    """Remove the temporary folders that killed conversions left beside OUT.
+
+    A previous OUT set aside by `--overwrite` (`.OUT.moeify-old-PID`) is put back if OUT itself is missing,
+    i.e. the kill came between the two renames that swap the new output in.
+    """
+    for candidate in sorted(out.parent.glob(f".{out.name}.moeify-*")):
         match = re.search(r"-(\d+)$", candidate.name)
         if match and _pid_alive(int(match.group(1))):
             continue
-        shutil.rmtree(candidate, ignore_errors=True)
+        if ".moeify-old-" in candidate.name and not out.exists():
+            os.replace(candidate, out)
+        else:
+            shutil.rmtree(candidate, ignore_errors=True)
+
+
+_DISK_ERRORS = {
+    errno.ENOSPC: "no space left on the device; free some space or choose an OUT on another disk",
+    errno.EDQUOT: "disk quota exceeded; free some space or choose an OUT on another disk",
+    errno.EROFS: "the file system is read-only; choose a writable OUT",
+    errno.EACCES: "permission denied; choose a folder you can write to",
+    errno.EPERM: "operation not permitted; choose a folder you can write to",
+}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -440,20 +457,23 @@ def convert(
     say = log or (lambda message: print(message, file=sys.stderr))
     max_shard = parse_max_shard_size(options.max_shard_size)
     out_path = Path(out).expanduser().absolute()
+    if out_path.parent.is_dir():
+        _clean_stale_temporaries(out_path)
     _check_output_folder(out_path, options.overwrite)
     plan = plan_conversion(source, options, progress)
     say(f"moeify: {plan.adapter.display_name} -> {plan.fmt.class_name}: {plan.reason}.")
 
-    _clean_stale_temporaries(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.parent / f".{out_path.name}.moeify-tmp-{os.getpid()}"
     try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         write_safetensors(plan.tensors, tmp, max_shard, progress)
         _write_metadata(plan, tmp)
         _replace(tmp, out_path)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno in _DISK_ERRORS:
+            raise MoeifyError(f"cannot write {out_path}: {_DISK_ERRORS[err.errno]}; nothing was written.") from None
         raise
     return ConversionResult(
         output=out_path,
