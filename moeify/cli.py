@@ -48,6 +48,11 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--revision", default=None, help="Hub revision of SOURCE")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the source's own code to run")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read pickle (.bin/.pt) weights when there are no safetensors (unpickling can run code)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (kept until the new one is done)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -117,6 +122,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         layout=args.layout,
         overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle,
         revision=args.revision,
     )
     result = convert(args.source, args.output, options, progress=not args.quiet)

@@ -22,7 +22,7 @@ from transformers import AutoConfig, GenerationConfig, PreTrainedConfig
 from transformers.dynamic_module_utils import custom_object_save
 
 from .adapters import ArchitectureAdapter, get_adapter, supported_model_types
-from .checkpoint import SafetensorsCheckpoint
+from .checkpoint import Checkpoint, open_checkpoint
 from .errors import MoeifyError
 from .formats import MoESpec, MoETensorNames, OutputFormat, choose_format
 from .model_card import render_model_card, source_license
@@ -120,7 +120,7 @@ class _LayerBuilder:
 
     def __init__(
         self,
-        reader: SafetensorsCheckpoint,
+        reader: Checkpoint,
         adapter: ArchitectureAdapter,
         dense_config: PreTrainedConfig,
         options: ConvertOptions,
@@ -332,7 +332,7 @@ def plan_conversion(source: str, options: ConvertOptions, progress: bool = True)
     if not moe_layers:
         raise MoeifyError(f"--layers '{options.layers}' selects no layer; the model has {num_layers} layers.")
 
-    reader = SafetensorsCheckpoint(local)
+    reader = open_checkpoint(local, options.allow_pickle)
     first = adapter.ffn_tensor_names(moe_layers[0], dense_config)
     missing = [name for name in first.values() if name not in reader]
     if missing:
@@ -404,7 +404,7 @@ def plan_conversion(source: str, options: ConvertOptions, progress: bool = True)
 
 
 def _check_against_output_class(
-    fmt: OutputFormat, config: PreTrainedConfig, in_memory: list[TensorSpec], reader: SafetensorsCheckpoint
+    fmt: OutputFormat, config: PreTrainedConfig, in_memory: list[TensorSpec], reader: Checkpoint
 ) -> list[str]:
     """Compare the planned tensors with the output class's parameters; return source tensors it does not use.
 

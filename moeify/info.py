@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import AutoConfig
 
-from .checkpoint import SafetensorsCheckpoint
+from .checkpoint import open_checkpoint
 from .errors import MoeifyError
 from .params import counted_shapes, human, summarize
 from .source import resolve_source
@@ -30,7 +30,7 @@ def model_info(source: str, trust_remote_code: bool = False) -> dict[str, Any]:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except ValueError as err:
         raise MoeifyError(f"cannot read the configuration of {source}: {err}") from None
-    checkpoint = SafetensorsCheckpoint(folder)
+    checkpoint = open_checkpoint(folder)  # reads headers only
     shapes = {name: checkpoint.shape(name) for name in checkpoint}
     params = summarize(shapes, config)
     quantizable = sum(

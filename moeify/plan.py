@@ -38,6 +38,7 @@ class ConvertOptions:
     method: str = "copy"
     overwrite: bool = False
     trust_remote_code: bool = False
+    allow_pickle: bool = False
     revision: str | None = None
     extra: dict[str, object] = field(default_factory=dict)
 

@@ -64,24 +64,36 @@ def resolve_source(
             raise MoeifyError(str(err)) from None
     if is_hub_id(source):
         repo_id, _, rev = source.partition("@")
-        return _download(repo_id, revision or rev or None)
+        return _download(repo_id, revision or rev or None, progress=progress)
     raise MoeifyError(
         f"SOURCE '{source}' does not exist: give a local checkpoint folder, a .gguf file, or a Hub id such as "
         "org/name or org/name@revision."
     )
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
+def _download(repo_id: str, revision: str | None, progress: bool = True) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
+        HfHubHTTPError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
+    from . import __version__
+    from .hub import hub_progress_bars, transport_errors
+
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS))
+        with hub_progress_bars(progress):
+            folder = snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=HUB_ALLOW_PATTERNS,
+                library_name="moeify",
+                library_version=__version__,
+            )
+        return Path(folder)
     except GatedRepoError:
         raise MoeifyError(f"{repo_id} is gated: accept its license on the Hub and log in (hf auth login).") from None
     except RepositoryNotFoundError:
@@ -92,4 +104,19 @@ def _download(repo_id: str, revision: str | None) -> Path:
         raise MoeifyError(
             f"cannot download {repo_id}: offline (HF_HUB_OFFLINE or no network) and it is not in the HF cache. "
             "Pass a local folder instead, or go online once to cache it."
+        ) from None
+    except HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else None
+        if status in (401, 403):
+            raise MoeifyError(
+                f"the Hub refused access to {repo_id} (HTTP {status}): log in with a token that can read it "
+                "(hf auth login, or set HF_TOKEN)."
+            ) from None
+        raise MoeifyError(
+            f"cannot download {repo_id}: the Hub answered HTTP {status}. Try again later, or pass a local folder."
+        ) from None
+    except transport_errors() as err:
+        raise MoeifyError(
+            f"cannot download {repo_id}: the Hub could not be reached ({type(err).__name__}: {err}). Check the "
+            "network connection, or pass a local folder."
         ) from None

@@ -68,12 +68,24 @@ def test_source_kinds(tmp_path: Path) -> None:
         resolve_source(str(tmp_path / "fake.gguf"))
 
 
-def test_pickle_only_checkpoint_is_refused(dense_llama: Path, tmp_path: Path) -> None:
+def test_pickle_only_checkpoint_needs_allow_pickle(dense_llama: Path, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
     source = tmp_path / "pickled"
-    source.mkdir()
-    shutil.copy2(dense_llama / "config.json", source / "config.json")
-    (source / "pytorch_model.bin").write_bytes(b"not really a pickle")
-    with pytest.raises(MoeifyError, match="no safetensors weights") as err:
+    shutil.copytree(dense_llama, source, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(AutoModelForCausalLM.from_pretrained(dense_llama).state_dict(), source / "pytorch_model.bin")
+    assert not list(source.glob("*.safetensors")) and (source / "pytorch_model.bin").exists()
+    with pytest.raises(MoeifyError, match="--allow-pickle") as err:
         convert(str(source), tmp_path / "out", ConvertOptions(num_experts=4), progress=False)
     assert "pytorch_model.bin" in str(err.value)
     assert not (tmp_path / "out").exists()
+    result = convert(str(source), tmp_path / "out", ConvertOptions(num_experts=4, allow_pickle=True), progress=False)
+    safe = convert(str(dense_llama), tmp_path / "safe", ConvertOptions(num_experts=4), progress=False)
+    assert result.params.total == safe.params.total
+    from safetensors.torch import load_file
+
+    pickled = load_file(tmp_path / "out" / "model.safetensors")
+    safe_tensors = load_file(tmp_path / "safe" / "model.safetensors")
+    assert pickled.keys() == safe_tensors.keys()
+    assert all(torch.equal(pickled[k], safe_tensors[k]) for k in pickled)
