@@ -8,10 +8,13 @@ ordinary safetensors files (header layout per the safetensors spec) that `safe_o
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import mmap
 import os
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +85,84 @@ def _header(specs: list[TensorSpec]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def _write_tensor(handle, spec: TensorSpec) -> None:
+class SequentialWriter:
+    """Writes one file front to back, bypassing the page cache (`O_DIRECT`) where the file system allows it.
+
+    Bytes are copied into one of two page-aligned staging buffers; a full buffer is written by a background
+    thread while the other fills, so producing tensors overlaps with the disk. Direct I/O writes near the
+    disk's raw speed and keeps gigabytes of dirty pages out of memory; the last block is padded to alignment
+    and the file truncated to its real size on `close`. Without `O_DIRECT` (tmpfs, ...) it writes buffered.
+    """
+
+    BLOCK = 4096
+    STAGING = 32 * 2**20
+
+    def __init__(self, path: Path) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            self._fd = os.open(path, flags | getattr(os, "O_DIRECT", 0), 0o644)
+        except OSError as err:
+            if err.errno != errno.EINVAL:
+                raise
+            self._fd = os.open(path, flags, 0o644)
+        self._buffers = [mmap.mmap(-1, self.STAGING), mmap.mmap(-1, self.STAGING)]  # page-aligned memory
+        self._current = 0
+        self._fill = 0
+        self._size = 0
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending: Future[None] | None = None
+
+    def write(self, data: memoryview) -> None:
+        """Append `data` (a flat byte view)."""
+        data = data.cast("B")
+        offset = 0
+        while offset < len(data):
+            take = min(len(data) - offset, self.STAGING - self._fill)
+            self._buffers[self._current][self._fill : self._fill + take] = data[offset : offset + take]
+            self._fill += take
+            offset += take
+            if self._fill == self.STAGING:
+                self._flush(self.STAGING)
+        self._size += len(data)
+
+    def _flush(self, length: int) -> None:
+        if self._pending is not None:
+            self._pending.result()  # the other buffer is free again (and errors surface here)
+        view = memoryview(self._buffers[self._current])[:length]
+        self._pending = self._pool.submit(self._write_all, view)
+        self._current = 1 - self._current
+        self._fill = 0
+
+    def _write_all(self, view: memoryview) -> None:
+        done = 0
+        while done < len(view):
+            done += os.write(self._fd, view[done:])
+
+    def close(self) -> None:
+        """Write what is staged, truncate the block padding, fsync and close."""
+        try:
+            if self._fill:
+                padded = -(-self._fill // self.BLOCK) * self.BLOCK
+                self._buffers[self._current][self._fill : padded] = bytes(padded - self._fill)
+                self._flush(padded)
+            if self._pending is not None:
+                self._pending.result()
+            os.ftruncate(self._fd, self._size)
+            os.fsync(self._fd)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Release everything without finishing the file (the caller removes it)."""
+        self._pool.shutdown(wait=True)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._pending = None
+        self._buffers = []  # freed once the last view of them is gone
+
+
+def _write_tensor(handle: SequentialWriter, spec: TensorSpec) -> None:
     written = 0
     for chunk in spec.produce():
         data = chunk.detach().to(device="cpu", dtype=spec.dtype).contiguous().reshape(-1)
@@ -103,14 +183,17 @@ def write_safetensors(
     total = sum(spec.nbytes for spec in specs)
     with tqdm(total=total, unit="B", unit_scale=True, desc="Writing shards", disable=not progress) as bar:
         for shard, file_name in zip(shards, names, strict=True):
-            with open(folder / file_name, "wb") as handle:
-                handle.write(_header(shard))
+            handle = SequentialWriter(folder / file_name)
+            try:
+                handle.write(memoryview(_header(shard)))
                 for spec in shard:
                     _write_tensor(handle, spec)
                     weight_map[spec.name] = file_name
                     bar.update(spec.nbytes)
-                handle.flush()
-                os.fsync(handle.fileno())
+            except BaseException:
+                handle.abort()
+                raise
+            handle.close()
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
