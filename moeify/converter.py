@@ -62,6 +62,21 @@ class ConversionResult:
         )
 
 
+def load_config(folder: Path, trust_remote_code: bool = False) -> PreTrainedConfig:
+    """`AutoConfig.from_pretrained(folder)`, with a `MoeifyError` that says what to do when it fails."""
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise MoeifyError(
+                f"{folder} needs its own code to load its configuration, and moeify never runs a source's code "
+                "unless asked: pass --trust-remote-code if you trust it."
+            ) from None
+        raise MoeifyError(f"cannot read the configuration in {folder}: {err}") from None
+    except OSError as err:
+        raise MoeifyError(f"cannot read the configuration in {folder}: {err}") from None
+
+
 def _dense_text_config(config: PreTrainedConfig) -> PreTrainedConfig:
     """The decoder config to upcycle; refuse multimodal wrappers with a clear message."""
     if config.model_type in supported_model_types():
@@ -321,11 +336,7 @@ def plan_conversion(source: str, options: ConvertOptions, progress: bool = True)
     """
     options.validate()
     local = resolve_source(source, options.revision, options.trust_remote_code, progress)
-    try:
-        dense_config = AutoConfig.from_pretrained(local, trust_remote_code=options.trust_remote_code)
-    except ValueError as err:
-        raise MoeifyError(f"cannot read the configuration in {local}: {err}") from None
-    dense_config = _dense_text_config(dense_config)
+    dense_config = _dense_text_config(load_config(local, options.trust_remote_code))
     adapter = get_adapter(dense_config.model_type)
     num_layers = dense_config.num_hidden_layers
     moe_layers = parse_layers(options.layers, num_layers)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from transformers import AutoConfig
-
 from .checkpoint import open_checkpoint
-from .errors import MoeifyError
+from .converter import load_config
 from .params import counted_shapes, human, summarize
 from .source import resolve_source
 
@@ -26,10 +24,7 @@ def model_info(source: str, trust_remote_code: bool = False) -> dict[str, Any]:
     import moeify  # noqa: F401  (registers the moeify config)
 
     folder = resolve_source(source, trust_remote_code=trust_remote_code)
-    try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except ValueError as err:
-        raise MoeifyError(f"cannot read the configuration of {source}: {err}") from None
+    config = load_config(folder, trust_remote_code)
     checkpoint = open_checkpoint(folder)  # reads headers only
     shapes = {name: checkpoint.shape(name) for name in checkpoint}
     params = summarize(shapes, config)

@@ -89,3 +89,32 @@ def test_pickle_only_checkpoint_needs_allow_pickle(dense_llama: Path, tmp_path: 
     safe_tensors = load_file(tmp_path / "safe" / "model.safetensors")
     assert pickled.keys() == safe_tensors.keys()
     assert all(torch.equal(pickled[k], safe_tensors[k]) for k in pickled)
+
+
+def test_source_code_never_runs_without_trust_remote_code(tmp_path: Path) -> None:
+    import json
+
+    source = tmp_path / "custom"
+    source.mkdir()
+    marker = tmp_path / "code-ran"
+    (source / "config.json").write_text(
+        json.dumps({"model_type": "custom", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"}})
+    )
+    (source / "configuration_custom.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import PretrainedConfig\n\n\n"
+        "class CustomConfig(PretrainedConfig):\n    model_type = 'custom'\n"
+    )
+    with pytest.raises(MoeifyError, match="--trust-remote-code"):
+        convert(str(source), tmp_path / "out", ConvertOptions(), progress=False)
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_config(tmp_path: Path) -> None:
+    source = tmp_path / "broken"
+    source.mkdir()
+    (source / "config.json").write_text("{not json")
+    with pytest.raises(MoeifyError, match="cannot read the configuration"):
+        convert(str(source), tmp_path / "out", ConvertOptions(), progress=False)
+    assert not (tmp_path / "out").exists()
