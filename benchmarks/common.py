@@ -5,6 +5,9 @@
 - `run_measured`: run a command as a child process and return its wall time and peak RSS (from `os.wait4`).
 - `sync`, `drop_file_cache`, `warm_file_cache`: control the page cache of a checkpoint before timing a load.
 - `folder_bytes`, `free_bytes`, `estimate_moe_bytes`, `gib`, `machine_summary`: sizes and the machine.
+- `save_small_tokenizer`: a locally trained tokenizer for a built model (tools such as mergekit need one).
+- `safetensors_summary`: tensor count, elements and dtypes of a checkpoint, from its headers.
+- `drop_page_cache`: empty the whole page cache (root), else evict one folder.
 
 The scripts import this module as `common` (the scripts' own folder is on `sys.path` when they are run as
 `python benchmarks/NAME.py`) or as `benchmarks.common` (when run as `python -m benchmarks.NAME`).
@@ -270,6 +273,81 @@ def machine_summary() -> str:
         f"Python {platform.python_version()}, torch {ver('torch')}, transformers {ver('transformers')}, "
         f"moeify {ver('moeify')}"
     )
+
+
+_TOKENIZER_CORPUS = [
+    "Sparse upcycling turns one dense feed-forward network into many experts.",
+    "The router picks the top two experts for each token and weights them.",
+    "Large language models are trained on text from books, code and the web.",
+    "The quick brown fox jumps over the lazy dog near the river bank today.",
+    "Numbers like 1234567890 and symbols such as #, $, % and & appear too.",
+]
+
+
+def save_small_tokenizer(folder: Path, vocab_size: int = 512) -> bool:
+    """Save a small byte-level BPE tokenizer (ids: 0 `<unk>`, 1 `<s>`, 2 `</s>`) into `folder`, unless the
+    folder already has a `tokenizer.json` / `tokenizer.model`. Returns whether it wrote one.
+
+    Some tools (mergekit-moe, for one) need a tokenizer next to the weights; `build_dense_llama` writes none.
+    Trained locally on a few sentences, so nothing is downloaded; its vocabulary stays below any model's.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    if (folder / "tokenizer.json").exists() or (folder / "tokenizer.model").exists():
+        return False
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_TOKENIZER_CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    folder.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(folder)
+    return True
+
+
+def safetensors_summary(folder: Path) -> tuple[int, int, set[str]]:
+    """(tensor count, total elements, dtypes) of every `*.safetensors` file in `folder`, from the headers
+    alone (reads a few KB per file, no weights)."""
+    import struct
+
+    count = elements = 0
+    dtypes: set[str] = set()
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            count += 1
+            numel = 1
+            for d in info["shape"]:
+                numel *= int(d)
+            elements += numel
+            dtypes.add(str(info["dtype"]))
+    return count, elements, dtypes
+
+
+def drop_page_cache(folder: Path | None = None) -> str:
+    """Empty the whole page cache (`sync; echo 1 > /proc/sys/vm/drop_caches`, needs root); where that is not
+    allowed, evict `folder`'s files only (`drop_file_cache`). Returns which of the two it did."""
+    sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+        return "drop_caches"
+    except OSError:
+        if folder is not None:
+            drop_file_cache(folder)
+        return "fadvise"
 
 
 def _log(log: IO[str] | None, msg: str) -> None:

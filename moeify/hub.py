@@ -32,8 +32,8 @@ def push_to_hub(
     """Upload a moeify output folder to the Hub model repository `repo_id`; returns the repository URL.
 
     The repository is created if needed (`private` only applies to a repository created now: the visibility of
-    an existing one is left as it is), then every file of `folder` is uploaded in one commit on `revision`
-    (default: the main branch; a branch that does not exist yet is created from the main branch).
+    an existing one is left as it is), then every file of `folder` is committed to `revision` (default: the main
+    branch; a branch that does not exist yet is created from it). Files already on the Hub unchanged are skipped.
 
     Args:
         folder: the folder `moeify convert` wrote (it must hold a config.json).

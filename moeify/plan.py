@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -40,7 +40,6 @@ class ConvertOptions:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     revision: str | None = None
-    extra: dict[str, object] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Raise `MoeifyError` for settings that cannot describe an MoE, before any I/O."""
