@@ -54,6 +54,21 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         help="read pickle (.bin/.pt) weights when there are no safetensors (unpickling can run code)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (kept until the new one is done)")
+    p.add_argument("--push-to-hub", metavar="REPO", default=None, help="upload OUT to this Hub repository after")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_push(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "push",
+        help="upload a converted model to the Hugging Face Hub",
+        description="Create the Hub repository REPO (if needed) and upload every file of OUT, model card included.",
+    )
+    p.add_argument("output", metavar="OUT", help="a folder written by moeify convert")
+    p.add_argument("repo", metavar="REPO", help="Hub repository id, org/name")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", default=None, help="branch to commit to (default main)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -102,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_verify(sub)
     _add_info(sub)
+    _add_push(sub)
     return parser
 
 
@@ -129,6 +145,20 @@ def _run_convert(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     print(result.summary())
+    if args.push_to_hub:
+        from .hub import push_to_hub
+
+        print(
+            f"Pushed to {push_to_hub(result.output, args.push_to_hub, private=args.private, progress=not args.quiet)}"
+        )
+    return 0
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    from .hub import push_to_hub
+
+    url = push_to_hub(args.output, args.repo, private=args.private, revision=args.revision, progress=not args.quiet)
+    print(f"Pushed {args.output} to {url}")
     return 0
 
 
@@ -161,7 +191,7 @@ def _run_info(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `moeify` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
-    runners = {"convert": _run_convert, "verify": _run_verify, "info": _run_info}
+    runners = {"convert": _run_convert, "verify": _run_verify, "info": _run_info, "push": _run_push}
     try:
         return runners[args.command](args)
     except MoeifyError as err:
