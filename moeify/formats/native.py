@@ -22,6 +22,21 @@ _QWEN_EXPERT = {
 _FUSED = {"gate_up": "mlp.experts.gate_up_proj", "down": "mlp.experts.down_proj"}
 
 
+def _qwen_moe_values(dense_config: PreTrainedConfig, spec: MoESpec, class_name: str) -> dict:
+    """The dense config plus the MoE fields Qwen2-MoE and Qwen3-MoE share (renormalised top-k is what is exact)."""
+    values = dense_config_dict(dense_config)
+    values.update(
+        num_experts=spec.num_experts,
+        num_experts_per_tok=spec.top_k,
+        moe_intermediate_size=spec.intermediate_size,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=spec.dense_layers,
+        architectures=[class_name],
+    )
+    return values
+
+
 class NativeFormat(OutputFormat):
     """Common checks of the stock classes; subclasses add their own."""
 
@@ -105,17 +120,10 @@ class Qwen2MoeFormat(NativeFormat):
     def build_config(
         self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec
     ) -> PreTrainedConfig:
-        values = dense_config_dict(dense_config)
+        values = _qwen_moe_values(dense_config, spec, self.class_name)
         values.update(
-            num_experts=spec.num_experts,
-            num_experts_per_tok=spec.top_k,
-            moe_intermediate_size=spec.intermediate_size,
             shared_expert_intermediate_size=spec.shared_experts * spec.intermediate_size,
-            norm_topk_prob=True,
-            decoder_sparse_step=1,
-            mlp_only_layers=spec.dense_layers,
             qkv_bias=adapter.model_type == "qwen2",
-            architectures=["Qwen2MoeForCausalLM"],
         )
         if adapter.model_type == "mistral":
             sliding = dense_config.sliding_window is not None
@@ -161,17 +169,8 @@ class Qwen3MoeFormat(NativeFormat):
     def build_config(
         self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec
     ) -> PreTrainedConfig:
-        values = dense_config_dict(dense_config)
+        values = _qwen_moe_values(dense_config, spec, self.class_name)
         values.pop("layer_types", None)
-        values.update(
-            num_experts=spec.num_experts,
-            num_experts_per_tok=spec.top_k,
-            moe_intermediate_size=spec.intermediate_size,
-            norm_topk_prob=True,
-            decoder_sparse_step=1,
-            mlp_only_layers=spec.dense_layers,
-            architectures=["Qwen3MoeForCausalLM"],
-        )
         return Qwen3MoeConfig(**values)
 
     def tensor_names(self, adapter: ArchitectureAdapter, spec: MoESpec) -> MoETensorNames:
