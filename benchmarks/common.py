@@ -9,8 +9,7 @@
 - `safetensors_summary`: tensor count, elements and dtypes of a checkpoint, from its headers.
 - `drop_page_cache`: empty the whole page cache (root), else evict one folder.
 
-The scripts import this module as `common` (the scripts' own folder is on `sys.path` when they are run as
-`python benchmarks/NAME.py`) or as `benchmarks.common` (when run as `python -m benchmarks.NAME`).
+The scripts put their own folder on `sys.path` and import this module as `common`, however they are run.
 """
 
 from __future__ import annotations

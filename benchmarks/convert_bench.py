@@ -68,32 +68,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:  # `python -m benchmarks.convert_bench`
-    from benchmarks.common import (
-        drop_file_cache,
-        drop_page_cache,
-        estimate_moe_bytes,
-        folder_bytes,
-        free_bytes,
-        gib,
-        machine_summary,
-        run_measured,
-        safetensors_summary,
-        sync,
-    )
-except ImportError:  # `python benchmarks/convert_bench.py`
-    from common import (  # type: ignore[no-redef]
-        drop_file_cache,
-        drop_page_cache,
-        estimate_moe_bytes,
-        folder_bytes,
-        free_bytes,
-        gib,
-        machine_summary,
-        run_measured,
-        safetensors_summary,
-        sync,
-    )
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `python benchmarks/x.py` and `-m benchmarks.x`
+from common import (  # noqa: E402
+    drop_file_cache,
+    drop_page_cache,
+    estimate_moe_bytes,
+    folder_bytes,
+    free_bytes,
+    gib,
+    machine_summary,
+    run_measured,
+    safetensors_summary,
+    sync,
+)
 
 SCRIPT = Path(__file__).resolve()
 REPO = SCRIPT.parent.parent
@@ -225,10 +212,7 @@ class ToolResult:
 
 
 def _child_build(folder: Path, small: bool, seed: int) -> int:
-    try:
-        from benchmarks.common import build_dense_llama, llama_config, save_small_tokenizer
-    except ImportError:
-        from common import build_dense_llama, llama_config, save_small_tokenizer  # type: ignore[no-redef]
+    from common import build_dense_llama, llama_config, save_small_tokenizer
 
     build_dense_llama(folder, llama_config(small), seed=seed)
     if save_small_tokenizer(folder):

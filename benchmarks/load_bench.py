@@ -40,32 +40,19 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-try:  # `python -m benchmarks.load_bench`
-    from benchmarks.common import (
-        Measured,
-        drop_file_cache,
-        estimate_moe_bytes,
-        folder_bytes,
-        free_bytes,
-        gib,
-        machine_summary,
-        run_measured,
-        total_memory_bytes,
-        warm_file_cache,
-    )
-except ImportError:  # `python benchmarks/load_bench.py`
-    from common import (  # type: ignore[no-redef]
-        Measured,
-        drop_file_cache,
-        estimate_moe_bytes,
-        folder_bytes,
-        free_bytes,
-        gib,
-        machine_summary,
-        run_measured,
-        total_memory_bytes,
-        warm_file_cache,
-    )
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `python benchmarks/x.py` and `-m benchmarks.x`
+from common import (  # noqa: E402
+    Measured,
+    drop_file_cache,
+    estimate_moe_bytes,
+    folder_bytes,
+    free_bytes,
+    gib,
+    machine_summary,
+    run_measured,
+    total_memory_bytes,
+    warm_file_cache,
+)
 
 LAYOUTS = ("per-expert", "fused")
 SCRIPT = Path(__file__).resolve()
@@ -130,10 +117,7 @@ class LayoutResult:
 
 
 def _child_build(work: Path, small: bool, seed: int) -> int:
-    try:
-        from benchmarks.common import build_dense_llama, llama_config
-    except ImportError:
-        from common import build_dense_llama, llama_config  # type: ignore[no-redef]
+    from common import build_dense_llama, llama_config
 
     build_dense_llama(work, llama_config(small), seed=seed)
     return 0
