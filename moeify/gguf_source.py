@@ -47,6 +47,8 @@ _HASH_CHUNK = 16 * 1024 * 1024
 _FINGERPRINT_MEMO = "fingerprints.json"
 _FINGERPRINT_MEMO_MAX_ENTRIES = 256
 _COMPLETE_MARKER = ".complete"
+# Bump when an entry's contents change; older entries are rebuilt. 2: README.md with the GGUF's license.
+_CACHE_VERSION = 2
 _TMP_INFIX = ".tmp-"
 
 
@@ -170,7 +172,11 @@ def _check_gguf(path: Path) -> None:
 
 
 def _is_complete(folder: Path) -> bool:
-    return (folder / _COMPLETE_MARKER).is_file()
+    try:
+        marker = json.loads((folder / _COMPLETE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("cache_version", 1) >= _CACHE_VERSION
 
 
 def _remove_tree(path: Path) -> None:
@@ -230,6 +236,38 @@ def _build(gguf_path: Path, out_dir: Path, *, trust_remote_code: bool) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename, trust_remote_code=trust_remote_code)
     tokenizer.save_pretrained(out_dir)
+    _write_source_card(gguf_path, out_dir)
+
+
+def _write_source_card(gguf_path: Path, out_dir: Path) -> None:
+    """A README.md carrying the GGUF's `general.license` (and base model), so converted cards inherit it.
+
+    transformers does not keep these metadata fields, so they are read with `gguf.GGUFReader` (parsing the
+    whole header again: seconds, once per cache entry). A GGUF without them gets no card.
+    """
+    from gguf import GGUFReader
+    from huggingface_hub import ModelCard, ModelCardData
+
+    try:
+        fields = GGUFReader(gguf_path).fields
+    except Exception:  # an unreadable header only costs the card
+        return
+
+    def text(key: str) -> str | None:
+        field = fields.get(key)
+        value = field.contents() if field is not None else None
+        return value if isinstance(value, str) and value else None
+
+    license_id = text("general.license")
+    repo_url = text("general.base_model.0.repo_url") or ""
+    base_model = repo_url.split("huggingface.co/", 1)[1].strip("/") if "huggingface.co/" in repo_url else None
+    if license_id is None and base_model is None:
+        return
+    data = ModelCardData(license=license_id, base_model=base_model)
+    name = text("general.name") or gguf_path.stem
+    ModelCard(f"---\n{data.to_yaml()}\n---\n# {name}\n\nDequantized by moeify from `{gguf_path.name}`.\n").save(
+        out_dir / "README.md"
+    )
 
 
 def dequantize_gguf(path: str | Path, *, trust_remote_code: bool = False, progress: bool = True) -> Path:
@@ -287,6 +325,7 @@ def dequantize_gguf(path: str | Path, *, trust_remote_code: bool = False, progre
             with _progress_bars(progress):
                 _build(gguf_path, tmp, trust_remote_code=trust_remote_code)
             marker = {
+                "cache_version": _CACHE_VERSION,
                 "source": str(gguf_path),
                 "sha256": file_fingerprint(gguf_path),
                 "transformers_version": transformers_version,

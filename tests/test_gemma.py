@@ -33,3 +33,11 @@ def test_info_counts_match_loaded_model(gemma_moe: Path) -> None:
     assert info["total_params"] == total
     assert info["active_params"] == total - routed + routed * 2 // 8
     assert info["size_4bit_bytes"] < info["size_bf16_bytes"]
+
+
+def test_model_card_inherits_the_gguf_license(gemma_moe: Path) -> None:
+    import yaml
+
+    metadata = yaml.safe_load((gemma_moe / "README.md").read_text().split("---")[1])
+    assert metadata["license"] == "gemma"  # from the GGUF's general.license
+    assert {"moe", "moeify"} <= set(metadata["tags"])
