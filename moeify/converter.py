@@ -177,10 +177,16 @@ class _LayerBuilder:
                 self.options.router_init_std,
                 self.options.seed,
             )
-            weights = self.method(_to(dense, torch.float32), ctx)
+            # Methods run in the output dtype, so no float32 copy of the layer is held: the copy method only
+            # scales by exact factors, and torch computes bf16/fp16 element-wise ops in float32 internally.
+            weights = self.method(_to(dense, dtype), ctx)
+            del dense
             # Convert each distinct expert once, however many experts share it.
             converted: dict[int, ExpertFFN] = {}
-            experts = [converted.setdefault(id(e), _to(e, dtype)) for e in weights.experts]
+            for expert in weights.experts:
+                if id(expert) not in converted:
+                    converted[id(expert)] = _to(expert, dtype)
+            experts = [converted[id(e)] for e in weights.experts]
             self._weights = MoELayerWeights(
                 router=weights.router.to(dtype),
                 experts=experts,
@@ -295,7 +301,9 @@ def _moe_layer_specs(
 def _fused_gate_up(experts: list[ExpertFFN]) -> Iterator[torch.Tensor]:
     cache: dict[int, torch.Tensor] = {}
     for e in experts:
-        yield cache.setdefault(id(e), torch.cat([e.gate, e.up], dim=0))
+        if id(e) not in cache:  # copies of one expert are concatenated once
+            cache[id(e)] = torch.cat([e.gate, e.up], dim=0)
+        yield cache[id(e)]
 
 
 def _fused_gate_up_bias(experts: list[ExpertFFN]) -> Iterator[torch.Tensor]:

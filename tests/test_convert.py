@@ -171,3 +171,34 @@ def test_truncated_shard_is_reported(dense_llama: Path, tmp_path: Path) -> None:
     with pytest.raises(MoeifyError, match="corrupt or truncated"):
         convert(str(broken), tmp_path / "out", ConvertOptions(num_experts=4), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_copies_cost_one_read_and_one_build_per_layer(dense_llama: Path, tmp_path: Path, monkeypatch) -> None:
+    """E experts from one FFN: each source tensor is read once and the fused [gate; up] is built once."""
+    from collections import Counter
+
+    import moeify.converter as converter
+    from moeify.checkpoint import SafetensorsCheckpoint
+
+    reads: Counter[str] = Counter()
+    real_get = SafetensorsCheckpoint.get
+
+    def counting_get(self, name: str) -> torch.Tensor:
+        reads[name] += 1
+        return real_get(self, name)
+
+    concatenations = []
+
+    class CountingTorch:
+        def __getattr__(self, name: str):
+            return getattr(torch, name)
+
+        def cat(self, *args, **kwargs):
+            concatenations.append(1)
+            return torch.cat(*args, **kwargs)
+
+    monkeypatch.setattr(SafetensorsCheckpoint, "get", counting_get)
+    monkeypatch.setattr(converter, "torch", CountingTorch())
+    convert(str(dense_llama), tmp_path / "moe", ConvertOptions(num_experts=8, top_k=2, layout="fused"), progress=False)
+    assert set(reads) == set(tensors(dense_llama)) and set(reads.values()) == {1}
+    assert len(concatenations) == json.loads((dense_llama / "config.json").read_text())["num_hidden_layers"]
