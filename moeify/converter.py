@@ -140,8 +140,10 @@ class _LayerBuilder:
         dense_config: PreTrainedConfig,
         options: ConvertOptions,
         out_dtype: Callable[[torch.dtype], torch.dtype],
+        gated_shared: bool = True,
     ) -> None:
         self.reader = reader
+        self.gated_shared = gated_shared
         self.adapter = adapter
         self.dense_config = dense_config
         self.options = options
@@ -187,10 +189,17 @@ class _LayerBuilder:
                 if id(expert) not in converted:
                     converted[id(expert)] = _to(expert, dtype)
             experts = [converted[id(e)] for e in weights.experts]
+            shared = weights.shared
+            if shared is not None and weights.shared_gate is not None and not self.gated_shared:
+                # The format adds shared experts ungated: fold the method's gate in, exact while it is zero
+                # (sigmoid(0) = 1/2 for every token).
+                if torch.count_nonzero(weights.shared_gate):
+                    raise MoeifyError(f"upcycling method '{self.options.method}' needs a shared-expert gate")
+                shared = shared.scaled_output(0.5)
             self._weights = MoELayerWeights(
                 router=weights.router.to(dtype),
                 experts=experts,
-                shared=_to(weights.shared, dtype) if weights.shared is not None else None,
+                shared=_to(shared, dtype) if shared is not None else None,
                 shared_gate=weights.shared_gate.to(dtype) if weights.shared_gate is not None else None,
             )
             self._layer = layer
@@ -228,14 +237,15 @@ def _moe_layer_specs(
         return run
 
     out = [TensorSpec(prefix + names.router_name(layout), dtype, (E, H), produce(lambda w: [w.router]))]
-    if layout == "fused":
+    fused_names = names.saved_fused if layout == "per-expert" and names.saved_fused else names.fused
+    if layout == "fused" or names.saved_fused:
         out.append(
             TensorSpec(
-                prefix + names.fused["gate_up"], dtype, (E, 2 * I, H), produce(lambda w: _fused_gate_up(w.experts))
+                prefix + fused_names["gate_up"], dtype, (E, 2 * I, H), produce(lambda w: _fused_gate_up(w.experts))
             )
         )
         out.append(
-            TensorSpec(prefix + names.fused["down"], dtype, (E, H, I), produce(lambda w: [e.down for e in w.experts]))
+            TensorSpec(prefix + fused_names["down"], dtype, (E, H, I), produce(lambda w: [e.down for e in w.experts]))
         )
         if spec.mlp_bias:
             out.append(
@@ -269,6 +279,7 @@ def _moe_layer_specs(
     if spec.shared_experts:
         SI = spec.shared_experts * I
         shared_shapes = {
+            "gate_up": (2 * SI, H),
             "gate": (SI, H),
             "up": (SI, H),
             "down": (H, SI),
@@ -278,9 +289,7 @@ def _moe_layer_specs(
         }
         for role, name in names.shared.items():
             out.append(
-                TensorSpec(
-                    prefix + name, dtype, shared_shapes[role], produce(lambda w, role=role: [getattr(w.shared, role)])
-                )
+                TensorSpec(prefix + name, dtype, shared_shapes[role], produce(lambda w, role=role: [_shared(w, role)]))
             )
         if names.shared_gate:
             out.append(TensorSpec(prefix + names.shared_gate, dtype, (1, H), produce(lambda w: [w.shared_gate])))
@@ -296,6 +305,12 @@ def _moe_layer_specs(
             )
         )
     return out
+
+
+def _shared(weights: MoELayerWeights, role: str) -> torch.Tensor:
+    shared = weights.shared
+    assert shared is not None
+    return torch.cat([shared.gate, shared.up], dim=0) if role == "gate_up" else getattr(shared, role)
 
 
 def _fused_gate_up(experts: list[ExpertFFN]) -> Iterator[torch.Tensor]:
@@ -384,11 +399,13 @@ def plan_conversion(source: str, options: ConvertOptions, progress: bool = True)
     ffn_dtype = out_dtype(reader.dtype(first["down"]))
     out_config = fmt.build_config(adapter, dense_config, spec)
     out_config.dtype = ffn_dtype
-    builder = _LayerBuilder(reader, adapter, dense_config, options, out_dtype)
+    names = fmt.tensor_names(adapter, spec)
+    builder = _LayerBuilder(
+        reader, adapter, dense_config, options, out_dtype, gated_shared=names.shared_gate is not None
+    )
 
     # Every output tensor in layer order (so the builder holds one layer at a time), plus the same list in
     # the fused layout, which is how the output class names its parameters in memory.
-    names = fmt.tensor_names(adapter, spec)
     ffn_names = {layer: set(adapter.ffn_tensor_names(layer, dense_config).values()) for layer in moe_layers}
     layer_of = re.compile("^" + re.escape(adapter.layer_prefix).replace(r"\{layer\}", r"(\d+)"))
     by_layer: dict[int, list[str]] = {}

@@ -28,9 +28,11 @@ def moe_settings(config) -> tuple[int, int, int]:
     num_experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0
     top_k = getattr(config, "num_experts_per_tok", 0) if num_experts else 0
     shared = getattr(config, "num_shared_experts", None)
-    if shared is None:
-        shared_size = getattr(config, "shared_expert_intermediate_size", 0) or 0
-        moe_size = getattr(config, "moe_intermediate_size", 0) or 0
+    if shared is None:  # Qwen-MoE: shared_expert_intermediate_size; GraniteMoeShared: shared_intermediate_size
+        shared_size = getattr(config, "shared_expert_intermediate_size", 0) or getattr(
+            config, "shared_intermediate_size", 0
+        )
+        moe_size = getattr(config, "moe_intermediate_size", 0) or getattr(config, "intermediate_size", 0)
         shared = shared_size // moe_size if shared_size and moe_size else 0
     return int(num_experts), int(top_k), int(shared)
 

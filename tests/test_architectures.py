@@ -37,14 +37,15 @@ OPTIONS: dict[str, dict[str, object]] = {
     "layers02": {"num_experts": 4, "top_k": 2, "layers": "0,2"},
 }
 
-MIXTRAL, QWEN2_MOE, QWEN3_MOE, MOEIFY = (
-    "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "MoeifyForCausalLM",
+MIXTRAL, QWEN2_MOE, QWEN3_MOE, GRANITE, MOEIFY = (
+    "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "GraniteMoeSharedForCausalLM",
+    "MoeifyForCausalLM",
 )
 # The stock class `--format native` must write for (architecture, options); None: it must refuse.
 NATIVE: dict[str, dict[str, str | None]] = {
     "llama": {"e4k2": MIXTRAL, "shared1": QWEN2_MOE, "layers02": QWEN2_MOE},
     "llama3": {"e4k2": MIXTRAL, "shared1": QWEN2_MOE, "layers02": QWEN2_MOE},
-    "llama_attn_bias": {"e4k2": None, "shared1": None, "layers02": None},
+    "llama_attn_bias": {"e4k2": GRANITE, "shared1": GRANITE, "layers02": None},
     "llama_mlp_bias": {"e4k2": None, "shared1": None, "layers02": None},
     "mistral": {"e4k2": MIXTRAL, "shared1": QWEN2_MOE, "layers02": QWEN2_MOE},
     "qwen2": {"e4k2": QWEN2_MOE, "shared1": QWEN2_MOE, "layers02": QWEN2_MOE},
@@ -139,7 +140,8 @@ def test_convert_matches_dense(arch: str, fmt: str, opt: str, converted, referen
     assert isinstance(result, ConversionResult), f"conversion failed: {result}"
     assert result.output_class == expected_class
     assert result.format == ("moeify" if fmt == "moeify" else {MIXTRAL: "mixtral", QWEN2_MOE: "qwen2_moe",
-                                                               QWEN3_MOE: "qwen3_moe"}[expected_class])
+                                                               QWEN3_MOE: "qwen3_moe",
+                                                               GRANITE: "granitemoeshared"}[expected_class])
     assert result.exact
 
     model = AutoModelForCausalLM.from_pretrained(result.output, dtype=torch.float32).eval()

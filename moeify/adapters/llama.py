@@ -2,4 +2,6 @@
 
 from .base import ArchitectureAdapter
 
-ADAPTER = ArchitectureAdapter(model_type="llama", display_name="Llama", native_targets=("mixtral", "qwen2_moe"))
+ADAPTER = ArchitectureAdapter(
+    model_type="llama", display_name="Llama", native_targets=("mixtral", "qwen2_moe", "granitemoeshared")
+)

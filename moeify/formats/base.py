@@ -15,7 +15,10 @@ class MoETensorNames:
     """Names of one MoE layer's tensors, relative to the decoder layer prefix (`model.layers.{i}.`).
 
     `per_expert` templates contain `{e}`; keys are roles: gate, up, down (+ `*_bias`). `fused` keys are
-    gate_up, down (+ `*_bias`). `shared` keys are gate, up, down (+ `*_bias`).
+    gate_up, down (+ `*_bias`). `shared` keys are gate, up, down (+ `*_bias`), or gate_up and down for a shared
+    MLP stored as one `[gate; up]` matrix. `saved_fused` names the fused tensors in the default layout of a class
+    whose released checkpoints are fused under other names (GraniteMoe's `input_linear` / `output_linear`).
+    A format without `shared_gate` adds its shared experts ungated.
     """
 
     router: str
@@ -24,6 +27,7 @@ class MoETensorNames:
     shared: dict[str, str] = field(default_factory=dict)
     shared_gate: str | None = None
     per_expert_router: str | None = None
+    saved_fused: dict[str, str] = field(default_factory=dict)
     # Qwen2-MoE always builds a shared expert: with none asked for, write it with zero neurons.
     empty_shared: bool = False
 

@@ -7,7 +7,7 @@ per-expert by default (what released checkpoints and serving engines read), fuse
 
 from __future__ import annotations
 
-from transformers import MixtralConfig, PreTrainedConfig, Qwen2MoeConfig, Qwen3MoeConfig
+from transformers import GraniteMoeSharedConfig, MixtralConfig, PreTrainedConfig, Qwen2MoeConfig, Qwen3MoeConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from ..adapters import ArchitectureAdapter
@@ -177,4 +177,52 @@ class Qwen3MoeFormat(NativeFormat):
         return MoETensorNames(router="mlp.gate.weight", fused=dict(_FUSED), per_expert=dict(_QWEN_EXPERT))
 
 
-NATIVE_FORMATS: dict[str, NativeFormat] = {f.name: f for f in (MixtralFormat(), Qwen2MoeFormat(), Qwen3MoeFormat())}
+class GraniteMoeSharedFormat(NativeFormat):
+    """Llama with attention biases: Granite's multipliers set to 1 and attention scaled by head_dim**-0.5."""
+
+    name = "granitemoeshared"
+    class_name = "GraniteMoeSharedForCausalLM"
+    dense_types = ("llama",)
+
+    def explain_specific(
+        self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec
+    ) -> str | None:
+        if not spec.all_layers:
+            return "GraniteMoeShared makes every layer an MoE layer (no dense-layer subset)"
+        return None
+
+    def build_config(
+        self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec
+    ) -> PreTrainedConfig:
+        values = dense_config_dict(dense_config)
+        head_dim = (
+            getattr(dense_config, "head_dim", None) or dense_config.hidden_size // dense_config.num_attention_heads
+        )
+        values.update(
+            num_local_experts=spec.num_experts,
+            num_experts_per_tok=spec.top_k,
+            shared_intermediate_size=spec.shared_experts * spec.intermediate_size,
+            attention_multiplier=head_dim**-0.5,
+            embedding_multiplier=1.0,
+            residual_multiplier=1.0,
+            logits_scaling=1.0,
+            architectures=[self.class_name],
+        )
+        return GraniteMoeSharedConfig(**values)
+
+    def tensor_names(self, adapter: ArchitectureAdapter, spec: MoESpec) -> MoETensorNames:
+        return MoETensorNames(
+            router="block_sparse_moe.router.weight",
+            per_expert_router="block_sparse_moe.router.layer.weight",
+            fused={"gate_up": "block_sparse_moe.experts.gate_up_proj", "down": "block_sparse_moe.experts.down_proj"},
+            saved_fused={
+                "gate_up": "block_sparse_moe.input_linear.weight",
+                "down": "block_sparse_moe.output_linear.weight",
+            },
+            shared={"gate_up": "shared_mlp.input_linear.weight", "down": "shared_mlp.output_linear.weight"},
+        )
+
+
+NATIVE_FORMATS: dict[str, NativeFormat] = {
+    f.name: f for f in (MixtralFormat(), Qwen2MoeFormat(), Qwen3MoeFormat(), GraniteMoeSharedFormat())
+}
