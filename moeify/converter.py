@@ -293,17 +293,12 @@ def _moe_layer_specs(
             )
         if names.shared_gate:
             out.append(TensorSpec(prefix + names.shared_gate, dtype, (1, H), produce(lambda w: [w.shared_gate])))
-    elif names.empty_shared and names.shared_gate:
-        for role, shape in (("gate", (0, H)), ("up", (0, H)), ("down", (H, 0))):
-            out.append(TensorSpec(prefix + names.shared[role], dtype, shape, lambda: iter(())))
-        out.append(
-            TensorSpec(
-                prefix + names.shared_gate,
-                dtype,
-                (1, H),
-                lambda H=H, dtype=dtype: iter([torch.zeros(1, H, dtype=dtype)]),
-            )
-        )
+    elif names.neutral_shared_size and names.shared_gate:
+        n = names.neutral_shared_size
+        neutral = {names.shared["gate"]: (n, H), names.shared["up"]: (n, H), names.shared["down"]: (H, n)}
+        neutral[names.shared_gate] = (1, H)
+        for name, shape in neutral.items():
+            out.append(TensorSpec(prefix + name, dtype, shape, lambda s=shape: iter([torch.zeros(s, dtype=dtype)])))
     return out
 
 
@@ -417,6 +412,10 @@ def plan_conversion(source: str, options: ConvertOptions, progress: bool = True)
     def passthrough(name: str) -> TensorSpec:
         return TensorSpec(name, out_dtype(reader.dtype(name)), reader.shape(name), lambda: iter([reader.get(name)]))
 
+    def zeros(name: str, shape: tuple[int, ...]) -> TensorSpec:
+        return TensorSpec(name, ffn_dtype, shape, lambda: iter([torch.zeros(shape, dtype=ffn_dtype)]))
+
+    zero_tensors = fmt.zero_tensors(adapter, dense_config, spec)
     tensors = [passthrough(n) for n in outside]
     in_memory = list(tensors)
     for layer in range(num_layers):
@@ -425,6 +424,9 @@ def plan_conversion(source: str, options: ConvertOptions, progress: bool = True)
             if name not in ffn_names.get(layer, ()):
                 tensors.append(passthrough(name))
                 in_memory.append(tensors[-1])
+        for name, shape in zero_tensors.items():
+            tensors.append(zeros(prefix + name, shape))
+            in_memory.append(tensors[-1])
         if layer in ffn_names:
             tensors += _moe_layer_specs(layer, prefix, names, layout, spec, hidden, ffn_dtype, builder)
             in_memory += _moe_layer_specs(layer, prefix, names, "fused", spec, hidden, ffn_dtype, None)

@@ -79,3 +79,40 @@ def test_native_names_equal_stock_save(arch: str, options: dict, stock_class: st
         # GraniteMoe's released checkpoints keep experts 3-D under their own names; the others are per expert.
         legacy = "block_sparse_moe.input_linear.weight" if stock_class.startswith("Granite") else ".experts.0."
         assert any(legacy in name for name in ours)
+
+
+SERVED_TARGETS = [
+    *TARGETS,
+    ("llama", {"num_experts": 4, "top_k": 2, "layers": "0,2"}, "Qwen2MoeForCausalLM"),
+    ("mistral", {"num_experts": 4, "top_k": 2, "layers": "1-3"}, "Qwen2MoeForCausalLM"),
+    ("qwen2", {"num_experts": 4, "top_k": 2}, "Qwen2MoeForCausalLM"),
+]
+
+
+@pytest.mark.parametrize(("arch", "options", "stock_class"), SERVED_TARGETS)
+def test_native_outputs_hold_only_tensors_serving_engines_build(
+    arch: str, options: dict, stock_class: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """No zero-size tensor (vLLM builds no module for them and refuses the checkpoint); q/k/v biases wherever the
+    class has them (vLLM's Qwen2-MoE always does); the whole state dict loads with nothing missing or unexpected."""
+    dense = dense_model(arch, tmp_path_factory.getbasetemp() / DENSE_FOLDER)
+    out = tmp_path / "moe"
+    result = convert(str(dense), out, ConvertOptions(format="native", **options), progress=False, log=lambda _: None)
+    assert result.output_class == stock_class
+    tensors = {}
+    for file in sorted(out.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})  # noqa: SIM118
+    empty = [name for name, t in tensors.items() if t.numel() == 0]
+    assert not empty, f"zero-size tensors: {empty[:4]}"
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == (set(), set(), set())
+    if stock_class == "Qwen2MoeForCausalLM":
+        for layer in range(4):
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                assert f"model.layers.{layer}.self_attn.{proj}.bias" in tensors
+        if not options.get("shared_experts"):
+            # The neutral shared expert Qwen2-MoE always builds: all zeros, so its output is exactly 0.
+            shared = {n: t for n, t in tensors.items() if "shared_expert" in n}
+            assert shared and all(not t.any() for t in shared.values())
+            assert model.config.shared_expert_intermediate_size < model.config.moe_intermediate_size

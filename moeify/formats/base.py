@@ -28,8 +28,11 @@ class MoETensorNames:
     shared_gate: str | None = None
     per_expert_router: str | None = None
     saved_fused: dict[str, str] = field(default_factory=dict)
-    # Qwen2-MoE always builds a shared expert: with none asked for, write it with zero neurons.
-    empty_shared: bool = False
+    # Qwen2-MoE always builds a shared expert in transformers, and vLLM refuses the zero-size tensors
+    # `save_pretrained` writes for `shared_expert_intermediate_size=0`: with none asked for, such a format writes a
+    # neutral shared expert of this many all-zero neurons behind a zero gate. Its output is exactly 0 and, with
+    # every weight zero, so are its gradients: it stays neutral through training.
+    neutral_shared_size: int = 0
 
     def router_name(self, layout: str) -> str:
         """The router's name in `layout` (Mixtral's per-expert files keep the legacy `block_sparse_moe`)."""
@@ -84,6 +87,12 @@ class OutputFormat:
     def model_class(self, config: PreTrainedConfig) -> type:
         """The transformers class that loads the output (used to check names and shapes on the meta device)."""
         raise NotImplementedError
+
+    def zero_tensors(
+        self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec
+    ) -> dict[str, tuple[int, ...]]:
+        """Tensors every decoder layer gets as zeros (name inside the layer -> shape), beyond the dense model's."""
+        return {}
 
 
 def dense_config_dict(dense_config: PreTrainedConfig) -> dict:

@@ -20,6 +20,10 @@ _QWEN_EXPERT = {
     "down": "mlp.experts.{e}.down_proj.weight",
 }
 _FUSED = {"gate_up": "mlp.experts.gate_up_proj", "down": "mlp.experts.down_proj"}
+# Neurons of the all-zero shared expert Qwen2-MoE gets when none is asked for (see `MoETensorNames`): small, a
+# multiple of every usual tensor-parallel size, and below any real expert size, so `moeify info` counts no shared
+# expert.
+NEUTRAL_SHARED_SIZE = 16
 
 
 def _qwen_moe_values(dense_config: PreTrainedConfig, spec: MoESpec, class_name: str) -> dict:
@@ -122,8 +126,8 @@ class Qwen2MoeFormat(NativeFormat):
     ) -> PreTrainedConfig:
         values = _qwen_moe_values(dense_config, spec, self.class_name)
         values.update(
-            shared_expert_intermediate_size=spec.shared_experts * spec.intermediate_size,
-            qkv_bias=adapter.model_type == "qwen2",
+            shared_expert_intermediate_size=spec.shared_experts * spec.intermediate_size or NEUTRAL_SHARED_SIZE,
+            qkv_bias=True,  # see `zero_tensors`
         )
         if adapter.model_type == "mistral":
             sliding = dense_config.sliding_window is not None
@@ -136,6 +140,19 @@ class Qwen2MoeFormat(NativeFormat):
             values.update(use_sliding_window=False, layer_types=["full_attention"] * spec.num_layers)
         return Qwen2MoeConfig(**values)
 
+    def zero_tensors(
+        self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec
+    ) -> dict[str, tuple[int, ...]]:
+        """Zero q/k/v biases for a Llama / Mistral: vLLM's Qwen2-MoE always has them (transformers' only with
+        `qkv_bias=True`) and computes garbage from the unset ones."""
+        if adapter.model_type == "qwen2":
+            return {}
+        head_dim = (
+            getattr(dense_config, "head_dim", None) or dense_config.hidden_size // dense_config.num_attention_heads
+        )
+        q, kv = dense_config.num_attention_heads * head_dim, dense_config.num_key_value_heads * head_dim
+        return {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
+
     def tensor_names(self, adapter: ArchitectureAdapter, spec: MoESpec) -> MoETensorNames:
         return MoETensorNames(
             router="mlp.gate.weight",
@@ -147,7 +164,7 @@ class Qwen2MoeFormat(NativeFormat):
                 "down": "mlp.shared_expert.down_proj.weight",
             },
             shared_gate="mlp.shared_expert_gate.weight",
-            empty_shared=True,
+            neutral_shared_size=NEUTRAL_SHARED_SIZE,
         )
 
 
