@@ -533,6 +533,7 @@ def _write_metadata(plan: ConversionPlan, folder: Path) -> None:
         with torch.device("meta"):
             meta_model = plan.fmt.model_class(plan.out_config)(plan.out_config)
         custom_object_save(meta_model, folder, config=plan.out_config)  # modeling files + auto_map
+        plan.out_config.auto_map["AutoModel"] = "modeling_moeify.MoeifyModel"  # the decoder alone (vLLM)
     plan.out_config.save_pretrained(folder)
     if (plan.local / "generation_config.json").exists():
         shutil.copy2(plan.local / "generation_config.json", folder / "generation_config.json")

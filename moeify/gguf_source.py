@@ -28,7 +28,12 @@ from typing import Any
 
 import torch
 from filelock import FileLock
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+try:
+    from transformers import GgufConfig
+except ImportError:  # transformers < 5.19 has no GgufConfig and always dequantizes a GGUF on load
+    GgufConfig = None
 from transformers import __version__ as transformers_version
 from transformers.utils import logging as hf_logging
 
@@ -219,12 +224,9 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
 def _build(gguf_path: Path, out_dir: Path, *, trust_remote_code: bool) -> None:
     """Dequantize ``gguf_path`` into ``out_dir`` (model, generation config, tokenizer)."""
     folder, filename = str(gguf_path.parent), gguf_path.name
+    dequantize = {} if GgufConfig is None else {"quantization_config": GgufConfig(dequantize=True)}
     model = AutoModelForCausalLM.from_pretrained(
-        folder,
-        gguf_file=filename,
-        dtype=torch.float32,
-        quantization_config=GgufConfig(dequantize=True),
-        trust_remote_code=trust_remote_code,
+        folder, gguf_file=filename, dtype=torch.float32, trust_remote_code=trust_remote_code, **dequantize
     )
     # With dequantize=True transformers already drops the quantization config;
     # make sure of it, otherwise save_pretrained refuses ("not serializable").

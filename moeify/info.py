@@ -33,7 +33,7 @@ def model_info(source: str, trust_remote_code: bool = False) -> dict[str, Any]:
         for name, shape in counted_shapes(shapes, config).items()
         if len(shape) >= 2 and "embed" not in name and "lm_head" not in name
     )
-    text_config = config.get_text_config()
+    text_config = getattr(config, "text_config", None) or config.get_text_config()
     return {
         "architecture": (config.architectures or [type(config).__name__])[0],
         "model_type": config.model_type,

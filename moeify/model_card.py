@@ -45,6 +45,13 @@ def render_model_card(
         else ""
     )
     remote = ", trust_remote_code=True" if format_name == "moeify" else ""
+    serving = (
+        "\nWithout `trust_remote_code=True`, transformers' `AutoTokenizer` asks whether to run the custom code (the\n"
+        "tokenizer itself is the dense model's). vLLM serves this model through its Transformers backend:\n"
+        '`LLM("PATH_OR_REPO", model_impl="transformers", trust_remote_code=True)` (SiLU experts only).\n'
+        if format_name == "moeify"
+        else f"\nServing engines load it as any `{output_class}` checkpoint.\n"
+    )
     rows = "\n".join(f"| {key} | {value} |" for key, value in settings.items())
     body = f"""
 # {Path(base_model).name} upcycled to a Mixture-of-Experts
@@ -71,7 +78,7 @@ Output class: `{output_class}` ({reason}).
 {loader}from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO"{remote})
-tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")
+tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO"{remote})
 ```
-"""
+{serving}"""
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")

@@ -214,7 +214,8 @@ def test_cache_entry_built_once(
     (call,) = _FakeAutoModel.calls
     assert call["gguf_file"] == "m.gguf"
     assert call["dtype"] is torch.float32
-    assert call["quantization_config"].dequantize is True
+    if gguf_source.GgufConfig is not None:  # transformers < 5.19 always dequantizes
+        assert call["quantization_config"].dequantize is True
     assert "dequantizing" in capsys.readouterr().err
 
     # Second call, and a copy of the same content elsewhere: same folder, no reload.

@@ -5,6 +5,6 @@ them without moeify installed; they import only torch, transformers and each oth
 """
 
 from .configuration_moeify import MoeifyConfig
-from .modeling_moeify import MoeifyForCausalLM, MoeifyPreTrainedModel, MoeifySparseMoeBlock
+from .modeling_moeify import MoeifyForCausalLM, MoeifyModel, MoeifyPreTrainedModel, MoeifySparseMoeBlock
 
-__all__ = ["MoeifyConfig", "MoeifyForCausalLM", "MoeifyPreTrainedModel", "MoeifySparseMoeBlock"]
+__all__ = ["MoeifyConfig", "MoeifyForCausalLM", "MoeifyModel", "MoeifyPreTrainedModel", "MoeifySparseMoeBlock"]

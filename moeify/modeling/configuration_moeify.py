@@ -14,7 +14,11 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+
+try:
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # transformers < 5.23: composite configs list `sub_configs` and build them in `__post_init__`
+    SubConfigSpec = None
 
 
 class MoeifyConfig(PreTrainedConfig):
@@ -50,7 +54,10 @@ class MoeifyConfig(PreTrainedConfig):
     """
 
     model_type = "moeify"
-    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+    else:
+        sub_configs = {"text_config": AutoConfig}
 
     text_config: PreTrainedConfig | dict[str, Any] | None = None
     num_experts: int = 8
@@ -69,6 +76,9 @@ class MoeifyConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
+        if SubConfigSpec is None and not isinstance(self.text_config, PreTrainedConfig):
+            text_config = dict(self.text_config or {})  # transformers < 5.23 leaves the dict (or None) as is
+            self.text_config = AutoConfig.for_model(text_config.pop("model_type", "llama"), **text_config)
         super().__post_init__(**kwargs)  # turns a `text_config` dict into its config class by `model_type`
         num_layers = self.text_config.num_hidden_layers
         if self.moe_layers is None:
@@ -80,6 +90,27 @@ class MoeifyConfig(PreTrainedConfig):
             self.shared_expert_intermediate_size = self.moe_intermediate_size
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
         self.validate_moe()
+
+    def get_text_config(self, *args: Any, **kwargs: Any) -> MoeifyConfig:
+        """This config itself: it answers the dense decoder's fields (`hidden_size`, `layer_types`, ...: see
+        `__getattr__`) besides the MoE's, so code that reads "the text config" of a model (generation caches, vLLM's
+        Transformers backend) sees one decoder with experts, not the dense sub-config, which has no expert fields."""
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called when normal lookup fails: the dense decoder's field of that name.
+        text_config = self.__dict__.get("text_config")
+        if name.startswith("__") or not isinstance(text_config, PreTrainedConfig):
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        return getattr(text_config, name)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_config.vocab_size
+
+    @vocab_size.setter
+    def vocab_size(self, value: int) -> None:  # `resize_token_embeddings` sets it on the text config
+        self.text_config.vocab_size = value
 
     def validate_moe(self) -> None:
         """Raise `ValueError` when the MoE settings cannot describe a model."""

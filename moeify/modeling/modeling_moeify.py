@@ -19,7 +19,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from .configuration_moeify import MoeifyConfig
@@ -51,6 +51,7 @@ class MoeifySparseMoeBlock(nn.Module):
 
     def __init__(self, config: MoeifyConfig) -> None:
         super().__init__()
+        _refuse_engines_that_assume_silu(config)
         self.router = MoeifyTopKRouter(config)
         self.experts = build_experts(config)
         self.shared_experts = MoeifySharedExperts(config) if config.num_shared_experts > 0 else None
@@ -73,6 +74,21 @@ class MoeifySparseMoeBlock(nn.Module):
         return output.reshape(input_shape)
 
 
+SILU_ACTIVATIONS = ("silu", "swish")
+
+
+def _refuse_engines_that_assume_silu(config: MoeifyConfig) -> None:
+    """vLLM's Transformers backend (attention implementation "vllm") swaps 3-D `experts` modules for its fused MoE
+    kernel with the activation hard-coded to SiLU (vLLM 0.32, `model_executor/models/transformers/moe.py`): GELU
+    experts (Gemma 3) would be served wrongly, silently. Biased experts are not swapped (their biases are 2-D)."""
+    if config._attn_implementation == "vllm" and config.mlp_activation not in SILU_ACTIVATIONS and not config.mlp_bias:
+        raise ValueError(
+            f"vLLM's Transformers backend computes fused MoE experts with SiLU only, and this model's experts use "
+            f"{config.mlp_activation}: it would serve wrong tokens, so moeify refuses. Run this model with "
+            "transformers (`generate`) instead."
+        )
+
+
 @torch.no_grad()
 def init_moe_weights(module: nn.Module, std: float) -> None:
     """Random initialisation of the MoE modules (conversion overwrites it with the upcycled weights)."""
@@ -89,6 +105,29 @@ def init_moe_weights(module: nn.Module, std: float) -> None:
 def _dense_init_then_moe(dense_init: Any, std: float, module: nn.Module) -> None:
     dense_init(module)
     init_moe_weights(module, std)
+
+
+def build_dense(dense_class: type[PreTrainedModel], config: MoeifyConfig) -> PreTrainedModel:
+    """`dense_class` (the dense architecture's causal LM or base model) built from `config.text_config`."""
+    # `from_pretrained(experts_implementation=...)` is copied onto `text_config` too, and the dense class (no
+    # experts) refuses an explicit "grouped_mm": build it without the request, which applies to our experts.
+    requested_experts = getattr(config.text_config, "_experts_implementation_internal", None)
+    config.text_config._experts_implementation_internal = None
+    try:
+        return dense_class(config.text_config)
+    finally:
+        config.text_config._experts_implementation_internal = requested_experts
+
+
+def upcycle_decoder(decoder: PreTrainedModel, config: MoeifyConfig) -> PreTrainedModel:
+    """Make the MLP of each layer in `config.moe_layers` of a dense base model a `MoeifySparseMoeBlock`, in place."""
+    std = getattr(config.text_config, "initializer_range", 0.02)
+    for layer_idx in config.moe_layers:
+        setattr(decoder.layers[layer_idx], config.mlp_module_name, MoeifySparseMoeBlock(config))
+    # transformers initialises a nested PreTrainedModel's subtree with that model's own `_init_weights`,
+    # which does not know the MoE modules: extend it for this instance.
+    decoder._init_weights = partial(_dense_init_then_moe, decoder._init_weights, std)
+    return decoder
 
 
 class MoeifyPreTrainedModel(PreTrainedModel):
@@ -113,6 +152,23 @@ class MoeifyPreTrainedModel(PreTrainedModel):
         init_moe_weights(module, getattr(self.config.text_config, "initializer_range", 0.02))
 
 
+class MoeifyModel(MoeifyPreTrainedModel):
+    """The decoder of `MoeifyForCausalLM` without its head: what `AutoModel` builds (vLLM's Transformers backend
+    adds its own head to it).
+
+    `MoeifyModel(config)` returns the dense architecture's own base model (e.g. `Gemma3TextModel` from
+    `config.text_config`) with MoE blocks, exactly `MoeifyForCausalLM(config).model`: its parameter names,
+    forward, attention and cache code are the dense model's.
+    """
+
+    def __new__(cls, config: MoeifyConfig, *args: Any, **kwargs: Any) -> PreTrainedModel:  # type: ignore[misc]
+        decoder = upcycle_decoder(build_dense(MODEL_MAPPING[type(config.text_config)], config), config)
+        for block in decoder.modules():
+            if isinstance(block, MoeifySparseMoeBlock):
+                block.apply(decoder._init_weights)  # the dense model initialised itself before the swap
+        return decoder
+
+
 class MoeifyForCausalLM(MoeifyPreTrainedModel, GenerationMixin):
     """A causal LM whose `config.moe_layers` MLPs are `MoeifySparseMoeBlock`s.
 
@@ -125,25 +181,11 @@ class MoeifyForCausalLM(MoeifyPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MoeifyConfig) -> None:
         super().__init__(config)
-        dense_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config.text_config)]
-        # `from_pretrained(experts_implementation=...)` is copied onto `text_config` too, and the dense class (no
-        # experts) refuses an explicit "grouped_mm": build it without the request, which applies to our experts.
-        requested_experts = getattr(config.text_config, "_experts_implementation_internal", None)
-        config.text_config._experts_implementation_internal = None
-        try:
-            dense = dense_class(config.text_config)
-        finally:
-            config.text_config._experts_implementation_internal = requested_experts
+        dense = build_dense(MODEL_FOR_CAUSAL_LM_MAPPING[type(config.text_config)], config)
         self._no_split_modules = list(getattr(dense, "_no_split_modules", None) or [])
-        self.model = dense.model
+        self.model = upcycle_decoder(dense.model, config)
         self.lm_head = dense.lm_head
         self.vocab_size = config.text_config.vocab_size
-        for layer_idx in config.moe_layers:
-            setattr(self.model.layers[layer_idx], config.mlp_module_name, MoeifySparseMoeBlock(config))
-        # transformers initialises a nested PreTrainedModel's subtree with that model's own `_init_weights`,
-        # which does not know the MoE modules: extend it for this instance.
-        std = getattr(config.text_config, "initializer_range", 0.02)
-        self.model._init_weights = partial(_dense_init_then_moe, self.model._init_weights, std)
         self.post_init()
 
     def forward(
@@ -212,4 +254,4 @@ class MoeifyForCausalLM(MoeifyPreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["MoeifyForCausalLM", "MoeifyPreTrainedModel", "MoeifySparseMoeBlock"]
+__all__ = ["MoeifyForCausalLM", "MoeifyModel", "MoeifyPreTrainedModel", "MoeifySparseMoeBlock"]
