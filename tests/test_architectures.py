@@ -55,6 +55,8 @@ NATIVE: dict[str, dict[str, str | None]] = {
     "phi3": {"e4k2": None, "shared1": None, "layers02": None},
 }
 assert set(NATIVE) == set(ARCHITECTURES)
+# Exact, but `--format auto` does not pick it: vLLM 0.32 builds GraniteMoe attention without biases.
+NOT_AUTOMATIC = {GRANITE}
 
 CASES = [(arch, fmt, opt) for arch in ARCHITECTURES for opt in OPTIONS for fmt in ("native", "moeify")]
 
@@ -164,8 +166,9 @@ def test_convert_matches_dense(arch: str, fmt: str, opt: str, converted, referen
 def test_auto_picks_native_when_exact(arch: str, opt: str, converted) -> None:
     result = converted(arch, "auto", opt)
     assert isinstance(result, ConversionResult), f"--format auto must always succeed: {result}"
-    assert result.output_class == (NATIVE[arch][opt] or MOEIFY)
-    assert (result.format == "moeify") == (NATIVE[arch][opt] is None)
+    native = NATIVE[arch][opt] if NATIVE[arch][opt] not in NOT_AUTOMATIC else None
+    assert result.output_class == (native or MOEIFY)
+    assert (result.format == "moeify") == (native is None)
 
 
 def test_fused_native_layout_matches_dense(converted, reference, batch) -> None:

@@ -20,7 +20,8 @@ def choose_format(
     """Pick the output format for `--format` and say why.
 
     `native`: the first stock class of the adapter that is exact, else a `MoeifyError` naming the reasons and
-    `--format moeify`. `auto`: native when exact, moeify otherwise. `moeify`: always.
+    `--format moeify`. `auto`: the first exact stock class that serving engines also compute correctly, moeify
+    otherwise. `moeify`: always.
     """
     if options.format == "moeify":
         return MOEIFY_FORMAT, "moeify format requested"
@@ -28,8 +29,11 @@ def choose_format(
     for target in adapter.native_targets:
         fmt = NATIVE_FORMATS[target]
         reason = fmt.explain_unsupported(adapter, dense_config, spec, options)
+        if reason is None and fmt.not_automatic and options.format == "auto":
+            reason = fmt.not_automatic
         if reason is None:
-            return fmt, f"{fmt.class_name} represents this {adapter.display_name} MoE exactly"
+            note = f" (but {fmt.not_automatic})" if fmt.not_automatic else ""
+            return fmt, f"{fmt.class_name} represents this {adapter.display_name} MoE exactly{note}"
         reasons.append(f"{fmt.class_name}: {reason}")
     if not adapter.native_targets:
         reasons.append(f"no stock transformers MoE class matches {adapter.display_name}")

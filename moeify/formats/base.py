@@ -66,6 +66,9 @@ class OutputFormat:
 
     name: str = ""
     class_name: str = ""  # the causal-LM class that loads the output
+    # Why `--format auto` does not pick this format even where it is exact (e.g. serving engines compute it
+    # wrongly); `--format native` still may.
+    not_automatic: str | None = None
     layouts: tuple[str, ...] = ("fused",)
 
     def explain_unsupported(

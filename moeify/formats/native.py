@@ -200,6 +200,9 @@ class GraniteMoeSharedFormat(NativeFormat):
     name = "granitemoeshared"
     class_name = "GraniteMoeSharedForCausalLM"
     dense_types = ("llama",)
+    not_automatic = (
+        "vLLM 0.32 builds GraniteMoe attention without biases and would serve it wrongly (--format native writes it)"
+    )
 
     def explain_specific(
         self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec
