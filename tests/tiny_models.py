@@ -181,9 +181,9 @@ def perturb_norms_and_biases(model: torch.nn.Module, seed: int = 0) -> int:
     return changed
 
 
-def build_dense(name: str, folder: Path, seed: int = 0) -> Path:
-    """Build the tiny dense model `name` (a key of `ARCHITECTURES`), save it with the tokenizer into `folder`."""
-    config = ARCHITECTURES[name]()
+def build_dense(name: str, folder: Path, seed: int = 0, config: PretrainedConfig | None = None) -> Path:
+    """Build the tiny dense model `name` (a key of `ARCHITECTURES`, or `config`), save it with the tokenizer."""
+    config = config if config is not None else ARCHITECTURES[name]()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     assert perturb_norms_and_biases(model, seed) > 0
@@ -193,13 +193,13 @@ def build_dense(name: str, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def dense_model(name: str, root: Path) -> Path:
+def dense_model(name: str, root: Path, config: PretrainedConfig | None = None) -> Path:
     """The tiny dense model `name` under `root`, built on first use (later calls, from any test module, reuse it)."""
     folder = Path(root) / name
     if not folder.is_dir():
         Path(root).mkdir(parents=True, exist_ok=True)
         partial = Path(root) / f".{name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        build_dense(name, partial)
+        build_dense(name, partial, config=config)
         partial.rename(folder)
     return folder
