@@ -85,3 +85,52 @@ def test_gemma_softcapping_applies() -> None:
     model = MoeifyForCausalLM(MoeifyConfig(text_config=text, num_experts=2, num_experts_per_tok=1)).eval()
     logits = model(torch.randint(0, 96, (1, 5))).logits
     assert logits.abs().max() <= 0.5
+
+
+def test_text_config_answers_dense_and_expert_fields() -> None:
+    """What code reading "the text config" (generation caches, vLLM) needs: one config with both kinds of field."""
+    config = tiny().config
+    assert config.get_text_config() is config and config.get_text_config(decoder=True) is config
+    assert (config.hidden_size, config.num_attention_heads, config.num_hidden_layers) == (32, 4, 3)
+    assert (config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size) == (4, 2, 48)
+    assert "hidden_size" not in config.to_dict()  # delegated, not copied: the dense fields live in text_config
+    with pytest.raises(AttributeError):
+        _ = config.no_such_field
+    config.vocab_size = 100  # what `resize_token_embeddings` does
+    assert config.text_config.vocab_size == 100
+
+
+def test_auto_model_is_the_decoder(tmp_path: Path) -> None:
+    """`AutoModel` (what vLLM's Transformers backend builds) gives `MoeifyForCausalLM(config).model`, same weights."""
+    from transformers import AutoModel
+
+    model = tiny(layers=[0, 2])
+    model.save_pretrained(tmp_path)
+    decoder = AutoModel.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(decoder) is type(model.model)
+    assert decoder.layers[0].mlp.experts.config._experts_implementation == "grouped_mm"
+    ids = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(decoder(ids).last_hidden_state, model.model(ids).last_hidden_state, atol=0, rtol=0)
+    fresh = AutoModel.from_config(model.config)
+    assert {n for n, _ in fresh.named_parameters()} == {n for n, _ in model.model.named_parameters()}
+    assert all(torch.isfinite(p).all() for p in fresh.parameters())
+
+
+@pytest.mark.parametrize(("hidden_act", "bias", "refused"), [("gelu_pytorch_tanh", False, True),
+                                                             ("gelu_pytorch_tanh", True, False),
+                                                             ("silu", False, False)])
+def test_vllm_fused_experts_refused_for_non_silu(hidden_act: str, bias: bool, refused: bool) -> None:
+    """vLLM's Transformers backend swaps 3-D experts for a SiLU-only kernel: building under its attention
+    implementation must fail for unbiased non-SiLU experts instead of serving wrong tokens."""
+    from moeify.modeling import MoeifySparseMoeBlock
+
+    config = MoeifyConfig(text_config=LlamaConfig(**TEXT, mlp_bias=bias), num_experts=4, mlp_activation=hidden_act,
+                          mlp_bias=bias)
+    MoeifySparseMoeBlock(config)  # outside vLLM: always fine
+    config._attn_implementation_internal = "vllm"
+    if refused:
+        with pytest.raises(ValueError, match="SiLU only"):
+            MoeifySparseMoeBlock(config)
+    else:
+        MoeifySparseMoeBlock(config)

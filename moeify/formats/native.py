@@ -1,4 +1,7 @@
-"""Stock transformers MoE classes (Mixtral, Qwen2-MoE, Qwen3-MoE): served unchanged by vLLM, SGLang, llama.cpp.
+"""Stock transformers MoE classes (Mixtral, Qwen2-MoE, Qwen3-MoE, GraniteMoeShared), served by engines' own code.
+
+vLLM 0.32 serves every one of them as transformers computes it except GraniteMoeShared with attention biases
+(tests/serving), which is why `--format auto` does not pick that one.
 
 Each target says which dense architectures and options it represents exactly (see the table in the design
 notes), builds its config from the dense one, and names its tensors as stock `save_pretrained` does:

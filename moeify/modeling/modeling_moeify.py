@@ -162,7 +162,13 @@ class MoeifyModel(MoeifyPreTrainedModel):
     """
 
     def __new__(cls, config: MoeifyConfig, *args: Any, **kwargs: Any) -> PreTrainedModel:  # type: ignore[misc]
-        decoder = upcycle_decoder(build_dense(MODEL_MAPPING[type(config.text_config)], config), config)
+        dense = build_dense(MODEL_MAPPING[type(config.text_config)], config)
+        # What `PreTrainedModel.__init__` does for a model with experts: default to transformers' "grouped_mm" (the
+        # dense instance cannot be asked: it has no experts, so transformers would answer "eager").
+        config._experts_implementation_internal = (
+            getattr(config, "_experts_implementation_internal", None) or "grouped_mm"
+        )
+        decoder = upcycle_decoder(dense, config)
         for block in decoder.modules():
             if isinstance(block, MoeifySparseMoeBlock):
                 block.apply(decoder._init_weights)  # the dense model initialised itself before the swap
