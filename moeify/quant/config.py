@@ -1,0 +1,77 @@
+"""Settings of 4-bit experts and of their LoRA: one documented dataclass each, checked when built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+QuantType = Literal["nf4", "fp4"]
+QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
+# The blocksizes bitsandbytes' 4-bit kernels accept.
+BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclass(frozen=True)
+class ExpertQuantization:
+    """How expert weights are stored.
+
+    Args:
+        quant_type: `"nf4"` (default, normal-float 4-bit) or `"fp4"`.
+        blocksize: weights sharing one absmax scale; must divide the hidden and intermediate sizes, so no block
+            crosses a row of one expert (and so none crosses an expert).
+        double_quant: quantize the absmax scales too (8-bit, blocks of 256), as bitsandbytes' `compress_statistics`.
+        storage_dtype: dtype the packed bytes are viewed as. A float dtype (default bfloat16) lets FSDP shard them,
+            like bitsandbytes' `quant_storage`.
+        max_dequantized_bytes: at most this many bytes of dequantized expert weights exist at once; more active
+            experts are processed in chunks.
+    """
+
+    quant_type: QuantType = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    storage_dtype: torch.dtype = torch.bfloat16
+    max_dequantized_bytes: int = 1 << 30
+
+    def validate(self, *sizes: int) -> None:
+        """Raise `ValueError` with what to change when these settings cannot store matrices of `sizes`."""
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant_type '{self.quant_type}' is not one of {', '.join(QUANT_TYPES)}.")
+        if self.blocksize not in BLOCKSIZES:
+            raise ValueError(f"blocksize {self.blocksize} is not one of {', '.join(map(str, BLOCKSIZES))}.")
+        bad = [size for size in sizes if size % self.blocksize]
+        if bad:
+            raise ValueError(
+                f"blocksize {self.blocksize} does not divide the expert sizes {bad}: pick a blocksize that divides "
+                f"{', '.join(map(str, sizes))}."
+            )
+        if torch.empty((), dtype=self.storage_dtype).element_size() > 4:
+            raise ValueError(f"storage_dtype {self.storage_dtype} is wider than 4 bytes.")
+
+
+@dataclass(frozen=True)
+class ExpertLora:
+    """LoRA on every routed expert: `W_e x + scale * B_e A_e x`, only for the tokens routed to expert e.
+
+    Args:
+        r: rank per expert.
+        alpha: scale numerator: `scale = alpha / r` (`alpha / sqrt(r)` with `use_rslora`).
+        dropout: dropout on the LoRA input (training only).
+        use_rslora: rank-stabilised scaling.
+    """
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
+
+    def validate(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}.")

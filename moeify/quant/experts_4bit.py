@@ -1,0 +1,371 @@
+"""Routed experts stored in 4-bit (bitsandbytes NF4 / FP4), with optional per-expert LoRA, for training.
+
+`Experts4bit` replaces a model's `*.experts` module (moeify's, Mixtral's, Qwen-MoE's: fused `gate_up_proj`
+`(E, 2I, H)` and `down_proj` `(E, H, I)`) and keeps its call contract
+`(hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k)) -> (T, H)`.
+
+Storage: each expert is quantized on its own (its blocks never cross into another expert), so the experts a
+batch uses are sliced out of the packed bytes and dequantized in one bitsandbytes call. The packed bytes are a
+frozen parameter viewed as a float dtype (FSDP shards float parameters); scales are small buffers.
+
+Forward: tokens are sorted by expert once; only experts that received tokens are dequantized, in chunks of at
+most `max_dequantized_bytes`; each chunk runs as grouped GEMMs (`torch.nn.functional.grouped_mm`), LoRA as two
+more grouped GEMMs on the same sorted tokens (never `W + delta`). The dequantized weights are not kept: the
+autograd function saves the inputs, the routing and the RNG state, and backward dequantizes and recomputes each
+chunk to get the gradients of the input, the routing weights and the LoRA factors. The 4-bit base is frozen.
+
+LoRA factors use peft's `target_parameters` layout, so adapters can be saved for stock peft: `lora_A` is
+`(E * r, in)` (expert-major rows) and `lora_B` is `(out, E * r)` (expert index fastest in the columns).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import bitsandbytes.functional as bnb_functional
+import torch
+import torch.nn.functional as F
+from bitsandbytes.functional import QuantState
+from torch import nn
+
+from .config import ExpertLora, ExpertQuantization
+
+PROJECTIONS = ("gate_up", "down")
+_NESTED_BLOCKSIZE = 256  # bitsandbytes' blocksize for the scales of double quantization
+
+
+def grouped_linear(inputs: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`inputs` rows grouped by `offsets` (cumulative row counts), group g times `weight[g]` `(out, in)`."""
+    weight_t = weight.transpose(-2, -1)
+    # grouped_mm needs rows of a multiple of 16 bytes (its backward too): a LoRA rank of 2 in float32 is not.
+    aligned = all(size * weight.element_size() % 16 == 0 for size in weight.shape[-2:])
+    if hasattr(F, "grouped_mm") and aligned:
+        return F.grouped_mm(inputs.to(weight.dtype), weight_t, offs=offsets)
+    # Otherwise one matmul per group (still no per-token weight copies).
+    starts = torch.cat([offsets.new_zeros(1), offsets[:-1]]).tolist()
+    parts = [inputs[s:e] @ weight_t[g] for g, (s, e) in enumerate(zip(starts, offsets.tolist(), strict=True))]
+    return torch.cat(parts) if parts else inputs.new_zeros(0, weight.shape[-2])
+
+
+class Experts4bit(nn.Module):
+    """4-bit routed experts with optional per-expert LoRA; build with `Experts4bit.from_experts(module, ...)`."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_dim: int,
+        intermediate_dim: int,
+        act_fn: Callable[[torch.Tensor], torch.Tensor],
+        quantization: ExpertQuantization | None = None,
+        lora: ExpertLora | None = None,
+        has_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.quantization = quantization or ExpertQuantization()
+        self.quantization.validate(hidden_dim, intermediate_dim)
+        self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden_dim, intermediate_dim
+        self.act_fn = act_fn
+        self.has_bias = has_bias
+        self.shapes = {"gate_up": (2 * intermediate_dim, hidden_dim), "down": (hidden_dim, intermediate_dim)}
+        storage = self.quantization.storage_dtype
+        per_storage = torch.empty((), dtype=storage).element_size()
+        for name, (out_dim, in_dim) in self.shapes.items():
+            numel = out_dim * in_dim
+            blocks = numel // self.quantization.blocksize
+            packed = torch.zeros(num_experts, numel // 2, dtype=torch.uint8).view(storage)
+            assert packed.shape[-1] * per_storage == numel // 2
+            self.register_parameter(f"{name}_packed", nn.Parameter(packed, requires_grad=False))
+            if self.quantization.double_quant:
+                nested = -(-blocks // _NESTED_BLOCKSIZE)
+                self.register_buffer(f"{name}_absmax", torch.zeros(num_experts, blocks, dtype=torch.uint8))
+                self.register_buffer(f"{name}_nested_absmax", torch.zeros(num_experts, nested))
+                self.register_buffer(f"{name}_offset", torch.zeros(num_experts))
+            else:
+                self.register_buffer(f"{name}_absmax", torch.zeros(num_experts, blocks))
+            if has_bias:
+                self.register_buffer(f"{name}_bias", torch.zeros(num_experts, out_dim))
+        self.register_buffer("code", torch.zeros(16))  # the 4-bit codebook (NF4 or FP4 values)
+        self.register_buffer("nested_code", torch.zeros(256))  # the 8-bit codebook of double quantization
+        self.lora = lora
+        if lora is not None:
+            lora.validate()
+            self.lora_dropout = nn.Dropout(lora.dropout) if lora.dropout else nn.Identity()
+            for name, (out_dim, in_dim) in self.shapes.items():
+                lora_a = torch.empty(num_experts * lora.r, in_dim)
+                nn.init.kaiming_uniform_(lora_a, a=5**0.5)  # peft's default for lora_A
+                self.register_parameter(f"{name}_lora_A", nn.Parameter(lora_a))
+                self.register_parameter(f"{name}_lora_B", nn.Parameter(torch.zeros(out_dim, num_experts * lora.r)))
+
+    # Building and storage.
+
+    @classmethod
+    def from_experts(
+        cls, experts: nn.Module, quantization: ExpertQuantization | None = None, lora: ExpertLora | None = None
+    ) -> Experts4bit:
+        """Quantize a full-precision experts module (fused `gate_up_proj` / `down_proj`, optional biases)."""
+        gate_up, down = experts.gate_up_proj, experts.down_proj
+        if gate_up.ndim != 3 or down.ndim != 3:
+            raise ValueError(
+                f"{type(experts).__name__} does not hold fused 3-D expert weights (gate_up_proj, down_proj)."
+            )
+        num_experts, two_i, hidden = gate_up.shape
+        if getattr(experts, "is_transposed", False) or down.shape != (num_experts, hidden, two_i // 2):
+            raise ValueError(
+                f"{type(experts).__name__}: expected gate_up_proj (E, 2I, H) and down_proj (E, H, I), got "
+                f"{tuple(gate_up.shape)} and {tuple(down.shape)}."
+            )
+        has_bias = getattr(experts, "gate_up_proj_bias", None) is not None
+        module = cls(num_experts, hidden, two_i // 2, experts.act_fn, quantization, lora, has_bias)
+        module.to(gate_up.device)
+        with torch.no_grad():
+            module.quantize_("gate_up", gate_up.detach())
+            module.quantize_("down", down.detach())
+            if has_bias:
+                module.gate_up_bias.copy_(experts.gate_up_proj_bias.detach())
+                module.down_bias.copy_(experts.down_proj_bias.detach())
+        return module  # LoRA factors are float32 (created so); the packed storage keeps its own dtype
+
+    @torch.no_grad()
+    def quantize_(self, name: str, weight: torch.Tensor) -> None:
+        """Store `weight` `(E, out, in)` of projection `name`, one expert at a time."""
+        q = self.quantization
+        packed = getattr(self, f"{name}_packed").view(torch.uint8)
+        for expert in range(self.num_experts):
+            data, state = bnb_functional.quantize_4bit(
+                weight[expert].contiguous(),
+                blocksize=q.blocksize,
+                compress_statistics=q.double_quant,
+                quant_type=q.quant_type,
+            )
+            packed[expert].copy_(data.view(-1))
+            getattr(self, f"{name}_absmax")[expert].copy_(state.absmax.view(-1))
+            if q.double_quant:
+                getattr(self, f"{name}_nested_absmax")[expert].copy_(state.state2.absmax.view(-1))
+                getattr(self, f"{name}_offset")[expert] = state.offset
+                self.nested_code.copy_(state.state2.code)
+            self.code.copy_(state.code)
+
+    def absmax(self, name: str, experts: torch.Tensor) -> torch.Tensor:
+        """The float32 scales of `experts` for projection `name`, `(len(experts), blocks)`."""
+        absmax = getattr(self, f"{name}_absmax")[experts]
+        if not self.quantization.double_quant:
+            return absmax
+        nested, offset = getattr(self, f"{name}_nested_absmax"), getattr(self, f"{name}_offset")
+        rows = []
+        for row, expert in zip(absmax, experts.tolist(), strict=True):
+            state = QuantState(
+                absmax=nested[expert], code=self.nested_code, blocksize=_NESTED_BLOCKSIZE, dtype=torch.float32
+            )
+            rows.append(bnb_functional.dequantize_blockwise(row, state) + offset[expert])
+        return torch.stack(rows)
+
+    def dequantize(self, name: str, experts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Weights of `experts` (indices) for projection `name`, `(len(experts), out, in)`, in one bitsandbytes call."""
+        out_dim, in_dim = self.shapes[name]
+        packed = getattr(self, f"{name}_packed").view(torch.uint8)[experts]
+        state = QuantState(
+            absmax=self.absmax(name, experts).reshape(-1),
+            shape=torch.Size([len(experts) * out_dim, in_dim]),
+            code=self.code,
+            blocksize=self.quantization.blocksize,
+            quant_type=self.quantization.quant_type,
+            dtype=dtype,
+        )
+        return bnb_functional.dequantize_4bit(packed.reshape(-1, 1), state).view(len(experts), out_dim, in_dim)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Experts4bit:
+        # `model.to(dtype)`, `.half()`, `from_pretrained(dtype=...)` cast every float tensor: the packed bytes and
+        # the scales must only move between devices, never be cast.
+        storage = {
+            name: tensors.pop(name)
+            for tensors in (self._parameters, self._buffers)
+            for name in [n for n in tensors if n not in self._castable]
+        }
+        super()._apply(fn, recurse)
+        for name, tensor in storage.items():
+            device = fn(torch.empty(0, device=tensor.device)).device
+            tensor.data = tensor.data.to(device)
+            (self._parameters if isinstance(tensor, nn.Parameter) else self._buffers)[name] = tensor
+        return self
+
+    @property
+    def _castable(self) -> set[str]:
+        """Tensors that follow the model's dtype: LoRA factors and biases."""
+        names = {f"{p}_lora_{ab}" for p in PROJECTIONS for ab in ("A", "B")}
+        return names | {f"{p}_bias" for p in PROJECTIONS}
+
+    def lora_tensors(self) -> tuple[torch.Tensor, ...]:
+        if self.lora is None:
+            return ()
+        return tuple(getattr(self, f"{name}_lora_{ab}") for name in PROJECTIONS for ab in ("A", "B"))
+
+    # Computation.
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """`hidden_states` `(T, H)`, `top_k_index` / `top_k_weights` `(T, k)` -> weighted sum `(T, H)`."""
+        return _Experts4bitFunction.apply(hidden_states, top_k_weights, top_k_index, self, *self.lora_tensors())
+
+    def chunks(self, top_k_index: torch.Tensor, dtype: torch.dtype) -> Iterator[_Chunk]:
+        """The routing, sorted by expert once, cut into chunks of active experts that fit the dequantization budget."""
+        num_top_k = top_k_index.shape[-1]
+        expert_ids = top_k_index.reshape(-1)
+        _, order = torch.sort(expert_ids, stable=True)
+        counts = torch.bincount(expert_ids, minlength=self.num_experts)
+        active = counts.nonzero().flatten()
+        per_expert = sum(o * i for o, i in self.shapes.values()) * torch.empty((), dtype=dtype).element_size()
+        size = max(1, self.quantization.max_dequantized_bytes // per_expert)
+        row = 0
+        for start in range(0, len(active), size):
+            experts = active[start : start + size]
+            chunk_counts = counts[experts]
+            rows = order[row : row + int(chunk_counts.sum())]
+            row += len(rows)
+            yield _Chunk(experts, chunk_counts, rows, rows // num_top_k)
+
+    def chunk_output(
+        self,
+        chunk: _Chunk,
+        hidden_states: torch.Tensor,
+        flat_weights: torch.Tensor,
+        lora: tuple[torch.Tensor, ...],
+    ) -> torch.Tensor:
+        """The weighted expert outputs of the chunk's (token, expert) pairs, `(rows, H)`, in sorted order."""
+        x = hidden_states[chunk.tokens]
+        offsets = torch.cumsum(chunk.counts, 0, dtype=torch.int32)
+        expanded = chunk.experts.repeat_interleave(chunk.counts)  # the expert of each row
+        h = self.projection("gate_up", x, chunk.experts, offsets, expanded, lora[:2])
+        gate, up = h.chunk(2, dim=-1)
+        y = self.projection("down", self.act_fn(gate) * up, chunk.experts, offsets, expanded, lora[2:])
+        return y * flat_weights[chunk.rows, None].to(y.dtype)
+
+    def projection(
+        self,
+        name: str,
+        x: torch.Tensor,
+        experts: torch.Tensor,
+        offsets: torch.Tensor,
+        expanded: torch.Tensor,
+        lora: tuple[torch.Tensor, ...],
+    ) -> torch.Tensor:
+        weight = self.dequantize(name, experts, x.dtype)
+        out = grouped_linear(x, weight, offsets)
+        del weight  # never kept: backward dequantizes again
+        if self.has_bias:
+            out = out + getattr(self, f"{name}_bias")[expanded].to(out.dtype)
+        if lora:
+            assert self.lora is not None
+            lora_a, lora_b = lora
+            out_dim, in_dim = self.shapes[name]
+            r = self.lora.r
+            a = lora_a.view(self.num_experts, r, in_dim)[experts].to(x.dtype)
+            b = lora_b.view(out_dim, r, self.num_experts).permute(2, 0, 1)[experts].to(x.dtype)
+            low = grouped_linear(self.lora_dropout(x), a, offsets)
+            out = out + self.lora.scale * grouped_linear(low, b, offsets)
+        return out
+
+    def extra_repr(self) -> str:
+        q = self.quantization
+        lora = f", lora_r={self.lora.r}" if self.lora else ""
+        return (
+            f"num_experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, "
+            f"{q.quant_type}, blocksize={q.blocksize}, double_quant={q.double_quant}{lora}"
+        )
+
+
+class _Chunk:
+    """Active experts of one chunk, their token counts, their rows in the flattened (token, k) routing, tokens."""
+
+    def __init__(self, experts: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.experts, self.counts, self.rows, self.tokens = experts, counts, rows, tokens
+
+
+class _Experts4bitFunction(torch.autograd.Function):
+    """Forward without keeping dequantized weights; backward dequantizes and recomputes chunk by chunk."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden_states: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        top_k_index: torch.Tensor,
+        module: Experts4bit,
+        *lora: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.module = module
+        ctx.rng = _rng_state(hidden_states.device)  # LoRA dropout masks are redrawn identically in backward
+        ctx.save_for_backward(hidden_states, top_k_weights, top_k_index, *lora)
+        output = torch.zeros_like(hidden_states)
+        flat_weights = top_k_weights.reshape(-1)
+        for chunk in module.chunks(top_k_index, hidden_states.dtype):
+            output.index_add_(0, chunk.tokens, module.chunk_output(chunk, hidden_states, flat_weights, lora))
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        hidden_states, top_k_weights, top_k_index, *lora = ctx.saved_tensors
+        module: Experts4bit = ctx.module
+        needs = ctx.needs_input_grad
+        hidden = hidden_states.detach().requires_grad_(needs[0])
+        weights = top_k_weights.detach().requires_grad_(needs[1])
+        lora_leaves = tuple(t.detach().requires_grad_(need) for t, need in zip(lora, needs[4:], strict=True))
+        leaves = [t for t in (hidden, weights, *lora_leaves) if t.requires_grad]
+        if leaves:
+            grad_output = grad_output.contiguous()  # grouped_mm's backward rejects stride-0 gradients
+            with torch.enable_grad(), _restored_rng(hidden_states.device, ctx.rng):
+                flat_weights = weights.reshape(-1)
+                for chunk in module.chunks(top_k_index, hidden.dtype):
+                    out = module.chunk_output(chunk, hidden, flat_weights, lora_leaves)
+                    torch.autograd.backward(out, grad_output[chunk.tokens], inputs=leaves)
+        grads = [hidden.grad, weights.grad, None, None, *(t.grad for t in lora_leaves)]
+        return tuple(grads)
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+class _restored_rng:
+    """Run a block with the RNG state of `state`, restoring the current state afterwards (like checkpointing)."""
+
+    def __init__(self, device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        self.device, self.state = device, state
+
+    def __enter__(self) -> None:
+        self.saved = _rng_state(self.device)
+        torch.set_rng_state(self.state[0])
+        if self.state[1] is not None:
+            torch.cuda.set_rng_state(self.state[1], self.device)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_rng_state(self.saved[0])
+        if self.saved[1] is not None:
+            torch.cuda.set_rng_state(self.saved[1], self.device)
+
+
+def quantize_experts(
+    model: nn.Module, quantization: ExpertQuantization | None = None, lora: ExpertLora | None = None
+) -> list[str]:
+    """Replace every fused `*.experts` module of `model` by an `Experts4bit`, in place; returns their names.
+
+    Raises `ValueError` when the model has no fused experts module (a dense model, or experts held per expert).
+    """
+    replaced = []
+    for name, module in list(model.named_modules()):
+        parent_name, _, child = name.rpartition(".")
+        if child != "experts" or isinstance(module, Experts4bit):
+            continue
+        if getattr(module, "gate_up_proj", None) is None or getattr(module, "down_proj", None) is None:
+            continue
+        quantized = Experts4bit.from_experts(module, quantization, lora)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, quantized)
+        replaced.append(name)
+    if not replaced:
+        raise ValueError(
+            f"{type(model).__name__} has no fused experts module (`*.experts` with gate_up_proj and down_proj) to "
+            "quantize: is it an MoE?"
+        )
+    return replaced

@@ -1,0 +1,207 @@
+"""4-bit experts with per-expert LoRA (`moeify.quant`): exact against an eager reference, memory, routing, swap-in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, MixtralConfig, MixtralForCausalLM
+
+from moeify.modeling import MoeifyConfig, MoeifyForCausalLM
+from moeify.modeling.experts import build_experts
+from moeify.quant import ExpertLora, ExpertQuantization, Experts4bit, quantize_experts
+
+H, I, E, K, T = 64, 128, 4, 2, 12  # noqa: E741
+
+
+def full_precision_experts(bias: bool = False, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = MoeifyConfig(
+        text_config=LlamaConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=4),
+        num_experts=E, num_experts_per_tok=K, mlp_bias=bias,
+    )
+    experts = build_experts(config)
+    with torch.no_grad():
+        for param in experts.parameters():
+            param.normal_(std=0.1)
+    return experts
+
+
+def eager_reference(module: Experts4bit, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Dequantize every expert and loop over them: the definition the grouped 4-bit path must match."""
+    out = torch.zeros_like(x)
+    for e in range(module.num_experts):
+        token, slot = torch.where(index == e)
+        h = x[token]
+        for name in ("gate_up", "down"):
+            weight = module.dequantize(name, torch.tensor([e]), x.dtype)[0]
+            y = h @ weight.T
+            if module.has_bias:
+                y = y + getattr(module, f"{name}_bias")[e]
+            if module.lora is not None:
+                r, out_dim = module.lora.r, weight.shape[0]
+                a = getattr(module, f"{name}_lora_A").view(module.num_experts, r, -1)[e]
+                b = getattr(module, f"{name}_lora_B").view(out_dim, r, module.num_experts)[:, :, e]
+                y = y + module.lora.scale * (h @ a.T) @ b.T
+            if name == "gate_up":
+                gate, up = y.chunk(2, dim=-1)
+                y = module.act_fn(gate) * up
+            h = y
+        out = out.index_add(0, token, h * weights[token, slot, None])
+    return out
+
+
+def routing(seed: int = 1, tokens: int = T) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    x = torch.randn(tokens, H, requires_grad=True)
+    logits = torch.randn(tokens, E, requires_grad=True)
+    return x, logits
+
+
+def route(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    weights, index = torch.softmax(logits, -1).topk(K, dim=-1)
+    return weights / weights.sum(-1, keepdim=True), index
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("lora", [None, ExpertLora(r=4, alpha=8)])
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_eager_reference(double_quant: bool, lora: ExpertLora | None, chunked: bool, bias: bool) -> None:
+    quant = ExpertQuantization(double_quant=double_quant, max_dequantized_bytes=1 if chunked else 1 << 30)
+    module = Experts4bit.from_experts(full_precision_experts(bias), quant, lora)
+    if lora is not None:
+        with torch.no_grad():  # B starts at zero; make the LoRA path count
+            module.gate_up_lora_B.normal_(std=0.1)
+            module.down_lora_B.normal_(std=0.1)
+    x, logits = routing()
+    weights, index = route(logits)
+    ours, reference = module(x, index, weights), eager_reference(module, x, index, weights)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+    leaves = [x, logits, *module.lora_tensors()]
+    grad = torch.randn_like(ours)
+    ours_grads = torch.autograd.grad(ours, leaves, grad, retain_graph=True)
+    reference_grads = torch.autograd.grad(reference, leaves, grad)
+    for got, want in zip(ours_grads, reference_grads, strict=True):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    module = Experts4bit.from_experts(full_precision_experts(), lora=ExpertLora(r=4))
+    with torch.no_grad():
+        module.down_lora_B.normal_(std=0.1)
+
+    def block(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        weights, index = route(logits)  # routing recomputed in backward: must come out identical
+        return module(x, index, weights)
+
+    results = []
+    for checkpointed in (False, True):
+        x, logits = routing()
+        out = torch.utils.checkpoint.checkpoint(block, x, logits, use_reentrant=False) if checkpointed else block(
+            x, logits
+        )
+        out.square().sum().backward()
+        results.append((out.detach(), x.grad, logits.grad, module.down_lora_A.grad.clone()))
+        module.zero_grad()
+    for plain, checkpointed in zip(*results, strict=True):
+        torch.testing.assert_close(checkpointed, plain, atol=0, rtol=0)
+
+
+def test_only_experts_that_received_tokens_are_dequantized(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = Experts4bit.from_experts(full_precision_experts())
+    calls: list[tuple[str, list[int]]] = []
+    original = Experts4bit.dequantize
+
+    def counting(self: Experts4bit, name: str, experts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        calls.append((name, experts.tolist()))
+        return original(self, name, experts, dtype)
+
+    monkeypatch.setattr(Experts4bit, "dequantize", counting)
+    x, _ = routing()
+    index = torch.tensor([[1, 3]] * T)  # every token uses experts 1 and 3 only
+    weights = torch.full((T, K), 0.5, requires_grad=True)
+    module(x, index, weights).sum().backward()
+    assert calls == [("gate_up", [1, 3]), ("down", [1, 3])] * 2  # forward, then backward's recomputation
+
+
+def test_storage_is_under_three_tenths_of_bf16() -> None:
+    experts = full_precision_experts()
+    full_bytes = sum(p.numel() for p in experts.parameters()) * 2  # bf16
+    for double_quant in (True, False):
+        module = Experts4bit.from_experts(experts, ExpertQuantization(double_quant=double_quant))
+        stored = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+        assert stored <= 0.3 * full_bytes, (double_quant, stored / full_bytes)
+        assert module.gate_up_packed.dtype == torch.bfloat16 and not module.gate_up_packed.requires_grad
+
+
+def test_lora_starts_as_the_quantized_model_and_trains_only_lora() -> None:
+    experts = full_precision_experts()
+    plain = Experts4bit.from_experts(experts)
+    adapted = Experts4bit.from_experts(experts, lora=ExpertLora(r=4))
+    x, logits = routing()
+    weights, index = route(logits)
+    assert torch.equal(adapted(x, index, weights), plain(x, index, weights))
+    packed = adapted.gate_up_packed.detach().view(torch.uint8).clone()
+    optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-2)
+    before = {n: p.detach().clone() for n, p in adapted.named_parameters() if p.requires_grad}
+    adapted(x, index, weights).square().sum().backward()
+    optimizer.step()
+    assert set(before) == {"gate_up_lora_A", "gate_up_lora_B", "down_lora_A", "down_lora_B"}
+    for name, value in before.items():
+        assert not torch.equal(value, getattr(adapted, name)), f"{name} did not change"
+    assert torch.equal(adapted.gate_up_packed.view(torch.uint8), packed)
+
+
+def test_quantized_model_swaps_every_experts_module_and_stays_close() -> None:
+    torch.manual_seed(0)
+    moeify_model = MoeifyForCausalLM(
+        MoeifyConfig(text_config=LlamaConfig(vocab_size=96, hidden_size=H, intermediate_size=I, num_hidden_layers=2,
+                                             num_attention_heads=4), num_experts=E, num_experts_per_tok=K)
+    ).eval()
+    mixtral = MixtralForCausalLM(
+        MixtralConfig(vocab_size=96, hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, num_local_experts=E, num_experts_per_tok=K)
+    ).eval()
+    ids = torch.randint(0, 96, (2, 9))
+    for model in (moeify_model, mixtral):
+        with torch.no_grad():
+            reference = model(ids).logits
+        names = quantize_experts(model, lora=ExpertLora(r=2))
+        assert names == [f"model.layers.{i}.mlp.experts" for i in range(2)]
+        assert all(isinstance(model.get_submodule(n), Experts4bit) for n in names)
+        logits = model(ids).logits
+        relative = ((logits - reference).norm() / reference.norm()).item()
+        assert 0 < relative < 0.05, relative  # NF4's error, not garbage
+        logits.sum().backward()
+        assert model.get_submodule(names[0]).gate_up_lora_B.grad.abs().max() > 0  # A's is 0 while B is 0
+
+
+def test_casting_the_model_moves_but_never_casts_the_4bit_storage() -> None:
+    module = Experts4bit.from_experts(full_precision_experts(), lora=ExpertLora(r=4))
+    x, logits = routing()
+    weights, index = route(logits)
+    before = module(x, index, weights)
+    packed = module.down_packed.detach().view(torch.uint8).clone()
+    module.to(torch.float64).to(torch.float32)
+    assert module.down_packed.dtype == torch.bfloat16 and torch.equal(module.down_packed.view(torch.uint8), packed)
+    assert module.down_absmax.dtype == torch.uint8 and module.down_nested_absmax.dtype == torch.float32
+    assert module.down_lora_A.dtype == torch.float32  # LoRA follows the model
+    torch.testing.assert_close(module(x, index, weights), before, atol=0, rtol=0)
+
+
+def test_bad_settings_and_non_moe_models_fail_clearly() -> None:
+    experts = full_precision_experts()
+    with pytest.raises(ValueError, match="quant_type 'int4' is not one of nf4, fp4"):
+        Experts4bit.from_experts(experts, ExpertQuantization(quant_type="int4"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="blocksize 4096 does not divide the expert sizes"):
+        Experts4bit.from_experts(experts, ExpertQuantization(blocksize=4096))
+    with pytest.raises(ValueError, match="blocksize 100 is not one of"):
+        Experts4bit.from_experts(experts, ExpertQuantization(blocksize=100))
+    with pytest.raises(ValueError, match="LoRA rank r must be >= 1"):
+        Experts4bit.from_experts(experts, lora=ExpertLora(r=0))
+    dense = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="has no fused experts module"):
+        quantize_experts(dense)
