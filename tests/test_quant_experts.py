@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -9,7 +11,7 @@ from transformers import LlamaConfig, MixtralConfig, MixtralForCausalLM
 
 from moeify.modeling import MoeifyConfig, MoeifyForCausalLM
 from moeify.modeling.experts import build_experts
-from moeify.quant import ExpertLora, ExpertQuantization, Experts4bit, quantize_experts
+from moeify.quant import ExpertLora, ExpertQuantization, Experts4bit, ExpertsLora, add_expert_lora, quantize_experts
 
 H, I, E, K, T = 64, 128, 4, 2, 12  # noqa: E741
 
@@ -27,8 +29,22 @@ def full_precision_experts(bias: bool = False, seed: int = 0) -> nn.Module:
     return experts
 
 
-def eager_reference(module: Experts4bit, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def with_lora(module: Experts4bit, lora: ExpertLora) -> ExpertsLora:
+    holder = nn.ModuleDict({"experts": module})
+    add_expert_lora(holder, lora)
+    wrapped = holder["experts"]
+    assert isinstance(wrapped, ExpertsLora) and isinstance(wrapped.base_layer, ExpertsLora)
+    return wrapped
+
+
+def lora_parameters(module: nn.Module) -> list[torch.Tensor]:
+    return [p for n, p in module.named_parameters() if "lora_" in n]
+
+
+def eager_reference(layer: nn.Module, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Dequantize every expert and loop over them: the definition the grouped 4-bit path must match."""
+    module = layer.experts if isinstance(layer, ExpertsLora) else layer
+    factors = layer.factors() if isinstance(layer, ExpertsLora) else {}
     out = torch.zeros_like(x)
     for e in range(module.num_experts):
         token, slot = torch.where(index == e)
@@ -38,11 +54,12 @@ def eager_reference(module: Experts4bit, x: torch.Tensor, index: torch.Tensor, w
             y = h @ weight.T
             if module.has_bias:
                 y = y + getattr(module, f"{name}_bias")[e]
-            if module.lora is not None:
-                r, out_dim = module.lora.r, weight.shape[0]
-                a = getattr(module, f"{name}_lora_A").view(module.num_experts, r, -1)[e]
-                b = getattr(module, f"{name}_lora_B").view(out_dim, r, module.num_experts)[:, :, e]
-                y = y + module.lora.scale * (h @ a.T) @ b.T
+            if name in factors:
+                lora = factors[name]
+                out_dim, r = weight.shape[0], lora.lora_A.shape[0] // module.num_experts
+                a = lora.lora_A.view(module.num_experts, r, -1)[e]
+                b = lora.lora_B.view(out_dim, r, module.num_experts)[:, :, e]
+                y = y + lora.scale * (h @ a.T) @ b.T
             if name == "gate_up":
                 gate, up = y.chunk(2, dim=-1)
                 y = module.act_fn(gate) * up
@@ -69,17 +86,19 @@ def route(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("bias", [False, True])
 def test_matches_eager_reference(double_quant: bool, lora: ExpertLora | None, chunked: bool, bias: bool) -> None:
     quant = ExpertQuantization(double_quant=double_quant, max_dequantized_bytes=1 if chunked else 1 << 30)
-    module = Experts4bit.from_experts(full_precision_experts(bias), quant, lora)
+    module: nn.Module = Experts4bit.from_experts(full_precision_experts(bias), quant)
     if lora is not None:
+        module = with_lora(module, lora)
         with torch.no_grad():  # B starts at zero; make the LoRA path count
-            module.gate_up_lora_B.normal_(std=0.1)
-            module.down_lora_B.normal_(std=0.1)
+            for name, param in module.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.1)
     x, logits = routing()
     weights, index = route(logits)
     ours, reference = module(x, index, weights), eager_reference(module, x, index, weights)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
-    leaves = [x, logits, *module.lora_tensors()]
+    leaves = [x, logits, *lora_parameters(module)]
     grad = torch.randn_like(ours)
     ours_grads = torch.autograd.grad(ours, leaves, grad, retain_graph=True)
     reference_grads = torch.autograd.grad(reference, leaves, grad)
@@ -89,9 +108,9 @@ def test_matches_eager_reference(double_quant: bool, lora: ExpertLora | None, ch
 
 
 def test_gradient_checkpointing_gives_the_same_gradients() -> None:
-    module = Experts4bit.from_experts(full_precision_experts(), lora=ExpertLora(r=4))
+    module = with_lora(Experts4bit.from_experts(full_precision_experts()), ExpertLora(r=4))
     with torch.no_grad():
-        module.down_lora_B.normal_(std=0.1)
+        module.lora_B["default"].weight.normal_(std=0.1)
 
     def block(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         weights, index = route(logits)  # routing recomputed in backward: must come out identical
@@ -104,7 +123,7 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
             x, logits
         )
         out.square().sum().backward()
-        results.append((out.detach(), x.grad, logits.grad, module.down_lora_A.grad.clone()))
+        results.append((out.detach(), x.grad, logits.grad, module.lora_A["default"].weight.grad.clone()))
         module.zero_grad()
     for plain, checkpointed in zip(*results, strict=True):
         torch.testing.assert_close(checkpointed, plain, atol=0, rtol=0)
@@ -138,21 +157,23 @@ def test_storage_is_under_three_tenths_of_bf16() -> None:
 
 
 def test_lora_starts_as_the_quantized_model_and_trains_only_lora() -> None:
-    experts = full_precision_experts()
-    plain = Experts4bit.from_experts(experts)
-    adapted = Experts4bit.from_experts(experts, lora=ExpertLora(r=4))
+    plain = Experts4bit.from_experts(full_precision_experts())
+    adapted = with_lora(copy.deepcopy(plain), ExpertLora(r=4))
     x, logits = routing()
-    weights, index = route(logits)
+    weights, index = route(logits.detach())
     assert torch.equal(adapted(x, index, weights), plain(x, index, weights))
-    packed = adapted.gate_up_packed.detach().view(torch.uint8).clone()
+    packed = adapted.experts.gate_up_packed.detach().view(torch.uint8).clone()
     optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-2)
     before = {n: p.detach().clone() for n, p in adapted.named_parameters() if p.requires_grad}
-    adapted(x, index, weights).square().sum().backward()
-    optimizer.step()
-    assert set(before) == {"gate_up_lora_A", "gate_up_lora_B", "down_lora_A", "down_lora_B"}
+    for _ in range(2):  # A's gradient is 0 while B is 0: the second step moves it
+        optimizer.zero_grad()
+        adapted(x, index, weights).square().sum().backward()
+        optimizer.step()
+    assert set(before) == {f"{prefix}lora_{ab}.default.weight" for prefix in ("", "base_layer.") for ab in "AB"}
+    params = dict(adapted.named_parameters())
     for name, value in before.items():
-        assert not torch.equal(value, getattr(adapted, name)), f"{name} did not change"
-    assert torch.equal(adapted.gate_up_packed.view(torch.uint8), packed)
+        assert not torch.equal(value, params[name]), f"{name} did not change"
+    assert torch.equal(adapted.experts.gate_up_packed.view(torch.uint8), packed)
 
 
 def test_quantized_model_swaps_every_experts_module_and_stays_close() -> None:
@@ -169,26 +190,29 @@ def test_quantized_model_swaps_every_experts_module_and_stays_close() -> None:
     for model in (moeify_model, mixtral):
         with torch.no_grad():
             reference = model(ids).logits
-        names = quantize_experts(model, lora=ExpertLora(r=2))
+        names = quantize_experts(model)
         assert names == [f"model.layers.{i}.mlp.experts" for i in range(2)]
         assert all(isinstance(model.get_submodule(n), Experts4bit) for n in names)
+        assert add_expert_lora(model, ExpertLora(r=2)) == names
         logits = model(ids).logits
         relative = ((logits - reference).norm() / reference.norm()).item()
         assert 0 < relative < 0.05, relative  # NF4's error, not garbage
         logits.sum().backward()
-        assert model.get_submodule(names[0]).gate_up_lora_B.grad.abs().max() > 0  # A's is 0 while B is 0
+        assert model.get_submodule(names[0]).lora_B["default"].weight.grad.abs().max() > 0
 
 
 def test_casting_the_model_moves_but_never_casts_the_4bit_storage() -> None:
-    module = Experts4bit.from_experts(full_precision_experts(), lora=ExpertLora(r=4))
+    module = with_lora(Experts4bit.from_experts(full_precision_experts(bias=True)), ExpertLora(r=4))
     x, logits = routing()
     weights, index = route(logits)
     before = module(x, index, weights)
-    packed = module.down_packed.detach().view(torch.uint8).clone()
-    module.to(torch.float64).to(torch.float32)
-    assert module.down_packed.dtype == torch.bfloat16 and torch.equal(module.down_packed.view(torch.uint8), packed)
-    assert module.down_absmax.dtype == torch.uint8 and module.down_nested_absmax.dtype == torch.float32
-    assert module.down_lora_A.dtype == torch.float32  # LoRA follows the model
+    experts = module.experts
+    packed = experts.down_packed.detach().view(torch.uint8).clone()
+    module.to(torch.float64)
+    assert experts.down_packed.dtype == torch.bfloat16 and torch.equal(experts.down_packed.view(torch.uint8), packed)
+    assert experts.down_absmax.dtype == torch.uint8 and experts.down_nested_absmax.dtype == torch.float32
+    assert experts.down_bias.dtype == module.lora_A["default"].weight.dtype == torch.float64  # these follow
+    module.to(torch.float32)
     torch.testing.assert_close(module(x, index, weights), before, atol=0, rtol=0)
 
 
@@ -201,7 +225,9 @@ def test_bad_settings_and_non_moe_models_fail_clearly() -> None:
     with pytest.raises(ValueError, match="blocksize 100 is not one of"):
         Experts4bit.from_experts(experts, ExpertQuantization(blocksize=100))
     with pytest.raises(ValueError, match="LoRA rank r must be >= 1"):
-        Experts4bit.from_experts(experts, lora=ExpertLora(r=0))
+        with_lora(Experts4bit.from_experts(experts), ExpertLora(r=0))
+    with pytest.raises(ValueError, match="no 4-bit experts: call moeify.quant.quantize_experts first"):
+        add_expert_lora(nn.ModuleDict({"experts": experts}), ExpertLora())
     dense = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(ValueError, match="has no fused experts module"):
         quantize_experts(dense)

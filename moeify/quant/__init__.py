@@ -1,6 +1,16 @@
-"""4-bit experts and their LoRA, for fine-tuning MoEs (needs bitsandbytes; not part of the saved remote code)."""
+"""4-bit experts and their per-expert LoRA, for fine-tuning MoEs (needs bitsandbytes and peft; not part of the
+remote code saved beside converted weights)."""
 
 from .config import ExpertLora, ExpertQuantization
-from .experts_4bit import Experts4bit, quantize_experts
+from .experts_4bit import Experts4bit, LoraFactors, quantize_experts
+from .lora import ExpertsLora, add_expert_lora
 
-__all__ = ["ExpertLora", "ExpertQuantization", "Experts4bit", "quantize_experts"]
+__all__ = [
+    "ExpertLora",
+    "ExpertQuantization",
+    "Experts4bit",
+    "ExpertsLora",
+    "LoraFactors",
+    "add_expert_lora",
+    "quantize_experts",
+]

@@ -14,14 +14,15 @@ more grouped GEMMs on the same sorted tokens (never `W + delta`). The dequantize
 autograd function saves the inputs, the routing and the RNG state, and backward dequantizes and recomputes each
 chunk to get the gradients of the input, the routing weights and the LoRA factors. The 4-bit base is frozen.
 
-LoRA factors use peft's `target_parameters` layout, so adapters can be saved for stock peft: `lora_A` is
-`(E * r, in)` (expert-major rows) and `lora_B` is `(out, E * r)` (expert index fastest in the columns).
+LoRA factors (held by `moeify.quant.lora.ExpertsLora`, passed in at call time) use peft's `target_parameters`
+layout: `lora_A` is `(E * r, in)` (expert-major rows) and `lora_B` is `(out, E * r)` (expert index fastest in the
+columns).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import bitsandbytes.functional as bnb_functional
 import torch
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from bitsandbytes.functional import QuantState
 from torch import nn
 
-from .config import ExpertLora, ExpertQuantization
+from .config import ExpertQuantization
 
 PROJECTIONS = ("gate_up", "down")
 _NESTED_BLOCKSIZE = 256  # bitsandbytes' blocksize for the scales of double quantization
@@ -58,7 +59,6 @@ class Experts4bit(nn.Module):
         intermediate_dim: int,
         act_fn: Callable[[torch.Tensor], torch.Tensor],
         quantization: ExpertQuantization | None = None,
-        lora: ExpertLora | None = None,
         has_bias: bool = False,
     ) -> None:
         super().__init__()
@@ -87,22 +87,11 @@ class Experts4bit(nn.Module):
                 self.register_buffer(f"{name}_bias", torch.zeros(num_experts, out_dim))
         self.register_buffer("code", torch.zeros(16))  # the 4-bit codebook (NF4 or FP4 values)
         self.register_buffer("nested_code", torch.zeros(256))  # the 8-bit codebook of double quantization
-        self.lora = lora
-        if lora is not None:
-            lora.validate()
-            self.lora_dropout = nn.Dropout(lora.dropout) if lora.dropout else nn.Identity()
-            for name, (out_dim, in_dim) in self.shapes.items():
-                lora_a = torch.empty(num_experts * lora.r, in_dim)
-                nn.init.kaiming_uniform_(lora_a, a=5**0.5)  # peft's default for lora_A
-                self.register_parameter(f"{name}_lora_A", nn.Parameter(lora_a))
-                self.register_parameter(f"{name}_lora_B", nn.Parameter(torch.zeros(out_dim, num_experts * lora.r)))
 
     # Building and storage.
 
     @classmethod
-    def from_experts(
-        cls, experts: nn.Module, quantization: ExpertQuantization | None = None, lora: ExpertLora | None = None
-    ) -> Experts4bit:
+    def from_experts(cls, experts: nn.Module, quantization: ExpertQuantization | None = None) -> Experts4bit:
         """Quantize a full-precision experts module (fused `gate_up_proj` / `down_proj`, optional biases)."""
         gate_up, down = experts.gate_up_proj, experts.down_proj
         if gate_up.ndim != 3 or down.ndim != 3:
@@ -116,7 +105,7 @@ class Experts4bit(nn.Module):
                 f"{tuple(gate_up.shape)} and {tuple(down.shape)}."
             )
         has_bias = getattr(experts, "gate_up_proj_bias", None) is not None
-        module = cls(num_experts, hidden, two_i // 2, experts.act_fn, quantization, lora, has_bias)
+        module = cls(num_experts, hidden, two_i // 2, experts.act_fn, quantization, has_bias)
         module.to(gate_up.device)
         with torch.no_grad():
             module.quantize_("gate_up", gate_up.detach())
@@ -124,7 +113,7 @@ class Experts4bit(nn.Module):
             if has_bias:
                 module.gate_up_bias.copy_(experts.gate_up_proj_bias.detach())
                 module.down_bias.copy_(experts.down_proj_bias.detach())
-        return module  # LoRA factors are float32 (created so); the packed storage keeps its own dtype
+        return module
 
     @torch.no_grad()
     def quantize_(self, name: str, weight: torch.Tensor) -> None:
@@ -191,22 +180,26 @@ class Experts4bit(nn.Module):
 
     @property
     def _castable(self) -> set[str]:
-        """Tensors that follow the model's dtype: LoRA factors and biases."""
-        names = {f"{p}_lora_{ab}" for p in PROJECTIONS for ab in ("A", "B")}
-        return names | {f"{p}_bias" for p in PROJECTIONS}
-
-    def lora_tensors(self) -> tuple[torch.Tensor, ...]:
-        if self.lora is None:
-            return ()
-        return tuple(getattr(self, f"{name}_lora_{ab}") for name in PROJECTIONS for ab in ("A", "B"))
+        """Tensors that follow the model's dtype: the biases."""
+        return {f"{p}_bias" for p in PROJECTIONS}
 
     # Computation.
 
     def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        lora: dict[str, LoraFactors] | None = None,
     ) -> torch.Tensor:
-        """`hidden_states` `(T, H)`, `top_k_index` / `top_k_weights` `(T, k)` -> weighted sum `(T, H)`."""
-        return _Experts4bitFunction.apply(hidden_states, top_k_weights, top_k_index, self, *self.lora_tensors())
+        """`hidden_states` `(T, H)`, `top_k_index` / `top_k_weights` `(T, k)` -> weighted sum `(T, H)`.
+
+        `lora` maps a projection (`"gate_up"`, `"down"`) to its factors, applied to the tokens of each expert.
+        """
+        lora = lora or {}
+        spec = tuple((name, lora[name].scale, lora[name].dropout) for name in PROJECTIONS if name in lora)
+        tensors = [t for name, _, _ in spec for t in (lora[name].lora_A, lora[name].lora_B)]
+        return _Experts4bitFunction.apply(hidden_states, top_k_weights, top_k_index, self, spec, *tensors)
 
     def chunks(self, top_k_index: torch.Tensor, dtype: torch.dtype) -> Iterator[_Chunk]:
         """The routing, sorted by expert once, cut into chunks of active experts that fit the dequantization budget."""
@@ -230,15 +223,15 @@ class Experts4bit(nn.Module):
         chunk: _Chunk,
         hidden_states: torch.Tensor,
         flat_weights: torch.Tensor,
-        lora: tuple[torch.Tensor, ...],
+        lora: dict[str, LoraFactors],
     ) -> torch.Tensor:
         """The weighted expert outputs of the chunk's (token, expert) pairs, `(rows, H)`, in sorted order."""
         x = hidden_states[chunk.tokens]
         offsets = torch.cumsum(chunk.counts, 0, dtype=torch.int32)
         expanded = chunk.experts.repeat_interleave(chunk.counts)  # the expert of each row
-        h = self.projection("gate_up", x, chunk.experts, offsets, expanded, lora[:2])
+        h = self.projection("gate_up", x, chunk.experts, offsets, expanded, lora.get("gate_up"))
         gate, up = h.chunk(2, dim=-1)
-        y = self.projection("down", self.act_fn(gate) * up, chunk.experts, offsets, expanded, lora[2:])
+        y = self.projection("down", self.act_fn(gate) * up, chunk.experts, offsets, expanded, lora.get("down"))
         return y * flat_weights[chunk.rows, None].to(y.dtype)
 
     def projection(
@@ -248,31 +241,37 @@ class Experts4bit(nn.Module):
         experts: torch.Tensor,
         offsets: torch.Tensor,
         expanded: torch.Tensor,
-        lora: tuple[torch.Tensor, ...],
+        lora: LoraFactors | None,
     ) -> torch.Tensor:
         weight = self.dequantize(name, experts, x.dtype)
         out = grouped_linear(x, weight, offsets)
         del weight  # never kept: backward dequantizes again
         if self.has_bias:
             out = out + getattr(self, f"{name}_bias")[expanded].to(out.dtype)
-        if lora:
-            assert self.lora is not None
-            lora_a, lora_b = lora
+        if lora is not None:
             out_dim, in_dim = self.shapes[name]
-            r = self.lora.r
-            a = lora_a.view(self.num_experts, r, in_dim)[experts].to(x.dtype)
-            b = lora_b.view(out_dim, r, self.num_experts).permute(2, 0, 1)[experts].to(x.dtype)
-            low = grouped_linear(self.lora_dropout(x), a, offsets)
-            out = out + self.lora.scale * grouped_linear(low, b, offsets)
+            r = lora.lora_A.shape[0] // self.num_experts
+            a = lora.lora_A.view(self.num_experts, r, in_dim)[experts].to(x.dtype)
+            b = lora.lora_B.view(out_dim, r, self.num_experts).permute(2, 0, 1)[experts].to(x.dtype)
+            low = grouped_linear(lora.dropout(x) if lora.dropout is not None else x, a, offsets)
+            out = out + lora.scale * grouped_linear(low, b, offsets)
         return out
 
     def extra_repr(self) -> str:
         q = self.quantization
-        lora = f", lora_r={self.lora.r}" if self.lora else ""
         return (
             f"num_experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, "
-            f"{q.quant_type}, blocksize={q.blocksize}, double_quant={q.double_quant}{lora}"
+            f"{q.quant_type}, blocksize={q.blocksize}, double_quant={q.double_quant}"
         )
+
+
+class LoraFactors(NamedTuple):
+    """One projection's LoRA for every expert, in peft's `target_parameters` layout."""
+
+    lora_A: torch.Tensor  # (E * r, in)
+    lora_B: torch.Tensor  # (out, E * r)
+    scale: float
+    dropout: nn.Module | None = None
 
 
 class _Chunk:
@@ -292,15 +291,17 @@ class _Experts4bitFunction(torch.autograd.Function):
         top_k_weights: torch.Tensor,
         top_k_index: torch.Tensor,
         module: Experts4bit,
+        spec: tuple[tuple[str, float, nn.Module | None], ...],
         *lora: torch.Tensor,
     ) -> torch.Tensor:
-        ctx.module = module
+        ctx.module, ctx.spec = module, spec
         ctx.rng = _rng_state(hidden_states.device)  # LoRA dropout masks are redrawn identically in backward
         ctx.save_for_backward(hidden_states, top_k_weights, top_k_index, *lora)
         output = torch.zeros_like(hidden_states)
         flat_weights = top_k_weights.reshape(-1)
+        factors = _factors(spec, lora)
         for chunk in module.chunks(top_k_index, hidden_states.dtype):
-            output.index_add_(0, chunk.tokens, module.chunk_output(chunk, hidden_states, flat_weights, lora))
+            output.index_add_(0, chunk.tokens, module.chunk_output(chunk, hidden_states, flat_weights, factors))
         return output
 
     @staticmethod
@@ -310,17 +311,25 @@ class _Experts4bitFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         hidden = hidden_states.detach().requires_grad_(needs[0])
         weights = top_k_weights.detach().requires_grad_(needs[1])
-        lora_leaves = tuple(t.detach().requires_grad_(need) for t, need in zip(lora, needs[4:], strict=True))
+        lora_leaves = tuple(t.detach().requires_grad_(need) for t, need in zip(lora, needs[5:], strict=True))
         leaves = [t for t in (hidden, weights, *lora_leaves) if t.requires_grad]
         if leaves:
             grad_output = grad_output.contiguous()  # grouped_mm's backward rejects stride-0 gradients
             with torch.enable_grad(), _restored_rng(hidden_states.device, ctx.rng):
                 flat_weights = weights.reshape(-1)
+                factors = _factors(ctx.spec, lora_leaves)
                 for chunk in module.chunks(top_k_index, hidden.dtype):
-                    out = module.chunk_output(chunk, hidden, flat_weights, lora_leaves)
+                    out = module.chunk_output(chunk, hidden, flat_weights, factors)
                     torch.autograd.backward(out, grad_output[chunk.tokens], inputs=leaves)
-        grads = [hidden.grad, weights.grad, None, None, *(t.grad for t in lora_leaves)]
+        grads = [hidden.grad, weights.grad, None, None, None, *(t.grad for t in lora_leaves)]
         return tuple(grads)
+
+
+def _factors(spec: tuple[tuple[str, float, nn.Module | None], ...], tensors: tuple[torch.Tensor, ...]) -> dict:
+    return {
+        name: LoraFactors(tensors[2 * i], tensors[2 * i + 1], scale, dropout)
+        for i, (name, scale, dropout) in enumerate(spec)
+    }
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -346,9 +355,7 @@ class _restored_rng:
             torch.cuda.set_rng_state(self.saved[1], self.device)
 
 
-def quantize_experts(
-    model: nn.Module, quantization: ExpertQuantization | None = None, lora: ExpertLora | None = None
-) -> list[str]:
+def quantize_experts(model: nn.Module, quantization: ExpertQuantization | None = None) -> list[str]:
     """Replace every fused `*.experts` module of `model` by an `Experts4bit`, in place; returns their names.
 
     Raises `ValueError` when the model has no fused experts module (a dense model, or experts held per expert).
@@ -360,7 +367,7 @@ def quantize_experts(
             continue
         if getattr(module, "gate_up_proj", None) is None or getattr(module, "down_proj", None) is None:
             continue
-        quantized = Experts4bit.from_experts(module, quantization, lora)
+        quantized = Experts4bit.from_experts(module, quantization)
         setattr(model.get_submodule(parent_name) if parent_name else model, child, quantized)
         replaced.append(name)
     if not replaced:
