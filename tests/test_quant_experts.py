@@ -231,3 +231,53 @@ def test_bad_settings_and_non_moe_models_fail_clearly() -> None:
     dense = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(ValueError, match="has no fused experts module"):
         quantize_experts(dense)
+
+
+def tiny_mixtral() -> MixtralForCausalLM:
+    torch.manual_seed(0)
+    return MixtralForCausalLM(
+        MixtralConfig(vocab_size=96, hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, num_local_experts=E, num_experts_per_tok=K)
+    )
+
+
+def test_model_with_gradient_checkpointing() -> None:
+    """transformers' gradient checkpointing recomputes the routing and the 4-bit dispatch: same loss and grads."""
+    model = tiny_mixtral()
+    quantize_experts(model)
+    add_expert_lora(model, ExpertLora(r=4))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    ids = torch.randint(0, 96, (2, 10))
+    results = []
+    for checkpointing in (False, True):
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for n, p in model.named_parameters() if "lora_" in n]))
+    (loss, grads), (loss_ckpt, grads_ckpt) = results
+    torch.testing.assert_close(loss_ckpt, loss, atol=1e-6, rtol=1e-6)
+    for plain, ckpt in zip(grads, grads_ckpt, strict=True):
+        torch.testing.assert_close(ckpt, plain, atol=1e-6, rtol=1e-5)
+
+
+def test_bfloat16_compute_matches_stock_bfloat16() -> None:
+    """In bfloat16 the 4-bit model computes what stock Mixtral computes with the same (dequantized) weights."""
+    stock = tiny_mixtral().eval()
+    ours = copy.deepcopy(stock)
+    with torch.no_grad():
+        for name in quantize_experts(ours):
+            module, experts, everyone = ours.get_submodule(name), stock.get_submodule(name), torch.arange(E)
+            experts.gate_up_proj.copy_(module.dequantize("gate_up", everyone, torch.float32))
+            experts.down_proj.copy_(module.dequantize("down", everyone, torch.float32))
+        ids = torch.randint(0, 96, (2, 10))
+        torch.testing.assert_close(ours(ids).logits, stock(ids).logits, atol=1e-5, rtol=1e-5)
+        stock.to(torch.bfloat16)
+        ours.to(torch.bfloat16)
+        ours_logits, stock_logits = ours(ids).logits.float(), stock(ids).logits.float()
+    assert ((ours_logits - stock_logits).norm() / stock_logits.norm()).item() < 0.02
