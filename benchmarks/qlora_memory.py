@@ -1,0 +1,191 @@
+"""Peak memory and time of one LoRA training step on an MoE: bf16 experts vs transformers' 4-bit vs moeify's 4-bit.
+
+    python benchmarks/qlora_memory.py [--small] [--steps 2] [--work DIR]
+
+Model: a random MixtralForCausalLM, hidden 1024, expert intermediate 2816, 8 experts top-2, 4 layers, vocab 32000
+(353M parameters), saved once in bf16 under --work. Batch 2 x 512 tokens, labels = inputs, AdamW, gradient
+checkpointing (non-reentrant; `--no-checkpointing` turns it off), bf16 compute. LoRA r=16, alpha=32 on q/k/v/o
+and on the experts. Each variant runs in a fresh process:
+
+  a. bf16 + peft `target_parameters` LoRA on the experts (peft forms W + delta for every expert every forward)
+  b. transformers `BitsAndBytesConfig` 4-bit + the same peft LoRA: only nn.Linear becomes 4-bit, experts stay bf16
+  c. moeify: the same `BitsAndBytesConfig` for the linears, experts swapped for `Experts4bit` (NF4, double
+     quant) and per-expert LoRA inside the grouped dispatch (`add_expert_lora`)
+
+Reported: anonymous resident memory (RssAnon: heap and tensors, not the memory-mapped checkpoint's pages) before
+the first step, its peak during step 1 (sampled every 2 ms), and the median time of the steps after the first.
+Ratios are against (b) for memory and (a) for time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+VARIANTS = {"a": "bf16 + peft target_parameters", "b": "BitsAndBytesConfig 4-bit + peft", "c": "moeify 4-bit experts"}
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def build(folder: Path, small: bool) -> None:
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    if (folder / "config.json").exists():
+        return
+    torch.manual_seed(0)
+    size = dict(hidden_size=256, intermediate_size=704) if small else dict(hidden_size=1024, intermediate_size=2816)
+    config = MixtralConfig(
+        vocab_size=32000, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8, num_local_experts=8,
+        num_experts_per_tok=2, **size,
+    )
+    model = MixtralForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+
+
+def anonymous_rss() -> int:
+    """Resident anonymous memory of this process (heap, tensors), without file-backed pages: transformers keeps
+    the safetensors files memory-mapped, and their cached pages would otherwise count as the model's memory."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+class PeakRss:
+    """Samples `anonymous_rss()` in a thread; `peak` is the largest seen since `start()`."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        self.peak = anonymous_rss()
+        self._stop.clear()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, anonymous_rss())
+            time.sleep(0.002)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, anonymous_rss())
+        return self.peak
+
+
+def run_variant(variant: str, folder: Path, steps: int, seq: int, checkpointing: bool) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    torch.manual_seed(0)
+    quantized = variant in ("b", "c")
+    bnb = (
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                           bnb_4bit_use_double_quant=True)
+        if quantized else None
+    )
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, quantization_config=bnb)
+    experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    if variant == "c":
+        from moeify.quant import ExpertLora, quantize_experts
+        from moeify.quant.lora import add_expert_lora
+
+        quantize_experts(model)
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=ATTENTION))
+        add_expert_lora(model, ExpertLora(r=16, alpha=32))
+    else:
+        # peft needs the full parameter names on quantized models (see shared/design/transformers-v5-facts.md).
+        names = [f"model.layers.{i}.{p}" for i in range(model.config.num_hidden_layers) for p in experts]
+        config = LoraConfig(r=16, lora_alpha=32, target_modules=ATTENTION, target_parameters=names)
+        model = get_peft_model(model, config)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (2, seq))
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # give back what loading freed, so RSS is what the model holds
+    meter = PeakRss()
+    before = anonymous_rss()
+    times, peak = [], 0
+    for step in range(steps):
+        if step == 0:
+            meter.start()
+        started = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+        if step == 0:
+            peak = meter.stop()
+    return {
+        "variant": variant,
+        "rss_before": before,
+        "peak_step1": peak,
+        "step_times": times,
+        "trainable": sum(p.numel() for p in trainable),
+        "loss": float(loss),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--small", action="store_true", help="hidden 256 (a quick smoke run)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/moeify-bench/qlora"))
+    parser.add_argument("--no-checkpointing", action="store_true", help="train without gradient checkpointing")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
+    args = parser.parse_args()
+    folder = args.work / ("mixtral-small" if args.small else "mixtral")
+    if args.variant:
+        result = run_variant(args.variant, folder, args.steps, args.seq, not args.no_checkpointing)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    build(folder, args.small)
+    results = {}
+    for variant in VARIANTS:
+        cmd = [sys.executable, __file__, "--variant", variant, "--steps", str(args.steps), "--seq", str(args.seq),
+               "--work", str(args.work)] + (["--small"] if args.small else [])
+        cmd += ["--no-checkpointing"] if args.no_checkpointing else []
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            print(f"variant {variant} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
+        results[variant] = json.loads(lines[-1][len("RESULT ") :])
+    gib = 2**30
+    print(f"\ngradient checkpointing: {'off' if args.no_checkpointing else 'on'}")
+    print(f"\n| variant | RssAnon before step 1 | peak in step 1 | step time (median of {max(args.steps - 1, 1)}) "
+          "| trainable params |")
+    print("|---|---|---|---|---|")
+    for variant, r in results.items():
+        later = r["step_times"][1:] or r["step_times"]
+        r["time"] = statistics.median(later)
+        print(f"| {variant}. {VARIANTS[variant]} | {r['rss_before'] / gib:.2f} GiB | {r['peak_step1'] / gib:.2f} GiB "
+              f"| {r['time']:.2f} s | {r['trainable']:,} |")
+    if {"a", "b", "c"} <= set(results):
+        a, b, c = results["a"], results["b"], results["c"]
+        print(f"\nmoeify / BitsAndBytesConfig: peak in step 1 {c['peak_step1'] / b['peak_step1']:.2f}x; "
+              f"moeify / bf16: step time {c['time'] / a['time']:.2f}x, peak {c['peak_step1'] / a['peak_step1']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
