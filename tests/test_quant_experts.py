@@ -281,3 +281,45 @@ def test_bfloat16_compute_matches_stock_bfloat16() -> None:
         ours.to(torch.bfloat16)
         ours_logits, stock_logits = ours(ids).logits.float(), stock(ids).logits.float()
     assert ((ours_logits - stock_logits).norm() / stock_logits.norm()).item() < 0.02
+
+
+def _native(name: str) -> nn.Module:
+    from transformers import (
+        GraniteMoeSharedConfig,
+        GraniteMoeSharedForCausalLM,
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=96, hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+    if name == "qwen2_moe":
+        return Qwen2MoeForCausalLM(Qwen2MoeConfig(**common, moe_intermediate_size=I, shared_expert_intermediate_size=I,
+                                                  num_experts=E, num_experts_per_tok=K))
+    if name == "qwen3_moe":
+        return Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, moe_intermediate_size=I, num_experts=E,
+                                                  num_experts_per_tok=K))
+    if name == "granitemoeshared":
+        return GraniteMoeSharedForCausalLM(GraniteMoeSharedConfig(**common, shared_intermediate_size=I,
+                                                                  num_local_experts=E, num_experts_per_tok=K))
+    return tiny_mixtral()
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "granitemoeshared"])
+def test_every_native_class_computes_its_dequantized_self(name: str) -> None:
+    """Swapped into each stock class moeify writes, 4-bit experts compute exactly what the class computes with
+    the dequantized weights (so the routing, weights and experts contract are honoured), LoRA at init included."""
+    stock = _native(name).eval()
+    ours = copy.deepcopy(stock)
+    names = quantize_experts(ours)
+    add_expert_lora(ours, ExpertLora(r=4))
+    with torch.no_grad():
+        for module_name in names:
+            module, experts = ours.get_submodule(module_name).experts, stock.get_submodule(module_name)
+            experts.gate_up_proj.copy_(module.dequantize("gate_up", torch.arange(E), torch.float32))
+            experts.down_proj.copy_(module.dequantize("down", torch.arange(E), torch.float32))
+        ids = torch.randint(0, 96, (2, 9))
+        torch.testing.assert_close(ours(ids).logits, stock(ids).logits, atol=1e-5, rtol=1e-5)
