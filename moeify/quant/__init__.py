@@ -3,6 +3,7 @@ remote code saved beside converted weights)."""
 
 from .config import ExpertLora, ExpertQuantization
 from .experts_4bit import Experts4bit, LoraFactors, quantize_experts
+from .loading import load_for_training
 from .lora import ExpertsLora, add_expert_lora
 
 __all__ = [
@@ -12,5 +13,6 @@ __all__ = [
     "ExpertsLora",
     "LoraFactors",
     "add_expert_lora",
+    "load_for_training",
     "quantize_experts",
 ]

@@ -1,0 +1,176 @@
+"""`load_for_training`: an MoE ready for k-bit LoRA training, its experts quantized layer by layer while loading.
+
+`from_pretrained` then `quantize_experts` holds every expert in bf16 at once (an 8B Llama upcycled to 8 experts:
+about 90 GB). Here the model is built with its parameters on the meta device, its experts modules become empty
+`Experts4bit`s, and the checkpoint is read tensor by tensor: the experts of one layer are assembled (fused
+from per-expert tensors when the checkpoint holds those), quantized and dropped before the next layer is read,
+so the peak is about the 4-bit model plus one layer's experts.
+
+Why not transformers' loader: it fuses per-expert checkpoints into full-precision 3-D tensors for the whole
+model before any quantizer sees them, and its conversion / quantizer interfaces differ across the transformers
+releases moeify supports (5.16-5.23). The few checkpoint names that differ from module names are the legacy
+MoE names stock `save_pretrained` writes (the same ones moeify's native formats write), listed below.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from ..checkpoint import open_checkpoint
+from ..errors import MoeifyError
+from ..source import resolve_source
+from .config import ExpertLora, ExpertQuantization
+from .experts_4bit import Experts4bit
+from .lora import add_expert_lora
+
+# Module name (regex) -> the name stock `save_pretrained` gives it in per-expert checkpoints.
+_LEGACY_NAMES = [
+    (re.compile(r"^(.*\.layers\.\d+)\.mlp\.gate\.weight$"), r"\1.block_sparse_moe.gate.weight"),  # Mixtral router
+    (re.compile(r"^(.*\.block_sparse_moe)\.router\.weight$"), r"\1.router.layer.weight"),  # GraniteMoe router
+]
+# Per-expert weights of one experts module, as (gate, up, down) name templates relative to the decoder layer.
+_PER_EXPERT = [
+    ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight", "mlp.experts.{e}.down_proj.weight"),
+    (
+        "block_sparse_moe.experts.{e}.w1.weight",
+        "block_sparse_moe.experts.{e}.w3.weight",
+        "block_sparse_moe.experts.{e}.w2.weight",
+    ),
+]
+# GraniteMoe's released checkpoints keep experts 3-D under their own names.
+_SAVED_FUSED = {"gate_up_proj": "input_linear.weight", "down_proj": "output_linear.weight"}
+ROUTER_MODULES = ("gate", "router", "shared_expert_gate")  # full precision and trainable
+
+
+def load_for_training(
+    source: str | Path,
+    quantization: ExpertQuantization | None = None,
+    lora: ExpertLora | None = None,
+    attention_lora: LoraConfig | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    gradient_checkpointing: bool = True,
+    train_router: bool = True,
+) -> PeftModel:
+    """Load an MoE (moeify format or a native class) for LoRA training with 4-bit experts.
+
+    Args:
+        source: a converted MoE folder or Hub id.
+        quantization: how experts are stored (NF4, blocksize 64, double quant by default).
+        lora: per-expert LoRA (r 16, alpha 32 by default).
+        attention_lora: peft `LoraConfig` for the other modules (default: r 16 on q/k/v/o projections).
+        dtype: compute dtype of everything that is not a 4-bit expert.
+        gradient_checkpointing: enable it (non-reentrant) and input gradients, without peft's
+            `prepare_model_for_kbit_training` (which upcasts every other parameter to float32).
+        train_router: routers (and Qwen2-MoE's shared-expert gate) train in full precision and are saved with the
+            adapter (peft's `modules_to_save`).
+
+    Returns a `PeftModel` whose `save_pretrained` writes an adapter stock peft loads onto the full-precision MoE.
+    """
+    quantization = quantization or ExpertQuantization()
+    lora = lora or ExpertLora()
+    import moeify  # noqa: F401  (registers the moeify format)
+
+    folder = resolve_source(str(source))
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights():  # parameters on the meta device; buffers (rotary, scales) computed as usual
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    experts = {
+        name: module
+        for name, module in model.named_modules()
+        if name.endswith(".experts") and getattr(module, "gate_up_proj", None) is not None
+    }
+    if not experts:
+        raise MoeifyError(f"{folder} is not an MoE with fused experts ({type(model).__name__}): nothing to quantize.")
+    _load_weights(model, folder, experts, quantization, dtype)
+    model.tie_weights()
+    model.eval()
+
+    if attention_lora is None:
+        attention_lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    if train_router:
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        attention_lora.modules_to_save = [m for m in ROUTER_MODULES if m in present]
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    peft_model = get_peft_model(model, attention_lora)
+    add_expert_lora(peft_model, lora)
+    return peft_model
+
+
+def _load_weights(
+    model: PreTrainedModel,
+    folder: Path,
+    experts: dict[str, nn.Module],
+    quantization: ExpertQuantization,
+    dtype: torch.dtype,
+) -> None:
+    reader = open_checkpoint(folder)
+    names = set(reader)
+    expert_params = {f"{name}.{p}" for name in experts for p in ("gate_up_proj", "down_proj")}
+    expert_params |= {f"{name}.{p}_bias" for name in experts for p in ("gate_up_proj", "down_proj")}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name in expert_params or not tensor.is_meta:
+            continue
+        source = _checkpoint_name(name, names)
+        if source is None:
+            if name == "lm_head.weight" and getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+                continue
+            raise MoeifyError(f"{folder} lacks {name}: is it the checkpoint of a {type(model).__name__}?")
+        value = reader.get(source)
+        set_module_tensor_to_device(model, name, "cpu", value=value.to(dtype) if value.is_floating_point() else value)
+    for name, module in experts.items():  # one layer's experts at a time
+        gate_up, down = _expert_weights(name, module, reader, names)
+        quantized = Experts4bit(
+            gate_up.shape[0],
+            gate_up.shape[2],
+            gate_up.shape[1] // 2,
+            module.act_fn,
+            quantization,
+            has_bias=f"{name}.gate_up_proj_bias" in names,
+        )
+        quantized.quantize_("gate_up", gate_up)
+        quantized.quantize_("down", down)
+        if quantized.has_bias:
+            quantized.gate_up_bias.copy_(reader.get(f"{name}.gate_up_proj_bias"))
+            quantized.down_bias.copy_(reader.get(f"{name}.down_proj_bias"))
+        del gate_up, down
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, quantized)
+
+
+def _checkpoint_name(name: str, names: set[str]) -> str | None:
+    if name in names:
+        return name
+    for pattern, legacy in _LEGACY_NAMES:
+        candidate = pattern.sub(legacy, name)
+        if candidate != name and candidate in names:
+            return candidate
+    return None
+
+
+def _expert_weights(name: str, module: nn.Module, reader, names: set[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gate_up` (E, 2I, H) and `down` (E, H, I) of one experts module, in the checkpoint's dtype."""
+    if f"{name}.gate_up_proj" in names:
+        return reader.get(f"{name}.gate_up_proj"), reader.get(f"{name}.down_proj")
+    parent = name.rsplit(".", 1)[0]  # e.g. model.layers.3.block_sparse_moe
+    if f"{parent}.{_SAVED_FUSED['gate_up_proj']}" in names:
+        return reader.get(f"{parent}.{_SAVED_FUSED['gate_up_proj']}"), reader.get(
+            f"{parent}.{_SAVED_FUSED['down_proj']}"
+        )
+    layer = re.match(r"^(.*\.layers\.\d+)\.", name)
+    num_experts = module.gate_up_proj.shape[0]
+    for gate, up, down in _PER_EXPERT:
+        if layer and f"{layer.group(1)}.{gate.format(e=0)}" in names:
+            get = lambda template, e: reader.get(f"{layer.group(1)}.{template.format(e=e)}")  # noqa: E731
+            gate_up = torch.stack([torch.cat([get(gate, e), get(up, e)]) for e in range(num_experts)])
+            return gate_up, torch.stack([get(down, e) for e in range(num_experts)])
+    raise MoeifyError(f"no expert weights for {name} in the checkpoint (neither fused nor per expert).")

@@ -1,0 +1,80 @@
+"""`load_for_training`: experts quantized while loading, for every checkpoint layout `convert` writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from tiny_models import DENSE_FOLDER, dense_model
+from transformers import AutoModelForCausalLM
+
+from moeify.converter import convert
+from moeify.errors import MoeifyError
+from moeify.plan import ConvertOptions
+from moeify.quant import Experts4bit, load_for_training, quantize_experts
+
+E4K2 = {"num_experts": 4, "top_k": 2}
+CASES = [  # (dense architecture, convert options, class written)
+    ("llama", {**E4K2, "layout": "per-expert"}, "MixtralForCausalLM"),
+    ("llama", {**E4K2, "layout": "fused"}, "MixtralForCausalLM"),
+    ("qwen2", {**E4K2, "shared_experts": 1}, "Qwen2MoeForCausalLM"),
+    ("llama_attn_bias", {**E4K2, "format": "native"}, "GraniteMoeSharedForCausalLM"),
+    ("gemma3", {**E4K2, "shared_experts": 1}, "MoeifyForCausalLM"),
+    ("llama_mlp_bias", {**E4K2, "layers": "0,2"}, "MoeifyForCausalLM"),
+]
+
+
+def converted(arch: str, options: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    dense = dense_model(arch, tmp_path_factory.getbasetemp() / DENSE_FOLDER)
+    out = tmp_path_factory.mktemp("training") / arch
+    convert(str(dense), out, ConvertOptions(**options), progress=False, log=lambda _: None)
+    return out
+
+
+@pytest.mark.parametrize(("arch", "options", "expected_class"), CASES, ids=[f"{c[2]}-{c[0]}" for c in CASES])
+def test_quantized_while_loading_equals_quantized_after_loading(
+    arch: str, options: dict, expected_class: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    out = converted(arch, options, tmp_path_factory)
+    model = load_for_training(out, dtype=torch.float32, gradient_checkpointing=False).eval()
+    assert isinstance(model, PeftModel)
+    assert type(model.get_base_model()).__name__ == expected_class
+    reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    quantize_experts(reference)
+    ids = torch.randint(0, 300, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=0, rtol=0)
+    assert not any(p.is_meta for p in model.parameters())
+
+
+def test_one_step_trains_lora_and_routers_and_leaves_the_4bit_base(tmp_path_factory: pytest.TempPathFactory) -> None:
+    out = converted("qwen2", {**E4K2, "shared_experts": 1}, tmp_path_factory)
+    model = load_for_training(out, dtype=torch.float32)  # gradient checkpointing on, as in training
+    model.train()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    kinds = {("lora" if "lora_" in n else "router") for n in trainable}
+    assert kinds == {"lora", "router"}
+    assert any(".experts." in n and "lora_A" in n for n in trainable)
+    assert any("self_attn.q_proj.lora_A" in n for n in trainable)
+    assert any(n.endswith("mlp.gate.modules_to_save.default.weight") for n in trainable)
+    experts = [m for m in model.modules() if isinstance(m, Experts4bit)]
+    packed = [m.gate_up_packed.detach().view(torch.uint8).clone() for m in experts]
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    ids = torch.randint(0, 300, (2, 11))
+    for _ in range(2):  # LoRA A has no gradient while B is zero: the second step moves it
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    unchanged = [n for n, p in trainable.items() if torch.equal(before[n], p)]
+    assert not unchanged, unchanged[:5]
+    for module, bytes_before in zip(experts, packed, strict=True):
+        assert torch.equal(module.gate_up_packed.view(torch.uint8), bytes_before)
+
+
+def test_a_dense_model_is_refused(tmp_path_factory: pytest.TempPathFactory) -> None:
+    dense = dense_model("llama", tmp_path_factory.getbasetemp() / DENSE_FOLDER)
+    with pytest.raises(MoeifyError, match="is not an MoE with fused experts"):
+        load_for_training(dense)
