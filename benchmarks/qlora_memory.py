@@ -11,6 +11,8 @@ and on the experts. Each variant runs in a fresh process:
   b. transformers `BitsAndBytesConfig` 4-bit + the same peft LoRA: only nn.Linear becomes 4-bit, experts stay bf16
   c. moeify: the same `BitsAndBytesConfig` for the linears, experts swapped for `Experts4bit` (NF4, double
      quant) and per-expert LoRA inside the grouped dispatch (`add_expert_lora`)
+  d. moeify `load_for_training`: experts quantized layer by layer while loading, other linears in bf16, routers
+     trained in full precision (peft `modules_to_save`)
 
 Reported: anonymous resident memory (RssAnon: heap and tensors, not the memory-mapped checkpoint's pages) before
 the first step, its peak during step 1 (sampled every 2 ms), and the median time of the steps after the first.
@@ -28,7 +30,12 @@ import threading
 import time
 from pathlib import Path
 
-VARIANTS = {"a": "bf16 + peft target_parameters", "b": "BitsAndBytesConfig 4-bit + peft", "c": "moeify 4-bit experts"}
+VARIANTS = {
+    "a": "bf16 + peft target_parameters",
+    "b": "BitsAndBytesConfig 4-bit + peft",
+    "c": "moeify 4-bit experts",
+    "d": "moeify load_for_training",
+}
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -41,8 +48,13 @@ def build(folder: Path, small: bool) -> None:
     torch.manual_seed(0)
     size = dict(hidden_size=256, intermediate_size=704) if small else dict(hidden_size=1024, intermediate_size=2816)
     config = MixtralConfig(
-        vocab_size=32000, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8, num_local_experts=8,
-        num_experts_per_tok=2, **size,
+        vocab_size=32000,
+        num_hidden_layers=4,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        **size,
     )
     model = MixtralForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(folder)
@@ -89,15 +101,32 @@ def run_variant(variant: str, folder: Path, steps: int, seq: int, checkpointing:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     torch.manual_seed(0)
+    loading = PeakRss()
+    loading.start()
     quantized = variant in ("b", "c")
     bnb = (
-        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-                           bnb_4bit_use_double_quant=True)
-        if quantized else None
+        BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
+        if quantized
+        else None
     )
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, quantization_config=bnb)
     experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-    if variant == "c":
+    if variant == "d":
+        from moeify.quant import ExpertLora, load_for_training
+
+        lora = LoraConfig(r=16, lora_alpha=32, target_modules=ATTENTION)
+        model = load_for_training(
+            folder, lora=ExpertLora(r=16, alpha=32), attention_lora=lora, gradient_checkpointing=checkpointing
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, quantization_config=bnb)
+    if variant == "d":
+        pass
+    elif variant == "c":
         from moeify.quant import ExpertLora, quantize_experts
         from moeify.quant.lora import add_expert_lora
 
@@ -109,9 +138,10 @@ def run_variant(variant: str, folder: Path, steps: int, seq: int, checkpointing:
         names = [f"model.layers.{i}.{p}" for i in range(model.config.num_hidden_layers) for p in experts]
         config = LoraConfig(r=16, lora_alpha=32, target_modules=ATTENTION, target_parameters=names)
         model = get_peft_model(model, config)
-    if checkpointing:
+    if checkpointing and variant != "d":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    peak_load = loading.stop()
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
@@ -137,6 +167,7 @@ def run_variant(variant: str, folder: Path, steps: int, seq: int, checkpointing:
             peak = meter.stop()
     return {
         "variant": variant,
+        "peak_load": peak_load,
         "rss_before": before,
         "peak_step1": peak,
         "step_times": times,
@@ -162,8 +193,18 @@ def main() -> None:
     build(folder, args.small)
     results = {}
     for variant in VARIANTS:
-        cmd = [sys.executable, __file__, "--variant", variant, "--steps", str(args.steps), "--seq", str(args.seq),
-               "--work", str(args.work)] + (["--small"] if args.small else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variant",
+            variant,
+            "--steps",
+            str(args.steps),
+            "--seq",
+            str(args.seq),
+            "--work",
+            str(args.work),
+        ] + (["--small"] if args.small else [])
         cmd += ["--no-checkpointing"] if args.no_checkpointing else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -173,18 +214,30 @@ def main() -> None:
         results[variant] = json.loads(lines[-1][len("RESULT ") :])
     gib = 2**30
     print(f"\ngradient checkpointing: {'off' if args.no_checkpointing else 'on'}")
-    print(f"\n| variant | RssAnon before step 1 | peak in step 1 | step time (median of {max(args.steps - 1, 1)}) "
-          "| trainable params |")
-    print("|---|---|---|---|---|")
+    print(
+        f"\n| variant | peak while loading | RssAnon before step 1 | peak in step 1 "
+        f"| step time (median of {max(args.steps - 1, 1)}) | trainable params |"
+    )
+    print("|---|---|---|---|---|---|")
     for variant, r in results.items():
         later = r["step_times"][1:] or r["step_times"]
         r["time"] = statistics.median(later)
-        print(f"| {variant}. {VARIANTS[variant]} | {r['rss_before'] / gib:.2f} GiB | {r['peak_step1'] / gib:.2f} GiB "
-              f"| {r['time']:.2f} s | {r['trainable']:,} |")
+        print(
+            f"| {variant}. {VARIANTS[variant]} | {r['peak_load'] / gib:.2f} GiB | {r['rss_before'] / gib:.2f} GiB "
+            f"| {r['peak_step1'] / gib:.2f} GiB | {r['time']:.2f} s | {r['trainable']:,} |"
+        )
     if {"a", "b", "c"} <= set(results):
         a, b, c = results["a"], results["b"], results["c"]
-        print(f"\nmoeify / BitsAndBytesConfig: peak in step 1 {c['peak_step1'] / b['peak_step1']:.2f}x; "
-              f"moeify / bf16: step time {c['time'] / a['time']:.2f}x, peak {c['peak_step1'] / a['peak_step1']:.2f}x")
+        print(
+            f"\nmoeify / BitsAndBytesConfig: peak in step 1 {c['peak_step1'] / b['peak_step1']:.2f}x; "
+            f"moeify / bf16: step time {c['time'] / a['time']:.2f}x, peak {c['peak_step1'] / a['peak_step1']:.2f}x"
+        )
+    if {"c", "d"} <= set(results):
+        c, d = results["c"], results["d"]
+        print(
+            f"load_for_training / (from_pretrained + quantize_experts): peak while loading "
+            f"{d['peak_load'] / c['peak_load']:.2f}x"
+        )
 
 
 if __name__ == "__main__":
