@@ -78,3 +78,38 @@ def test_a_dense_model_is_refused(tmp_path_factory: pytest.TempPathFactory) -> N
     dense = dense_model("llama", tmp_path_factory.getbasetemp() / DENSE_FOLDER)
     with pytest.raises(MoeifyError, match="is not an MoE with fused experts"):
         load_for_training(dense)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_4bit_checkpoint_reloads_without_quantizing_again(
+    arch: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from moeify.quant import ExpertQuantization, save_4bit
+
+    out = converted(arch, {**E4K2, "shared_experts": 1 if arch == "gemma3" else 0}, tmp_path_factory)
+    model = load_for_training(out, dtype=torch.float32, gradient_checkpointing=False).eval()
+    saved = save_4bit(model, tmp_path / "4bit")
+    config = json.loads((saved / "config.json").read_text())["quantization_config"]
+    assert config == {"quant_method": "moeify_experts_4bit", "quant_type": "nf4", "blocksize": 64,
+                      "double_quant": True, "storage_dtype": "bfloat16"}
+
+    def no_quantizing(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the 4-bit checkpoint was quantized again")
+
+    monkeypatch.setattr(Experts4bit, "quantize_", no_quantizing)
+    reloaded = load_for_training(saved, dtype=torch.float32, gradient_checkpointing=False).eval()
+    ids = torch.randint(0, 300, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+    with pytest.raises(MoeifyError, match="holds experts saved as .*quant_type='nf4'.* cannot be loaded as"):
+        load_for_training(saved, quantization=ExpertQuantization(quant_type="fp4"))
+
+
+def test_save_4bit_needs_4bit_experts(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    from moeify.quant import save_4bit
+
+    out = converted("llama", E4K2, tmp_path_factory)
+    with pytest.raises(MoeifyError, match="no 4-bit experts to save"):
+        save_4bit(AutoModelForCausalLM.from_pretrained(out), tmp_path / "x")

@@ -3,7 +3,7 @@ remote code saved beside converted weights)."""
 
 from .config import ExpertLora, ExpertQuantization
 from .experts_4bit import Experts4bit, LoraFactors, quantize_experts
-from .loading import load_for_training
+from .loading import load_for_training, save_4bit
 from .lora import ExpertsLora, add_expert_lora
 
 __all__ = [
@@ -15,4 +15,5 @@ __all__ = [
     "add_expert_lora",
     "load_for_training",
     "quantize_experts",
+    "save_4bit",
 ]

@@ -6,6 +6,10 @@ about 90 GB). Here the model is built with its parameters on the meta device, it
 from per-expert tensors when the checkpoint holds those), quantized and dropped before the next layer is read,
 so the peak is about the 4-bit model plus one layer's experts.
 
+`save_4bit` writes such a model's base (experts in 4-bit, the rest in its dtype) with a `quantization_config` that
+names moeify, so `load_for_training` reloads it without quantizing again, a mismatched setting is refused, and
+plain `from_pretrained` fails with transformers' "unknown quantization type" instead of loading garbage.
+
 Why not transformers' loader: it fuses per-expert checkpoints into full-precision 3-D tensors for the whole
 model before any quantizer sees them, and its conversion / quantizer interfaces differ across the transformers
 releases moeify supports (5.16-5.23). The few checkpoint names that differ from module names are the legacy
@@ -14,6 +18,7 @@ MoE names stock `save_pretrained` writes (the same ones moeify's native formats 
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 
@@ -22,7 +27,7 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from ..checkpoint import open_checkpoint
 from ..errors import MoeifyError
@@ -48,6 +53,7 @@ _PER_EXPERT = [
 # GraniteMoe's released checkpoints keep experts 3-D under their own names.
 _SAVED_FUSED = {"gate_up_proj": "input_linear.weight", "down_proj": "output_linear.weight"}
 ROUTER_MODULES = ("gate", "router", "shared_expert_gate")  # full precision and trainable
+QUANT_METHOD = "moeify_experts_4bit"  # `quant_method` of a saved 4-bit checkpoint's `quantization_config`
 
 
 def load_for_training(
@@ -74,12 +80,18 @@ def load_for_training(
 
     Returns a `PeftModel` whose `save_pretrained` writes an adapter stock peft loads onto the full-precision MoE.
     """
-    quantization = quantization or ExpertQuantization()
     lora = lora or ExpertLora()
     import moeify  # noqa: F401  (registers the moeify format)
 
     folder = resolve_source(str(source))
     config = AutoConfig.from_pretrained(folder)
+    saved = _saved_quantization(config)
+    if saved is not None and quantization is not None and quantization != saved:
+        raise MoeifyError(
+            f"{folder} holds experts saved as {saved}; they cannot be loaded as {quantization}. Pass quantization=None "
+            "(or the saved settings), or load the full-precision model to quantize it another way."
+        )
+    quantization = saved or quantization or ExpertQuantization()
     with init_empty_weights():  # parameters on the meta device; buffers (rotary, scales) computed as usual
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     experts = {
@@ -89,7 +101,7 @@ def load_for_training(
     }
     if not experts:
         raise MoeifyError(f"{folder} is not an MoE with fused experts ({type(model).__name__}): nothing to quantize.")
-    _load_weights(model, folder, experts, quantization, dtype)
+    _load_weights(model, folder, experts, quantization, dtype, prequantized=saved is not None)
     model.tie_weights()
     model.eval()
 
@@ -112,6 +124,7 @@ def _load_weights(
     experts: dict[str, nn.Module],
     quantization: ExpertQuantization,
     dtype: torch.dtype,
+    prequantized: bool = False,
 ) -> None:
     reader = open_checkpoint(folder)
     names = set(reader)
@@ -128,21 +141,21 @@ def _load_weights(
         value = reader.get(source)
         set_module_tensor_to_device(model, name, "cpu", value=value.to(dtype) if value.is_floating_point() else value)
     for name, module in experts.items():  # one layer's experts at a time
-        gate_up, down = _expert_weights(name, module, reader, names)
-        quantized = Experts4bit(
-            gate_up.shape[0],
-            gate_up.shape[2],
-            gate_up.shape[1] // 2,
-            module.act_fn,
-            quantization,
-            has_bias=f"{name}.gate_up_proj_bias" in names,
-        )
-        quantized.quantize_("gate_up", gate_up)
-        quantized.quantize_("down", down)
-        if quantized.has_bias:
-            quantized.gate_up_bias.copy_(reader.get(f"{name}.gate_up_proj_bias"))
-            quantized.down_bias.copy_(reader.get(f"{name}.down_proj_bias"))
-        del gate_up, down
+        num_experts, two_i, hidden = module.gate_up_proj.shape
+        has_bias = getattr(module, "gate_up_proj_bias", None) is not None
+        quantized = Experts4bit(num_experts, hidden, two_i // 2, module.act_fn, quantization, has_bias=has_bias)
+        if prequantized:  # the stored bytes and scales, as saved by `save_4bit`
+            with torch.no_grad():
+                for key, tensor in quantized.state_dict().items():
+                    tensor.copy_(reader.get(f"{name}.{key}").view(tensor.dtype).view(tensor.shape))
+        else:
+            gate_up, down = _expert_weights(name, module, reader, names)
+            quantized.quantize_("gate_up", gate_up)
+            quantized.quantize_("down", down)
+            if has_bias:
+                quantized.gate_up_bias.copy_(reader.get(f"{name}.gate_up_proj_bias"))
+                quantized.down_bias.copy_(reader.get(f"{name}.down_proj_bias"))
+            del gate_up, down
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, quantized)
 
@@ -174,3 +187,55 @@ def _expert_weights(name: str, module: nn.Module, reader, names: set[str]) -> tu
             gate_up = torch.stack([torch.cat([get(gate, e), get(up, e)]) for e in range(num_experts)])
             return gate_up, torch.stack([get(down, e) for e in range(num_experts)])
     raise MoeifyError(f"no expert weights for {name} in the checkpoint (neither fused nor per expert).")
+
+
+def _saved_quantization(config: PretrainedConfig) -> ExpertQuantization | None:
+    """The expert quantization a checkpoint was saved with (`save_4bit`), or None for full-precision weights."""
+    saved = getattr(config, "quantization_config", None)
+    if not isinstance(saved, dict) or saved.get("quant_method") != QUANT_METHOD:
+        return None
+    del config.quantization_config  # ours, not a transformers quantizer: building the model must not look for one
+    return ExpertQuantization(
+        quant_type=saved["quant_type"],
+        blocksize=saved["blocksize"],
+        double_quant=saved["double_quant"],
+        storage_dtype=getattr(torch, saved["storage_dtype"]),
+    )
+
+
+def save_4bit(model: nn.Module, out: str | Path) -> Path:
+    """Save the base of a model with `Experts4bit` experts: experts as their 4-bit bytes and scales, the rest as is.
+
+    LoRA and peft wrappers are left out (save the adapter with the PeftModel's own `save_pretrained`). Reload with
+    `load_for_training(out)`: no quantization runs again.
+    """
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    quantized = [m for m in base.modules() if isinstance(m, Experts4bit)]
+    if not quantized:
+        raise MoeifyError(f"{type(base).__name__} has no 4-bit experts to save: call quantize_experts first.")
+    settings = {m.quantization for m in quantized}
+    if len(settings) != 1:
+        raise MoeifyError(f"experts quantized with different settings ({settings}) cannot share one checkpoint.")
+    (q,) = settings
+    state = {}
+    for key, tensor in base.state_dict().items():
+        if "lora_" in key or ".modules_to_save." in key:
+            continue  # adapter parameters
+        # peft wrappers: `x.base_layer.y` holds `x.y`; `x.original_module.y` is the untrained copy of `x.y`
+        state[re.sub(r"\.(base_layer|original_module)(?=\.)", "", key)] = tensor
+    config = copy.deepcopy(base.config)
+    config.quantization_config = {
+        "quant_method": QUANT_METHOD,
+        "quant_type": q.quant_type,
+        "blocksize": q.blocksize,
+        "double_quant": q.double_quant,
+        "storage_dtype": str(q.storage_dtype).removeprefix("torch."),
+    }
+    out = Path(out)
+    original = base.config
+    base.config = config  # `save_pretrained` writes `self.config`
+    try:
+        base.save_pretrained(out, state_dict=state, save_original_format=False)
+    finally:
+        base.config = original
+    return out
