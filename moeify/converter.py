@@ -297,9 +297,13 @@ def _moe_layer_specs(
         n = names.neutral_shared_size
         neutral = {names.shared["gate"]: (n, H), names.shared["up"]: (n, H), names.shared["down"]: (H, n)}
         neutral[names.shared_gate] = (1, H)
-        for name, shape in neutral.items():
-            out.append(TensorSpec(prefix + name, dtype, shape, lambda s=shape: iter([torch.zeros(s, dtype=dtype)])))
+        out += [zeros_spec(prefix + name, dtype, shape) for name, shape in neutral.items()]
     return out
+
+
+def zeros_spec(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> TensorSpec:
+    """An output tensor of zeros (tensors a format needs that the dense model has no counterpart for)."""
+    return TensorSpec(name, dtype, shape, lambda: iter([torch.zeros(shape, dtype=dtype)]))
 
 
 def _shared(weights: MoELayerWeights, role: str) -> torch.Tensor:
@@ -412,9 +416,6 @@ def plan_conversion(source: str, options: ConvertOptions, progress: bool = True)
     def passthrough(name: str) -> TensorSpec:
         return TensorSpec(name, out_dtype(reader.dtype(name)), reader.shape(name), lambda: iter([reader.get(name)]))
 
-    def zeros(name: str, shape: tuple[int, ...]) -> TensorSpec:
-        return TensorSpec(name, ffn_dtype, shape, lambda: iter([torch.zeros(shape, dtype=ffn_dtype)]))
-
     zero_tensors = fmt.zero_tensors(adapter, dense_config, spec)
     tensors = [passthrough(n) for n in outside]
     in_memory = list(tensors)
@@ -425,7 +426,7 @@ def plan_conversion(source: str, options: ConvertOptions, progress: bool = True)
                 tensors.append(passthrough(name))
                 in_memory.append(tensors[-1])
         for name, shape in zero_tensors.items():
-            tensors.append(zeros(prefix + name, shape))
+            tensors.append(zeros_spec(prefix + name, ffn_dtype, shape))
             in_memory.append(tensors[-1])
         if layer in ffn_names:
             tensors += _moe_layer_specs(layer, prefix, names, layout, spec, hidden, ffn_dtype, builder)

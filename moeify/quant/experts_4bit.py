@@ -50,7 +50,7 @@ def grouped_linear(inputs: torch.Tensor, weight: torch.Tensor, offsets: torch.Te
 
 
 class Experts4bit(nn.Module):
-    """4-bit routed experts with optional per-expert LoRA; build with `Experts4bit.from_experts(module, ...)`."""
+    """4-bit routed experts; build with `Experts4bit.from_experts(module, ...)` (LoRA: `moeify.quant.lora`)."""
 
     def __init__(
         self,
@@ -91,8 +91,9 @@ class Experts4bit(nn.Module):
     # Building and storage.
 
     @classmethod
-    def from_experts(cls, experts: nn.Module, quantization: ExpertQuantization | None = None) -> Experts4bit:
-        """Quantize a full-precision experts module (fused `gate_up_proj` / `down_proj`, optional biases)."""
+    def like(cls, experts: nn.Module, quantization: ExpertQuantization | None = None) -> Experts4bit:
+        """Empty 4-bit storage for the shapes of a full-precision experts module (fused `gate_up_proj` `(E, 2I, H)`,
+        `down_proj` `(E, H, I)`, optional biases); its weights may still be on the meta device."""
         gate_up, down = experts.gate_up_proj, experts.down_proj
         if gate_up.ndim != 3 or down.ndim != 3:
             raise ValueError(
@@ -105,15 +106,31 @@ class Experts4bit(nn.Module):
                 f"{tuple(gate_up.shape)} and {tuple(down.shape)}."
             )
         has_bias = getattr(experts, "gate_up_proj_bias", None) is not None
-        module = cls(num_experts, hidden, two_i // 2, experts.act_fn, quantization, has_bias)
-        module.to(gate_up.device)
-        with torch.no_grad():
-            module.quantize_("gate_up", gate_up.detach())
-            module.quantize_("down", down.detach())
-            if has_bias:
-                module.gate_up_bias.copy_(experts.gate_up_proj_bias.detach())
-                module.down_bias.copy_(experts.down_proj_bias.detach())
+        return cls(num_experts, hidden, two_i // 2, experts.act_fn, quantization, has_bias)
+
+    @classmethod
+    def from_experts(cls, experts: nn.Module, quantization: ExpertQuantization | None = None) -> Experts4bit:
+        """Quantize a full-precision experts module (fused `gate_up_proj` / `down_proj`, optional biases)."""
+        module = cls.like(experts, quantization).to(experts.gate_up_proj.device)
+        biases = (experts.gate_up_proj_bias, experts.down_proj_bias) if module.has_bias else (None, None)
+        module.store_(experts.gate_up_proj, experts.down_proj, *biases)
         return module
+
+    @torch.no_grad()
+    def store_(
+        self,
+        gate_up: torch.Tensor,
+        down: torch.Tensor,
+        gate_up_bias: torch.Tensor | None = None,
+        down_bias: torch.Tensor | None = None,
+    ) -> None:
+        """Quantize full-precision `gate_up` `(E, 2I, H)` and `down` `(E, H, I)` into this module; copy the biases."""
+        self.quantize_("gate_up", gate_up.detach())
+        self.quantize_("down", down.detach())
+        if self.has_bias:
+            assert gate_up_bias is not None and down_bias is not None
+            self.gate_up_bias.copy_(gate_up_bias.detach())
+            self.down_bias.copy_(down_bias.detach())
 
     @torch.no_grad()
     def quantize_(self, name: str, weight: torch.Tensor) -> None:
@@ -355,20 +372,30 @@ class _restored_rng:
             torch.cuda.set_rng_state(self.saved[1], self.device)
 
 
+def fused_experts(model: nn.Module) -> dict[str, nn.Module]:
+    """Every `*.experts` module of `model` with fused full-precision `gate_up_proj` / `down_proj`, by name."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if name.rpartition(".")[2] == "experts"
+        and getattr(module, "gate_up_proj", None) is not None
+        and getattr(module, "down_proj", None) is not None
+    }
+
+
 def quantize_experts(model: nn.Module, quantization: ExpertQuantization | None = None) -> list[str]:
     """Replace every fused `*.experts` module of `model` by an `Experts4bit`, in place; returns their names.
 
     Raises `ValueError` when the model has no fused experts module (a dense model, or experts held per expert).
     """
     replaced = []
-    for name, module in list(model.named_modules()):
+    for name, module in fused_experts(model).items():
         parent_name, _, child = name.rpartition(".")
-        if child != "experts" or isinstance(module, Experts4bit):
-            continue
-        if getattr(module, "gate_up_proj", None) is None or getattr(module, "down_proj", None) is None:
-            continue
-        quantized = Experts4bit.from_experts(module, quantization)
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, quantized)
+        setattr(
+            model.get_submodule(parent_name) if parent_name else model,
+            child,
+            Experts4bit.from_experts(module, quantization),
+        )
         replaced.append(name)
     if not replaced:
         raise ValueError(

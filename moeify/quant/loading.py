@@ -33,7 +33,7 @@ from ..checkpoint import open_checkpoint
 from ..errors import MoeifyError
 from ..source import resolve_source
 from .config import ExpertLora, ExpertQuantization
-from .experts_4bit import Experts4bit
+from .experts_4bit import Experts4bit, fused_experts
 from .lora import add_expert_lora
 
 # Module name (regex) -> the name stock `save_pretrained` gives it in per-expert checkpoints.
@@ -94,11 +94,7 @@ def load_for_training(
     quantization = saved or quantization or ExpertQuantization()
     with init_empty_weights():  # parameters on the meta device; buffers (rotary, scales) computed as usual
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    experts = {
-        name: module
-        for name, module in model.named_modules()
-        if name.endswith(".experts") and getattr(module, "gate_up_proj", None) is not None
-    }
+    experts = fused_experts(model)
     if not experts:
         raise MoeifyError(f"{folder} is not an MoE with fused experts ({type(model).__name__}): nothing to quantize.")
     _load_weights(model, folder, experts, quantization, dtype, prequantized=saved is not None)
@@ -141,20 +137,17 @@ def _load_weights(
         value = reader.get(source)
         set_module_tensor_to_device(model, name, "cpu", value=value.to(dtype) if value.is_floating_point() else value)
     for name, module in experts.items():  # one layer's experts at a time
-        num_experts, two_i, hidden = module.gate_up_proj.shape
-        has_bias = getattr(module, "gate_up_proj_bias", None) is not None
-        quantized = Experts4bit(num_experts, hidden, two_i // 2, module.act_fn, quantization, has_bias=has_bias)
+        quantized = Experts4bit.like(module, quantization)
         if prequantized:  # the stored bytes and scales, as saved by `save_4bit`
             with torch.no_grad():
                 for key, tensor in quantized.state_dict().items():
                     tensor.copy_(reader.get(f"{name}.{key}").view(tensor.dtype).view(tensor.shape))
         else:
             gate_up, down = _expert_weights(name, module, reader, names)
-            quantized.quantize_("gate_up", gate_up)
-            quantized.quantize_("down", down)
-            if has_bias:
-                quantized.gate_up_bias.copy_(reader.get(f"{name}.gate_up_proj_bias"))
-                quantized.down_bias.copy_(reader.get(f"{name}.down_proj_bias"))
+            biases = [
+                reader.get(f"{name}.{p}_bias") if quantized.has_bias else None for p in ("gate_up_proj", "down_proj")
+            ]
+            quantized.store_(gate_up, down, *biases)
             del gate_up, down
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, quantized)
