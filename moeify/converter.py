@@ -7,7 +7,6 @@ in a temporary folder beside OUT that is renamed into place only when everything
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import shutil
@@ -22,6 +21,7 @@ from transformers import AutoConfig, GenerationConfig, PreTrainedConfig
 from transformers.dynamic_module_utils import custom_object_save
 
 from .adapters import ArchitectureAdapter, get_adapter, supported_model_types
+from .atomic import atomic_output, check_output_folder
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import MoeifyError
 from .formats import MoESpec, MoETensorNames, OutputFormat, choose_format
@@ -84,50 +84,6 @@ def _dense_text_config(config: PreTrainedConfig) -> PreTrainedConfig:
     raise MoeifyError(
         f"architecture '{config.model_type}' is not supported; supported: {', '.join(supported_model_types())}."
     )
-
-
-def _check_output_folder(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise MoeifyError(f"OUT {out} exists and is a file; choose a folder path.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise MoeifyError(f"OUT {out} exists and is not empty; pass --overwrite to replace it, or choose another path.")
-
-
-def _clean_stale_temporaries(out: Path) -> None:
-    """Remove the temporary folders that killed conversions left beside OUT.
-
-    A previous OUT set aside by `--overwrite` (`.OUT.moeify-old-PID`) is put back if OUT itself is missing,
-    i.e. the kill came between the two renames that swap the new output in.
-    """
-    for candidate in sorted(out.parent.glob(f".{out.name}.moeify-*")):
-        match = re.search(r"-(\d+)$", candidate.name)
-        if match and _pid_alive(int(match.group(1))):
-            continue
-        if ".moeify-old-" in candidate.name and not out.exists():
-            os.replace(candidate, out)
-        else:
-            shutil.rmtree(candidate, ignore_errors=True)
-
-
-_DISK_ERRORS = {
-    errno.ENOSPC: "no space left on the device; free some space or choose an OUT on another disk",
-    errno.EDQUOT: "disk quota exceeded; free some space or choose an OUT on another disk",
-    errno.EROFS: "the file system is read-only; choose a writable OUT",
-    errno.EACCES: "permission denied; choose a folder you can write to",
-    errno.EPERM: "operation not permitted; choose a folder you can write to",
-}
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _LayerBuilder:
@@ -496,24 +452,12 @@ def convert(
     say = log or (lambda message: print(message, file=sys.stderr))
     max_shard = parse_max_shard_size(options.max_shard_size)
     out_path = Path(out).expanduser().absolute()
-    if out_path.parent.is_dir():
-        _clean_stale_temporaries(out_path)
-    _check_output_folder(out_path, options.overwrite)
+    check_output_folder(out_path, options.overwrite)
     plan = plan_conversion(source, options, progress)
     say(f"moeify: {plan.adapter.display_name} -> {plan.fmt.class_name}: {plan.reason}.")
-
-    tmp = out_path.parent / f".{out_path.name}.moeify-tmp-{os.getpid()}"
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
+    with atomic_output(out_path) as tmp:
         write_safetensors(plan.tensors, tmp, max_shard, progress)
         _write_metadata(plan, tmp)
-        _replace(tmp, out_path)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError) and err.errno in _DISK_ERRORS:
-            raise MoeifyError(f"cannot write {out_path}: {_DISK_ERRORS[err.errno]}; nothing was written.") from None
-        raise
     return ConversionResult(
         output=out_path,
         format=plan.fmt.name,
@@ -565,18 +509,3 @@ def _write_metadata(plan: ConversionPlan, folder: Path) -> None:
         params=plan.params,
     )
     card.save(folder / "README.md")
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` to `out`; an old `out` is kept until the new one is in place."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.parent / f".{out.name}.moeify-old-{os.getpid()}"
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -50,6 +50,10 @@ class NativeFormat(OutputFormat):
     layouts = ("per-expert", "fused")
     dense_types: tuple[str, ...] = ()
     config_class: type[PreTrainedConfig]
+    names: MoETensorNames  # the same for every model of the class
+
+    def tensor_names(self, adapter: ArchitectureAdapter, spec: MoESpec) -> MoETensorNames:
+        return self.names
 
     def model_class(self, config: PreTrainedConfig) -> type:
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
@@ -99,17 +103,16 @@ class MixtralFormat(NativeFormat):
         )
         return MixtralConfig(**values)
 
-    def tensor_names(self, adapter: ArchitectureAdapter, spec: MoESpec) -> MoETensorNames:
-        return MoETensorNames(
-            router="mlp.gate.weight",
-            fused=dict(_FUSED),
-            per_expert={
-                "gate": "block_sparse_moe.experts.{e}.w1.weight",
-                "up": "block_sparse_moe.experts.{e}.w3.weight",
-                "down": "block_sparse_moe.experts.{e}.w2.weight",
-            },
-            per_expert_router="block_sparse_moe.gate.weight",
-        )
+    names = MoETensorNames(
+        router="mlp.gate.weight",
+        fused=dict(_FUSED),
+        per_expert={
+            "gate": "block_sparse_moe.experts.{e}.w1.weight",
+            "up": "block_sparse_moe.experts.{e}.w3.weight",
+            "down": "block_sparse_moe.experts.{e}.w2.weight",
+        },
+        per_expert_router="block_sparse_moe.gate.weight",
+    )
 
 
 class Qwen2MoeFormat(NativeFormat):
@@ -156,19 +159,18 @@ class Qwen2MoeFormat(NativeFormat):
         q, kv = dense_config.num_attention_heads * head_dim, dense_config.num_key_value_heads * head_dim
         return {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
 
-    def tensor_names(self, adapter: ArchitectureAdapter, spec: MoESpec) -> MoETensorNames:
-        return MoETensorNames(
-            router="mlp.gate.weight",
-            fused=dict(_FUSED),
-            per_expert=dict(_QWEN_EXPERT),
-            shared={
-                "gate": "mlp.shared_expert.gate_proj.weight",
-                "up": "mlp.shared_expert.up_proj.weight",
-                "down": "mlp.shared_expert.down_proj.weight",
-            },
-            shared_gate="mlp.shared_expert_gate.weight",
-            neutral_shared_size=NEUTRAL_SHARED_SIZE,
-        )
+    names = MoETensorNames(
+        router="mlp.gate.weight",
+        fused=dict(_FUSED),
+        per_expert=dict(_QWEN_EXPERT),
+        shared={
+            "gate": "mlp.shared_expert.gate_proj.weight",
+            "up": "mlp.shared_expert.up_proj.weight",
+            "down": "mlp.shared_expert.down_proj.weight",
+        },
+        shared_gate="mlp.shared_expert_gate.weight",
+        neutral_shared_size=NEUTRAL_SHARED_SIZE,
+    )
 
 
 class Qwen3MoeFormat(NativeFormat):
@@ -193,8 +195,7 @@ class Qwen3MoeFormat(NativeFormat):
         values.pop("layer_types", None)
         return Qwen3MoeConfig(**values)
 
-    def tensor_names(self, adapter: ArchitectureAdapter, spec: MoESpec) -> MoETensorNames:
-        return MoETensorNames(router="mlp.gate.weight", fused=dict(_FUSED), per_expert=dict(_QWEN_EXPERT))
+    names = MoETensorNames(router="mlp.gate.weight", fused=dict(_FUSED), per_expert=dict(_QWEN_EXPERT))
 
 
 class GraniteMoeSharedFormat(NativeFormat):
@@ -233,17 +234,16 @@ class GraniteMoeSharedFormat(NativeFormat):
         )
         return GraniteMoeSharedConfig(**values)
 
-    def tensor_names(self, adapter: ArchitectureAdapter, spec: MoESpec) -> MoETensorNames:
-        return MoETensorNames(
-            router="block_sparse_moe.router.weight",
-            per_expert_router="block_sparse_moe.router.layer.weight",
-            fused={"gate_up": "block_sparse_moe.experts.gate_up_proj", "down": "block_sparse_moe.experts.down_proj"},
-            saved_fused={
-                "gate_up": "block_sparse_moe.input_linear.weight",
-                "down": "block_sparse_moe.output_linear.weight",
-            },
-            shared={"gate_up": "shared_mlp.input_linear.weight", "down": "shared_mlp.output_linear.weight"},
-        )
+    names = MoETensorNames(
+        router="block_sparse_moe.router.weight",
+        per_expert_router="block_sparse_moe.router.layer.weight",
+        fused={"gate_up": "block_sparse_moe.experts.gate_up_proj", "down": "block_sparse_moe.experts.down_proj"},
+        saved_fused={
+            "gate_up": "block_sparse_moe.input_linear.weight",
+            "down": "block_sparse_moe.output_linear.weight",
+        },
+        shared={"gate_up": "shared_mlp.input_linear.weight", "down": "shared_mlp.output_linear.weight"},
+    )
 
 
 NATIVE_FORMATS: dict[str, NativeFormat] = {

@@ -13,7 +13,7 @@ plain `from_pretrained` fails with transformers' "unknown quantization type" ins
 Why not transformers' loader: it fuses per-expert checkpoints into full-precision 3-D tensors for the whole
 model before any quantizer sees them, and its conversion / quantizer interfaces differ across the transformers
 releases moeify supports (5.16-5.23). The few checkpoint names that differ from module names are the legacy
-MoE names stock `save_pretrained` writes (the same ones moeify's native formats write), listed below.
+MoE names stock `save_pretrained` writes (the same ones moeify's native formats write): see `moeify.layouts`.
 """
 
 from __future__ import annotations
@@ -31,27 +31,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from ..checkpoint import open_checkpoint
 from ..errors import MoeifyError
+from ..layouts import EXPERT_PARAMS, checkpoint_name, expert_pieces, read_expert_param
 from ..source import resolve_source
 from .config import ExpertLora, ExpertQuantization
 from .experts_4bit import Experts4bit, fused_experts
 from .lora import add_expert_lora
 
-# Module name (regex) -> the name stock `save_pretrained` gives it in per-expert checkpoints.
-_LEGACY_NAMES = [
-    (re.compile(r"^(.*\.layers\.\d+)\.mlp\.gate\.weight$"), r"\1.block_sparse_moe.gate.weight"),  # Mixtral router
-    (re.compile(r"^(.*\.block_sparse_moe)\.router\.weight$"), r"\1.router.layer.weight"),  # GraniteMoe router
-]
-# Per-expert weights of one experts module, as (gate, up, down) name templates relative to the decoder layer.
-_PER_EXPERT = [
-    ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight", "mlp.experts.{e}.down_proj.weight"),
-    (
-        "block_sparse_moe.experts.{e}.w1.weight",
-        "block_sparse_moe.experts.{e}.w3.weight",
-        "block_sparse_moe.experts.{e}.w2.weight",
-    ),
-]
-# GraniteMoe's released checkpoints keep experts 3-D under their own names.
-_SAVED_FUSED = {"gate_up_proj": "input_linear.weight", "down_proj": "output_linear.weight"}
 ROUTER_MODULES = ("gate", "router", "shared_expert_gate")  # full precision and trainable
 QUANT_METHOD = "moeify_experts_4bit"  # `quant_method` of a saved 4-bit checkpoint's `quantization_config`
 
@@ -129,7 +114,7 @@ def _load_weights(
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if name in expert_params or not tensor.is_meta:
             continue
-        source = _checkpoint_name(name, names)
+        source = checkpoint_name(name, names, model.config.model_type)
         if source is None:
             if name == "lm_head.weight" and getattr(model.config.get_text_config(), "tie_word_embeddings", False):
                 continue
@@ -143,7 +128,8 @@ def _load_weights(
                 for key, tensor in quantized.state_dict().items():
                     tensor.copy_(reader.get(f"{name}.{key}").view(tensor.dtype).view(tensor.shape))
         else:
-            gate_up, down = _expert_weights(name, module, reader, names)
+            pieces = expert_pieces(name, module.gate_up_proj.shape[0], names, model.config.model_type)
+            gate_up, down = (read_expert_param(pieces, param, reader.get) for param in EXPERT_PARAMS)
             biases = [
                 reader.get(f"{name}.{p}_bias") if quantized.has_bias else None for p in ("gate_up_proj", "down_proj")
             ]
@@ -151,35 +137,6 @@ def _load_weights(
             del gate_up, down
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, quantized)
-
-
-def _checkpoint_name(name: str, names: set[str]) -> str | None:
-    if name in names:
-        return name
-    for pattern, legacy in _LEGACY_NAMES:
-        candidate = pattern.sub(legacy, name)
-        if candidate != name and candidate in names:
-            return candidate
-    return None
-
-
-def _expert_weights(name: str, module: nn.Module, reader, names: set[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`gate_up` (E, 2I, H) and `down` (E, H, I) of one experts module, in the checkpoint's dtype."""
-    if f"{name}.gate_up_proj" in names:
-        return reader.get(f"{name}.gate_up_proj"), reader.get(f"{name}.down_proj")
-    parent = name.rsplit(".", 1)[0]  # e.g. model.layers.3.block_sparse_moe
-    if f"{parent}.{_SAVED_FUSED['gate_up_proj']}" in names:
-        return reader.get(f"{parent}.{_SAVED_FUSED['gate_up_proj']}"), reader.get(
-            f"{parent}.{_SAVED_FUSED['down_proj']}"
-        )
-    layer = re.match(r"^(.*\.layers\.\d+)\.", name)
-    num_experts = module.gate_up_proj.shape[0]
-    for gate, up, down in _PER_EXPERT:
-        if layer and f"{layer.group(1)}.{gate.format(e=0)}" in names:
-            get = lambda template, e: reader.get(f"{layer.group(1)}.{template.format(e=e)}")  # noqa: E731
-            gate_up = torch.stack([torch.cat([get(gate, e), get(up, e)]) for e in range(num_experts)])
-            return gate_up, torch.stack([get(down, e) for e in range(num_experts)])
-    raise MoeifyError(f"no expert weights for {name} in the checkpoint (neither fused nor per expert).")
 
 
 def _saved_quantization(config: PretrainedConfig) -> ExpertQuantization | None:
