@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from .checkpoint import open_checkpoint
 from .converter import load_config
 from .params import counted_shapes, human, summarize
@@ -19,14 +21,33 @@ def model_info(source: str, trust_remote_code: bool = False) -> dict[str, Any]:
 
     Keys: architecture, model_type, num_layers, num_experts (0 if dense), top_k, shared_experts, moe_layers,
     total_params, active_params, routed_expert_params, size_bf16_bytes, size_4bit_bytes (NF4 for every
-    matrix except embeddings and LM head, which stay bf16).
+    matrix except embeddings and LM head, which stay bf16), stored_bytes (the checkpoint's tensors as stored) and
+    quantization (how a `save_4bit` checkpoint stores its experts, else None).
     """
     import moeify  # noqa: F401  (registers the moeify config)
 
     folder = resolve_source(source, trust_remote_code=trust_remote_code)
     config = load_config(folder, trust_remote_code)
     checkpoint = open_checkpoint(folder)  # reads headers only
+    stored = sum(
+        math.prod(checkpoint.shape(name)) * torch.empty((), dtype=checkpoint.dtype(name)).element_size()
+        for name in checkpoint
+    )
     shapes = {name: checkpoint.shape(name) for name in checkpoint}
+    quantization = None
+    saved = getattr(config, "quantization_config", None)
+    if isinstance(saved, dict) and saved.get("quant_method") == "moeify_experts_4bit":
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        from .quant.loading import saved_quantization
+
+        q = saved_quantization(config)  # the experts are stored packed: count the parameters they represent
+        assert q is not None
+        quantization = f"experts {q.quant_type} 4-bit, blocksize {q.blocksize}" + (", double quant" * q.double_quant)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     params = summarize(shapes, config)
     quantizable = sum(
         math.prod(shape)
@@ -48,6 +69,8 @@ def model_info(source: str, trust_remote_code: bool = False) -> dict[str, Any]:
         "routed_expert_params": params.routed_expert_params,
         "size_bf16_bytes": params.total * 2,
         "size_4bit_bytes": int(quantizable * NF4_BYTES_PER_PARAM + (params.total - quantizable) * 2),
+        "stored_bytes": stored,
+        "quantization": quantization,
     }
 
 
@@ -64,6 +87,12 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append("experts          none (dense model)")
     lines.append(f"total params     {info['total_params']:,} ({human(info['total_params'])})")
     lines.append(f"active params    {info['active_params']:,} ({human(info['active_params'])}) per token")
-    lines.append(f"size bf16        {info['size_bf16_bytes'] / 2**30:.2f} GiB")
-    lines.append(f"size 4-bit       {info['size_4bit_bytes'] / 2**30:.2f} GiB (NF4 matrices, bf16 embeddings)")
+    lines.append(f"size bf16        {_size(info['size_bf16_bytes'])}")
+    lines.append(f"size 4-bit       {_size(info['size_4bit_bytes'])} (NF4 matrices, bf16 embeddings)")
+    stored = f" ({info['quantization']})" if info["quantization"] else ""
+    lines.append(f"size stored      {_size(info['stored_bytes'])}{stored}")
     return "\n".join(lines)
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"

@@ -189,9 +189,9 @@ def _plan(base: Path, adapter: Path, dtype: torch.dtype | None) -> _Plan:
     from_4bit = None
     quantization = getattr(config, "quantization_config", None)
     if isinstance(quantization, dict) and quantization.get("quant_method") == "moeify_experts_4bit":
-        from .quant.loading import _saved_quantization
+        from .quant.loading import saved_quantization
 
-        quantization = _saved_quantization(config)  # also removes it from `config`
+        quantization = saved_quantization(config)  # also removes it from `config`
         from_4bit = f"{quantization.quant_type}, blocksize {quantization.blocksize}"
     elif quantization is not None:
         raise MoeifyError(f"{base} is quantized ({_quant_method(quantization)}); merge into a full-precision base.")

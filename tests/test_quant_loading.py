@@ -106,6 +106,15 @@ def test_4bit_checkpoint_reloads_without_quantizing_again(
     with pytest.raises(MoeifyError, match="holds experts saved as .*quant_type='nf4'.* cannot be loaded as"):
         load_for_training(saved, quantization=ExpertQuantization(quant_type="fp4"))
 
+    # `moeify info` counts the parameters the packed experts stand for, and the bytes they take.
+    from moeify.info import model_info
+
+    full, packed = model_info(str(out)), model_info(str(saved))
+    for key in ("total_params", "active_params", "routed_expert_params", "num_experts", "moe_layers"):
+        assert packed[key] == full[key], key
+    assert packed["quantization"] == "experts nf4 4-bit, blocksize 64, double quant" and full["quantization"] is None
+    assert packed["stored_bytes"] < full["stored_bytes"]
+
 
 def test_save_4bit_needs_4bit_experts(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     from moeify.quant import save_4bit
@@ -113,3 +122,39 @@ def test_save_4bit_needs_4bit_experts(tmp_path: Path, tmp_path_factory: pytest.T
     out = converted("llama", E4K2, tmp_path_factory)
     with pytest.raises(MoeifyError, match="no 4-bit experts to save"):
         save_4bit(AutoModelForCausalLM.from_pretrained(out), tmp_path / "x")
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"quantization": "quant_type"}, "quant_type 'int3' is not one of nf4, fp4"),
+        ({"quantization": "blocksize"}, "blocksize 4096 does not divide the expert sizes"),
+        ({"lora": "rank"}, "LoRA rank r must be >= 1"),
+        ({"attention_lora": "qkv_proj"}, "LoRA target 'qkv_proj' matches no linear module of MixtralForCausalLM; "
+         "its linear modules are: k_proj, o_proj, q_proj, v_proj"),
+    ],
+)
+def test_bad_settings_fail_before_loading_with_what_to_change(
+    settings: dict, message: str, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from peft import LoraConfig
+
+    from moeify.quant import ExpertLora, ExpertQuantization
+    from moeify.quant import loading
+
+    out = converted("llama", E4K2, tmp_path_factory)
+    kwargs = {
+        "quantization": {"quant_type": ExpertQuantization(quant_type="int3"),  # type: ignore[arg-type]
+                         "blocksize": ExpertQuantization(blocksize=4096)},
+        "lora": {"rank": ExpertLora(r=0)},
+        "attention_lora": {"qkv_proj": LoraConfig(target_modules=["q_proj", "qkv_proj"])},
+    }
+    (key, value), = settings.items()
+
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("weights were read before the settings were checked")
+
+    monkeypatch.setattr(loading, "_load_weights", no_loading)
+    with pytest.raises(MoeifyError) as caught:
+        load_for_training(out, **{key: kwargs[key][value]})
+    assert message in str(caught.value)

@@ -70,7 +70,7 @@ def load_for_training(
 
     folder = resolve_source(str(source))
     config = AutoConfig.from_pretrained(folder)
-    saved = _saved_quantization(config)
+    saved = saved_quantization(config)
     if saved is not None and quantization is not None and quantization != saved:
         raise MoeifyError(
             f"{folder} holds experts saved as {saved}; they cannot be loaded as {quantization}. Pass quantization=None "
@@ -82,12 +82,13 @@ def load_for_training(
     experts = fused_experts(model)
     if not experts:
         raise MoeifyError(f"{folder} is not an MoE with fused experts ({type(model).__name__}): nothing to quantize.")
+    if attention_lora is None:
+        attention_lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    _check_settings(model, experts, quantization, lora, attention_lora)  # before the (slow) loading
     _load_weights(model, folder, experts, quantization, dtype, prequantized=saved is not None)
     model.tie_weights()
     model.eval()
 
-    if attention_lora is None:
-        attention_lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     if train_router:
         present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         attention_lora.modules_to_save = [m for m in ROUTER_MODULES if m in present]
@@ -97,6 +98,33 @@ def load_for_training(
     peft_model = get_peft_model(model, attention_lora)
     add_expert_lora(peft_model, lora)
     return peft_model
+
+
+def _check_settings(
+    model: nn.Module,
+    experts: dict[str, nn.Module],
+    quantization: ExpertQuantization,
+    lora: ExpertLora,
+    attention_lora: LoraConfig,
+) -> None:
+    """Bad settings fail here, with what to change, before any weight is read."""
+    try:
+        lora.validate()
+        for module in experts.values():
+            quantization.validate(module.gate_up_proj.shape[-1], module.down_proj.shape[-1])
+    except ValueError as err:
+        raise MoeifyError(str(err)) from None
+    targets = attention_lora.target_modules
+    if isinstance(targets, str) or not targets:
+        return  # a regular expression: peft matches it
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        linear = sorted({name.rsplit(".", 1)[-1] for name in names} - {"lm_head"})
+        raise MoeifyError(
+            f"LoRA target {', '.join(map(repr, sorted(missing)))} matches no linear module of {type(model).__name__}; "
+            f"its linear modules are: {', '.join(linear)} (experts get LoRA through `lora`)."
+        )
 
 
 def _load_weights(
@@ -139,7 +167,7 @@ def _load_weights(
         setattr(model.get_submodule(parent), child, quantized)
 
 
-def _saved_quantization(config: PretrainedConfig) -> ExpertQuantization | None:
+def saved_quantization(config: PretrainedConfig) -> ExpertQuantization | None:
     """The expert quantization a checkpoint was saved with (`save_4bit`), or None for full-precision weights."""
     saved = getattr(config, "quantization_config", None)
     if not isinstance(saved, dict) or saved.get("quant_method") != QUANT_METHOD:
