@@ -158,3 +158,32 @@ def test_bad_settings_fail_before_loading_with_what_to_change(
     with pytest.raises(MoeifyError) as caught:
         load_for_training(out, **{key: kwargs[key][value]})
     assert message in str(caught.value)
+
+
+def test_linears_through_bitsandbytes_config_equal_transformers_own_path(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`linear_quantization` gives what `from_pretrained(quantization_config=...)` + `quantize_experts` give."""
+    from transformers import BitsAndBytesConfig
+
+    from moeify.quant import save_4bit
+
+    out = converted("llama", E4K2, tmp_path_factory)  # Mixtral: transformers' path keeps no router in 4-bit here
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = load_for_training(out, dtype=torch.float32, gradient_checkpointing=False, linear_quantization=bnb)
+    kinds = {name: type(module).__name__ for name, module in model.get_base_model().named_modules()}
+    assert kinds["model.layers.0.self_attn.q_proj.base_layer"] == "Linear4bit"  # under peft's LoRA layer
+    assert kinds["model.layers.0.self_attn.o_proj.base_layer"] == "Linear4bit" and kinds["lm_head"] == "Linear"
+    assert kinds["model.layers.0.mlp.gate"] == "ModulesToSaveWrapper"  # the router: trained, full precision
+    assert kinds["model.layers.0.mlp.experts"] != "Linear4bit"
+    reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, quantization_config=bnb).eval()
+    quantize_experts(reference)
+    ids = torch.randint(0, 300, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, reference(ids).logits, atol=0, rtol=0)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert any("q_proj.lora_A" in n for n in grads) and any("experts.lora_A" in n for n in grads)
+    with pytest.raises(MoeifyError, match="load it without linear_quantization"):
+        save_4bit(model, tmp_path / "x")

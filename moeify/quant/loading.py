@@ -27,7 +27,7 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
 
 from ..checkpoint import open_checkpoint
 from ..errors import MoeifyError
@@ -49,6 +49,7 @@ def load_for_training(
     dtype: torch.dtype = torch.bfloat16,
     gradient_checkpointing: bool = True,
     train_router: bool = True,
+    linear_quantization: BitsAndBytesConfig | None = None,
 ) -> PeftModel:
     """Load an MoE (moeify format or a native class) for LoRA training with 4-bit experts.
 
@@ -62,6 +63,9 @@ def load_for_training(
             `prepare_model_for_kbit_training` (which upcasts every other parameter to float32).
         train_router: routers (and Qwen2-MoE's shared-expert gate) train in full precision and are saved with the
             adapter (peft's `modules_to_save`).
+        linear_quantization: a `BitsAndBytesConfig(load_in_4bit=True, ...)` for the other linear modules
+            (attention, shared experts), applied by transformers' `replace_with_bnb_linear`; each weight is quantized
+            as it is read (accelerate's `set_module_tensor_to_device`). Routers and the LM head stay in `dtype`.
 
     Returns a `PeftModel` whose `save_pretrained` writes an adapter stock peft loads onto the full-precision MoE.
     """
@@ -85,6 +89,8 @@ def load_for_training(
     if attention_lora is None:
         attention_lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     _check_settings(model, experts, quantization, lora, attention_lora)  # before the (slow) loading
+    if linear_quantization is not None:
+        _quantize_linears(model, linear_quantization)
     _load_weights(model, folder, experts, quantization, dtype, prequantized=saved is not None)
     model.tie_weights()
     model.eval()
@@ -98,6 +104,17 @@ def load_for_training(
     peft_model = get_peft_model(model, attention_lora)
     add_expert_lora(peft_model, lora)
     return peft_model
+
+
+def _quantize_linears(model: PreTrainedModel, config: BitsAndBytesConfig) -> None:
+    """Swap the (meta) linear modules for bitsandbytes' `Linear4bit`, as transformers' bitsandbytes quantizer does."""
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+
+    if not config.load_in_4bit:
+        raise MoeifyError("linear_quantization must be a 4-bit BitsAndBytesConfig (load_in_4bit=True).")
+    skip = ["lm_head", *ROUTER_MODULES, *(config.llm_int8_skip_modules or [])]
+    replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=config)
+    model.is_loaded_in_4bit = True  # peft wraps `Linear4bit` with its 4-bit LoRA layer only when this is set
 
 
 def _check_settings(
@@ -191,6 +208,11 @@ def save_4bit(model: nn.Module, out: str | Path) -> Path:
     quantized = [m for m in base.modules() if isinstance(m, Experts4bit)]
     if not quantized:
         raise MoeifyError(f"{type(base).__name__} has no 4-bit experts to save: call quantize_experts first.")
+    if getattr(base, "is_loaded_in_4bit", False):
+        raise MoeifyError(
+            "save_4bit stores 4-bit experts with full-precision linears; this model's linears are bitsandbytes 4-bit "
+            "(linear_quantization): load it without linear_quantization to save its base."
+        )
     settings = {m.quantization for m in quantized}
     if len(settings) != 1:
         raise MoeifyError(f"experts quantized with different settings ({settings}) cannot share one checkpoint.")
