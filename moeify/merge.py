@@ -318,7 +318,10 @@ def _read_adapter(
     for key, value in tensors.items():  # modules_to_save: the trained copy of a whole module
         if key in used:
             continue
-        if key not in params or not any(_ends(key.rsplit(".", 1)[0], m) for m in config.get("modules_to_save") or []):
+        saved = (
+            config.get("modules_to_save") or []
+        )  # a saved module's parameters, e.g. `...shared_expert.up_proj.weight`
+        if key not in params or not any(f".{m}." in f".{key}" for m in saved):
             raise MoeifyError(
                 f"{adapter} holds {key}, which moeify merge cannot place (not LoRA, not a module to save)."
             )

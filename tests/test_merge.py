@@ -27,9 +27,10 @@ from moeify.plan import ConvertOptions
 from moeify.quant import ExpertLora, load_for_training, save_4bit
 
 E4K2 = {"num_experts": 4, "top_k": 2}
-CASES = [  # (dense architecture, convert options, class written)
+CASES = [  # (dense architecture, convert options, class written[, load_for_training settings])
     ("llama", {**E4K2, "layout": "per-expert"}, "MixtralForCausalLM"),
     ("qwen2", {**E4K2, "shared_experts": 1}, "Qwen2MoeForCausalLM"),
+    ("qwen2", {**E4K2, "shared_experts": 1}, "Qwen2MoeForCausalLM", {"shared_experts": "full"}),
     ("llama_attn_bias", {**E4K2, "format": "native"}, "GraniteMoeSharedForCausalLM"),
     ("gemma3", {**E4K2, "shared_experts": 1}, "MoeifyForCausalLM"),
     ("llama_mlp_bias", {**E4K2, "layers": "0,2"}, "MoeifyForCausalLM"),
@@ -60,10 +61,14 @@ def converted(arch: str, options: dict, root: Path, tmp_path_factory: pytest.Tem
     return out
 
 
-def trained_adapter(base: Path, adapter: Path, expert_rank: int = 2, seed: int = 0) -> PeftModel:
+def trained_adapter(base: Path, adapter: Path, expert_rank: int = 2, seed: int = 0, **kwargs: object) -> PeftModel:
     """A 4-bit + LoRA model whose every LoRA factor and router is non-trivial (as after training), saved."""
     model = load_for_training(
-        base, lora=ExpertLora(r=expert_rank, alpha=3.0 * expert_rank), dtype=torch.float32, gradient_checkpointing=False
+        base,
+        lora=ExpertLora(r=expert_rank, alpha=3.0 * expert_rank),
+        dtype=torch.float32,
+        gradient_checkpointing=False,
+        **kwargs,  # type: ignore[arg-type]
     )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -81,12 +86,13 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
         return model(torch.tensor(IDS)).logits
 
 
-@pytest.mark.parametrize(("arch", "options", "expected_class"), CASES, ids=[f"{c[2]}-{c[0]}" for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[2]}-{c[0]}" + ("-full-shared" if len(c) > 3 else "") for c in CASES])
 def test_merged_model_matches_stock_peft_on_the_full_precision_base(
-    arch: str, options: dict, expected_class: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+    case: tuple, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
+    arch, options, expected_class, settings = (*case, {})[:4]
     base = converted(arch, options, tmp_path, tmp_path_factory)
-    trained_adapter(base, tmp_path / "adapter")
+    trained_adapter(base, tmp_path / "adapter", **settings)
     result = merge(base, tmp_path / "adapter", tmp_path / "merged", progress=False, log=lambda _: None)
     assert result.max_rel_diff is not None and result.max_rel_diff < 1e-4
     assert result.targets > 0 and result.replaced > 0  # LoRA merged, routers copied

@@ -59,6 +59,8 @@ def test_one_step_trains_lora_and_routers_and_leaves_the_4bit_base(tmp_path_fact
     assert any(".experts." in n and "lora_A" in n for n in trainable)
     assert any("self_attn.q_proj.lora_A" in n for n in trainable)
     assert any(n.endswith("mlp.gate.modules_to_save.default.weight") for n in trainable)
+    assert any("mlp.shared_expert.down_proj.lora_A" in n for n in trainable)  # shared experts: LoRA by default
+    assert any(n.endswith("mlp.shared_expert_gate.modules_to_save.default.weight") for n in trainable)
     experts = [m for m in model.modules() if isinstance(m, Experts4bit)]
     packed = [m.gate_up_packed.detach().view(torch.uint8).clone() for m in experts]
     before = {n: p.detach().clone() for n, p in trainable.items()}
@@ -187,3 +189,17 @@ def test_linears_through_bitsandbytes_config_equal_transformers_own_path(
     assert any("q_proj.lora_A" in n for n in grads) and any("experts.lora_A" in n for n in grads)
     with pytest.raises(MoeifyError, match="load it without linear_quantization"):
         save_4bit(model, tmp_path / "x")
+
+
+@pytest.mark.parametrize("shared", ["full", "frozen"])
+def test_shared_experts_train_in_full_or_stay_frozen(shared: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    out = converted("qwen2", {**E4K2, "shared_experts": 1}, tmp_path_factory)
+    model = load_for_training(out, dtype=torch.float32, gradient_checkpointing=False, shared_experts=shared)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and ".shared_expert." in n]
+    if shared == "full":
+        assert sorted(n.split("modules_to_save.default.")[-1] for n in trainable if ".layers.0." in n) == [
+            "down_proj.weight", "gate_proj.weight", "up_proj.weight"]
+    else:
+        assert trainable == []
+    with pytest.raises(MoeifyError, match="shared_experts must be"):
+        load_for_training(out, shared_experts="lots")  # type: ignore[arg-type]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
+from typing import Literal
 
 import torch
 from accelerate import init_empty_weights
@@ -38,6 +39,8 @@ from .experts_4bit import Experts4bit, fused_experts
 from .lora import add_expert_lora
 
 ROUTER_MODULES = ("gate", "router", "shared_expert_gate")  # full precision and trainable
+SHARED_MODULES = ("shared_expert", "shared_experts", "shared_mlp")  # Qwen2-MoE, moeify, GraniteMoeShared
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 QUANT_METHOD = "moeify_experts_4bit"  # `quant_method` of a saved 4-bit checkpoint's `quantization_config`
 
 
@@ -50,6 +53,7 @@ def load_for_training(
     gradient_checkpointing: bool = True,
     train_router: bool = True,
     linear_quantization: BitsAndBytesConfig | None = None,
+    shared_experts: Literal["lora", "full", "frozen"] = "lora",
 ) -> PeftModel:
     """Load an MoE (moeify format or a native class) for LoRA training with 4-bit experts.
 
@@ -57,7 +61,8 @@ def load_for_training(
         source: a converted MoE folder or Hub id.
         quantization: how experts are stored (NF4, blocksize 64, double quant by default).
         lora: per-expert LoRA (r 16, alpha 32 by default).
-        attention_lora: peft `LoraConfig` for the other modules (default: r 16 on q/k/v/o projections).
+        attention_lora: peft `LoraConfig` for the other modules (default: r 16, alpha 32 on the q/k/v/o projections
+            and, with `shared_experts="lora"`, on the shared experts' projections).
         dtype: compute dtype of everything that is not a 4-bit expert.
         gradient_checkpointing: enable it (non-reentrant) and input gradients, without peft's
             `prepare_model_for_kbit_training` (which upcasts every other parameter to float32).
@@ -66,6 +71,8 @@ def load_for_training(
         linear_quantization: a `BitsAndBytesConfig(load_in_4bit=True, ...)` for the other linear modules
             (attention, shared experts), applied by transformers' `replace_with_bnb_linear`; each weight is quantized
             as it is read (accelerate's `set_module_tensor_to_device`). Routers and the LM head stay in `dtype`.
+        shared_experts: `"lora"` (LoRA on their projections, in the default `attention_lora`), `"full"` (trained in
+            full and saved with the adapter, peft's `modules_to_save`) or `"frozen"`.
 
     Returns a `PeftModel` whose `save_pretrained` writes an adapter stock peft loads onto the full-precision MoE.
     """
@@ -86,18 +93,21 @@ def load_for_training(
     experts = fused_experts(model)
     if not experts:
         raise MoeifyError(f"{folder} is not an MoE with fused experts ({type(model).__name__}): nothing to quantize.")
+    if shared_experts not in ("lora", "full", "frozen"):
+        raise MoeifyError(f"shared_experts must be 'lora', 'full' or 'frozen', not {shared_experts!r}.")
     if attention_lora is None:
-        attention_lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        attention_lora = LoraConfig(r=16, lora_alpha=32, target_modules=_default_targets(model, shared_experts))
     _check_settings(model, experts, quantization, lora, attention_lora)  # before the (slow) loading
     if linear_quantization is not None:
-        _quantize_linears(model, linear_quantization)
+        _quantize_linears(model, linear_quantization, trained=SHARED_MODULES if shared_experts == "full" else ())
     _load_weights(model, folder, experts, quantization, dtype, prequantized=saved is not None)
     model.tie_weights()
     model.eval()
 
-    if train_router:
-        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        attention_lora.modules_to_save = [m for m in ROUTER_MODULES if m in present]
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    saved = [*(ROUTER_MODULES if train_router else ()), *(SHARED_MODULES if shared_experts == "full" else ())]
+    if saved:
+        attention_lora.modules_to_save = [*(attention_lora.modules_to_save or []), *(m for m in saved if m in present)]
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -106,13 +116,32 @@ def load_for_training(
     return peft_model
 
 
-def _quantize_linears(model: PreTrainedModel, config: BitsAndBytesConfig) -> None:
+def _default_targets(model: nn.Module, shared_experts: str) -> list[str] | str:
+    """q/k/v/o, plus the shared experts' linear modules (a regular expression peft matches) with `"lora"`."""
+    if shared_experts != "lora":
+        return list(ATTENTION_PROJECTIONS)
+    shared = sorted(
+        {
+            name.rpartition(".")[2]
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name.rpartition(".")[0].rpartition(".")[2] in SHARED_MODULES
+        }
+    )
+    if not shared:
+        return list(ATTENTION_PROJECTIONS)
+    return (
+        rf".*\.({'|'.join(ATTENTION_PROJECTIONS)})"
+        rf"|.*\.({'|'.join(SHARED_MODULES)})\.({'|'.join(shared)})"
+    )
+
+
+def _quantize_linears(model: PreTrainedModel, config: BitsAndBytesConfig, trained: tuple[str, ...] = ()) -> None:
     """Swap the (meta) linear modules for bitsandbytes' `Linear4bit`, as transformers' bitsandbytes quantizer does."""
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
     if not config.load_in_4bit:
         raise MoeifyError("linear_quantization must be a 4-bit BitsAndBytesConfig (load_in_4bit=True).")
-    skip = ["lm_head", *ROUTER_MODULES, *(config.llm_int8_skip_modules or [])]
+    skip = ["lm_head", *ROUTER_MODULES, *trained, *(config.llm_int8_skip_modules or [])]
     replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=config)
     model.is_loaded_in_4bit = True  # peft wraps `Linear4bit` with its 4-bit LoRA layer only when this is set
 
