@@ -13,6 +13,9 @@ and on the experts. Each variant runs in a fresh process:
      quant) and per-expert LoRA inside the grouped dispatch (`add_expert_lora`)
   d. moeify `load_for_training`: experts quantized layer by layer while loading, other linears in bf16, routers
      trained in full precision (peft `modules_to_save`)
+  e. moeify's whole path: `load_for_training` with the linears 4-bit too (`linear_quantization`, the same
+     `BitsAndBytesConfig`), and the loss from `moeify.train.causal_lm_loss`, which computes the LM head and the
+     cross-entropy in chunks of 1024 tokens under checkpointing instead of materialising float32 logits
 
 Reported: anonymous resident memory (RssAnon: heap and tensors, not the memory-mapped checkpoint's pages) before
 the first step, its peak during step 1 (sampled every 2 ms), and the median time of the steps after the first.
@@ -35,6 +38,7 @@ VARIANTS = {
     "b": "BitsAndBytesConfig 4-bit + peft",
     "c": "moeify 4-bit experts",
     "d": "moeify load_for_training",
+    "e": "moeify load_for_training + 4-bit linears + chunked loss",
 }
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -103,7 +107,7 @@ def run_variant(variant: str, folder: Path, steps: int, seq: int, checkpointing:
     torch.manual_seed(0)
     loading = PeakRss()
     loading.start()
-    quantized = variant in ("b", "c")
+    quantized = variant in ("b", "c", "e")
     bnb = (
         BitsAndBytesConfig(
             load_in_4bit=True,
@@ -115,16 +119,20 @@ def run_variant(variant: str, folder: Path, steps: int, seq: int, checkpointing:
         else None
     )
     experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-    if variant == "d":
+    if variant in ("d", "e"):
         from moeify.quant import ExpertLora, load_for_training
 
         lora = LoraConfig(r=16, lora_alpha=32, target_modules=ATTENTION)
         model = load_for_training(
-            folder, lora=ExpertLora(r=16, alpha=32), attention_lora=lora, gradient_checkpointing=checkpointing
+            folder,
+            lora=ExpertLora(r=16, alpha=32),
+            attention_lora=lora,
+            gradient_checkpointing=checkpointing,
+            linear_quantization=bnb,
         )
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, quantization_config=bnb)
-    if variant == "d":
+    if variant in ("d", "e"):
         pass
     elif variant == "c":
         from moeify.quant import ExpertLora, quantize_experts
@@ -138,7 +146,7 @@ def run_variant(variant: str, folder: Path, steps: int, seq: int, checkpointing:
         names = [f"model.layers.{i}.{p}" for i in range(model.config.num_hidden_layers) for p in experts]
         config = LoraConfig(r=16, lora_alpha=32, target_modules=ATTENTION, target_parameters=names)
         model = get_peft_model(model, config)
-    if checkpointing and variant != "d":
+    if checkpointing and variant not in ("d", "e"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     peak_load = loading.stop()
@@ -158,7 +166,12 @@ def run_variant(variant: str, folder: Path, steps: int, seq: int, checkpointing:
         if step == 0:
             meter.start()
         started = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        if variant == "e":
+            from moeify.train import causal_lm_loss
+
+            loss = causal_lm_loss(model, ids)
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -183,6 +196,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--work", type=Path, default=Path("/tmp/moeify-bench/qlora"))
     parser.add_argument("--no-checkpointing", action="store_true", help="train without gradient checkpointing")
+    parser.add_argument("--variants", default="".join(VARIANTS), help="which variants to run (default: all)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = parser.parse_args()
     folder = args.work / ("mixtral-small" if args.small else "mixtral")
@@ -192,7 +206,7 @@ def main() -> None:
         return
     build(folder, args.small)
     results = {}
-    for variant in VARIANTS:
+    for variant in [v for v in VARIANTS if v in args.variants]:
         cmd = [
             sys.executable,
             __file__,
@@ -231,6 +245,12 @@ def main() -> None:
         print(
             f"\nmoeify / BitsAndBytesConfig: peak in step 1 {c['peak_step1'] / b['peak_step1']:.2f}x; "
             f"moeify / bf16: step time {c['time'] / a['time']:.2f}x, peak {c['peak_step1'] / a['peak_step1']:.2f}x"
+        )
+    if {"a", "b", "e"} <= set(results):
+        a, b, e = results["a"], results["b"], results["e"]
+        print(
+            f"moeify's whole path (e) / BitsAndBytesConfig: peak in step 1 {e['peak_step1'] / b['peak_step1']:.2f}x; "
+            f"(e) / bf16: step time {e['time'] / a['time']:.2f}x"
         )
     if {"c", "d"} <= set(results):
         c, d = results["c"], results["d"]

@@ -1,0 +1,68 @@
+"""`causal_lm_loss` equals the model's own loss (and its gradients), chunk by chunk, for every class moeify writes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GraniteMoeSharedConfig,
+    GraniteMoeSharedForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+)
+
+from moeify.train import causal_lm_loss
+
+SMALL = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+MODELS = {
+    "mixtral": lambda: MixtralForCausalLM(MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": lambda: Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        **SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)),
+    "granitemoeshared (logits_scaling)": lambda: GraniteMoeSharedForCausalLM(GraniteMoeSharedConfig(
+        **SMALL, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=32, logits_scaling=4.0)),
+    "gemma3 (softcapping)": lambda: Gemma3ForCausalLM(Gemma3TextConfig(
+        **SMALL, head_dim=16, final_logit_softcapping=5.0, sliding_window=4)),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_chunked_loss_and_gradients_equal_the_models_own(name: str) -> None:
+    torch.manual_seed(0)
+    model = get_peft_model(MODELS[name](), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if "lora_B" in param_name:
+                param.normal_(std=0.1)
+    ids = torch.randint(0, 101, (3, 13))
+    labels = ids.clone()
+    labels[0, :5] = -100  # a prompt that is not predicted
+    mask = torch.ones_like(ids)
+    mask[2, 9:] = 0  # right padding
+    labels[2, 9:] = -100
+
+    expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    expected.backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    got = causal_lm_loss(model, ids, labels, attention_mask=mask, chunk_tokens=7)  # several chunks, one partial
+    got.backward()
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    assert expected_grads
+    for param_name, grad in expected_grads.items():
+        param = dict(model.named_parameters())[param_name]
+        torch.testing.assert_close(param.grad, grad, atol=1e-6, rtol=1e-5)
+
+
+def test_models_with_an_auxiliary_loss_use_their_own_forward() -> None:
+    torch.manual_seed(0)
+    config = MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True)
+    model = MixtralForCausalLM(config)
+    ids = torch.randint(0, 101, (2, 9))
+    expected = model(input_ids=ids, labels=ids).loss  # cross-entropy + router_aux_loss_coef * load-balancing loss
+    torch.testing.assert_close(causal_lm_loss(model, ids, chunk_tokens=4), expected)
