@@ -3,7 +3,7 @@
 A causal LM's forward with labels builds the logits of every token (bf16), casts them to float32, and keeps the
 log-softmax for backward: with a 32k vocabulary and 1024 tokens that is about 0.4 GiB, more than the 4-bit
 experts of a small MoE. Here the decoder runs as usual (LoRA, gradient checkpointing and all), then the LM head and
-the cross-entropy run on chunks of `chunk_tokens` tokens under activation checkpointing: each chunk's logits are
+the cross-entropy run on chunks of tokens under activation checkpointing: each chunk's logits are
 recomputed in backward instead of kept, so the peak holds one chunk's logits. The result equals
 `model(input_ids, labels=labels).loss` (same shift, same ignore index -100, mean over the predicted tokens).
 
@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+CHUNK_BYTES = 32 << 20  # float32 logits of one chunk
 
 
 def causal_lm_loss(
@@ -27,11 +28,12 @@ def causal_lm_loss(
     input_ids: torch.Tensor,
     labels: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
-    chunk_tokens: int = 1024,
+    chunk_tokens: int | None = None,
 ) -> torch.Tensor:
     """Mean next-token cross-entropy of `model` (a transformers causal LM, or a peft model around one).
 
-    `labels` default to `input_ids`; positions labelled -100 are not predicted. Models whose forward adds an
+    `labels` default to `input_ids`; positions labelled -100 are not predicted. `chunk_tokens` defaults to the
+    tokens whose float32 logits fill `CHUNK_BYTES` (256 tokens for a 32k vocabulary). Models whose forward adds an
     auxiliary loss (`output_router_logits=True`) or transforms logits in a way this function does not know fall
     back to `model(..., labels=labels).loss`.
     """
@@ -48,6 +50,7 @@ def causal_lm_loss(
     targets = targets[keep]
     softcap = getattr(config, "final_logit_softcapping", None)
     scaling = getattr(config, "logits_scaling", None)  # GraniteMoe divides its logits by this
+    chunk_tokens = chunk_tokens or max(1, CHUNK_BYTES // (4 * head.weight.shape[0]))
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, len(targets), chunk_tokens):
         end = start + chunk_tokens
