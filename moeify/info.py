@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -27,26 +28,27 @@ def model_info(source: str, trust_remote_code: bool = False) -> dict[str, Any]:
     import moeify  # noqa: F401  (registers the moeify config)
 
     folder = resolve_source(source, trust_remote_code=trust_remote_code)
-    config = load_config(folder, trust_remote_code)
+    quantization = None
+    if json.loads((folder / "config.json").read_text()).get("model_type") == "moeify_4bit_experts":
+        from .quant.loading import read_config
+
+        config, q = read_config(folder)  # a save_4bit checkpoint: its experts are stored packed
+        assert q is not None
+        quantization = f"experts {q.quant_type} 4-bit, blocksize {q.blocksize}" + (", double quant" * q.double_quant)
+    else:
+        config = load_config(folder, trust_remote_code)
     checkpoint = open_checkpoint(folder)  # reads headers only
     stored = sum(
         math.prod(checkpoint.shape(name)) * torch.empty((), dtype=checkpoint.dtype(name)).element_size()
         for name in checkpoint
     )
     shapes = {name: checkpoint.shape(name) for name in checkpoint}
-    quantization = None
-    saved = getattr(config, "quantization_config", None)
-    if isinstance(saved, dict) and saved.get("quant_method") == "moeify_experts_4bit":
+    if quantization is not None:  # count the parameters the packed experts stand for
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
 
-        from .quant.loading import saved_quantization
-
-        q = saved_quantization(config)  # the experts are stored packed: count the parameters they represent
-        assert q is not None
-        quantization = f"experts {q.quant_type} 4-bit, blocksize {q.blocksize}" + (", double quant" * q.double_quant)
         with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config)
         shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     params = summarize(shapes, config)
     quantizable = sum(

@@ -28,7 +28,7 @@ from accelerate import init_empty_weights
 from huggingface_hub import ModelCard, ModelCardData
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from .atomic import atomic_output, check_output_folder
 from .checkpoint import Checkpoint, open_checkpoint
@@ -185,16 +185,13 @@ class _Plan:
 
 def _plan(base: Path, adapter: Path, dtype: torch.dtype | None) -> _Plan:
     """Check the adapter against the base (on the meta device) and list every output tensor with its producer."""
-    config = AutoConfig.from_pretrained(base)
-    from_4bit = None
-    quantization = getattr(config, "quantization_config", None)
-    if isinstance(quantization, dict) and quantization.get("quant_method") == "moeify_experts_4bit":
-        from .quant.loading import saved_quantization
+    from .quant.loading import read_config
 
-        quantization = saved_quantization(config)  # also removes it from `config`
-        from_4bit = f"{quantization.quant_type}, blocksize {quantization.blocksize}"
-    elif quantization is not None:
-        raise MoeifyError(f"{base} is quantized ({_quant_method(quantization)}); merge into a full-precision base.")
+    config, quantization = read_config(base)
+    from_4bit = f"{quantization.quant_type}, blocksize {quantization.blocksize}" if quantization else None
+    if getattr(config, "quantization_config", None) is not None:
+        method = _quant_method(config.quantization_config)
+        raise MoeifyError(f"{base} is quantized ({method}); merge into a full-precision base.")
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     params = dict(model.named_parameters())
@@ -490,6 +487,10 @@ def _write_metadata(plan: _Plan, base: Path, folder: Path) -> None:
             shutil.copy2(path, folder / path.name)
     config = json.loads((base / "config.json").read_text())
     config.pop("quantization_config", None)
+    if "moeify_model_type" in config:  # a save_4bit checkpoint's: the real model type (and remote code) again
+        config["model_type"] = config.pop("moeify_model_type")
+        if "moeify_auto_map" in config:
+            config["auto_map"] = config.pop("moeify_auto_map")
     if plan.specs:
         floating = {spec.dtype for spec in plan.specs if spec.dtype.is_floating_point}
         if len(floating) == 1:
@@ -501,7 +502,8 @@ def _write_card(plan: _Plan, base: str | Path, adapter: str | Path, folder: Path
     """The base's model card (if any) with a section recording the merged adapter."""
     card_path = Path(str(base)) / "README.md"
     empty = f"---\n{ModelCardData(library_name='transformers', pipeline_tag='text-generation').to_yaml()}\n---\n"
-    card = ModelCard.load(card_path) if card_path.exists() else ModelCard(empty)
+    # A save_4bit folder's README describes the 4-bit checkpoint, not the model: start a new card then.
+    card = ModelCard.load(card_path) if card_path.exists() and not plan.from_4bit else ModelCard(empty)
     experts = sorted({p for p, lora in plan.loras.items() if lora.num_experts})
     others = sorted({p for p, lora in plan.loras.items() if not lora.num_experts})
     expert_ranks = sorted(

@@ -141,6 +141,7 @@ def test_merge_into_a_4bit_base_equals_the_trained_model_in_the_released_layout(
     assert "quantization_config" not in config
     card = (tmp_path / "merged" / "README.md").read_text()
     assert "## Merged LoRA adapter" in card and str(tmp_path / "adapter") in card and "dequantized" in card
+    assert "4-bit training checkpoint" not in card
     assert f"{result.max_abs_diff:.3e}" in card
 
 

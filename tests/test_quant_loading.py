@@ -97,6 +97,11 @@ def test_4bit_checkpoint_reloads_without_quantizing_again(
     assert config == {"quant_method": "moeify_experts_4bit", "quant_type": "nf4", "blocksize": 64,
                       "double_quant": True, "storage_dtype": "bfloat16"}
 
+    for remote in (False, True):  # plain transformers refuses, loads no garbage
+        with pytest.raises(ValueError, match="moeify_4bit_experts"):
+            AutoModelForCausalLM.from_pretrained(saved, trust_remote_code=remote)
+    assert "load_for_training" in (saved / "README.md").read_text()
+
     def no_quantizing(*args: object, **kwargs: object) -> None:
         raise AssertionError("the 4-bit checkpoint was quantized again")
 
@@ -141,8 +146,7 @@ def test_bad_settings_fail_before_loading_with_what_to_change(
 ) -> None:
     from peft import LoraConfig
 
-    from moeify.quant import ExpertLora, ExpertQuantization
-    from moeify.quant import loading
+    from moeify.quant import ExpertLora, ExpertQuantization, loading
 
     out = converted("llama", E4K2, tmp_path_factory)
     kwargs = {

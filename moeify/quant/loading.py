@@ -19,6 +19,7 @@ MoE names stock `save_pretrained` writes (the same ones moeify's native formats 
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 from typing import Literal
@@ -29,6 +30,7 @@ from accelerate.utils import set_module_tensor_to_device
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..checkpoint import open_checkpoint
 from ..errors import MoeifyError
@@ -42,6 +44,7 @@ ROUTER_MODULES = ("gate", "router", "shared_expert_gate")  # full precision and 
 SHARED_MODULES = ("shared_expert", "shared_experts", "shared_mlp")  # Qwen2-MoE, moeify, GraniteMoeShared
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 QUANT_METHOD = "moeify_experts_4bit"  # `quant_method` of a saved 4-bit checkpoint's `quantization_config`
+CHECKPOINT_MODEL_TYPE = "moeify_4bit_experts"  # the `model_type` in its config.json (see `read_config`)
 
 
 def load_for_training(
@@ -80,8 +83,7 @@ def load_for_training(
     import moeify  # noqa: F401  (registers the moeify format)
 
     folder = resolve_source(str(source))
-    config = AutoConfig.from_pretrained(folder)
-    saved = saved_quantization(config)
+    config, saved = read_config(folder)
     if saved is not None and quantization is not None and quantization != saved:
         raise MoeifyError(
             f"{folder} holds experts saved as {saved}; they cannot be loaded as {quantization}. Pass quantization=None "
@@ -213,18 +215,29 @@ def _load_weights(
         setattr(model.get_submodule(parent), child, quantized)
 
 
-def saved_quantization(config: PretrainedConfig) -> ExpertQuantization | None:
-    """The expert quantization a checkpoint was saved with (`save_4bit`), or None for full-precision weights."""
-    saved = getattr(config, "quantization_config", None)
-    if not isinstance(saved, dict) or saved.get("quant_method") != QUANT_METHOD:
-        return None
-    del config.quantization_config  # ours, not a transformers quantizer: building the model must not look for one
-    return ExpertQuantization(
+def read_config(folder: Path) -> tuple[PretrainedConfig, ExpertQuantization | None]:
+    """The model config of `folder` and, for a `save_4bit` checkpoint, the quantization its experts were saved with.
+
+    A 4-bit checkpoint's config.json names the model type `CHECKPOINT_MODEL_TYPE` (the real one is kept beside it),
+    so plain transformers refuses it ("does not recognize this architecture") instead of loading random experts.
+    """
+    raw = json.loads((Path(folder) / "config.json").read_text())
+    if raw.get("model_type") != CHECKPOINT_MODEL_TYPE:
+        return AutoConfig.from_pretrained(folder), None
+    raw["model_type"] = raw.pop("moeify_model_type")
+    if "moeify_auto_map" in raw:
+        raw["auto_map"] = raw.pop("moeify_auto_map")
+    saved = raw.pop("quantization_config")
+    if saved.get("quant_method") != QUANT_METHOD:
+        raise MoeifyError(f"{folder}: unknown 4-bit checkpoint quant_method {saved.get('quant_method')!r}.")
+    config = CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
+    quantization = ExpertQuantization(
         quant_type=saved["quant_type"],
         blocksize=saved["blocksize"],
         double_quant=saved["double_quant"],
         storage_dtype=getattr(torch, saved["storage_dtype"]),
     )
+    return config, quantization
 
 
 def save_4bit(model: nn.Module, out: str | Path) -> Path:
@@ -267,4 +280,28 @@ def save_4bit(model: nn.Module, out: str | Path) -> Path:
         base.save_pretrained(out, state_dict=state, save_original_format=False)
     finally:
         base.config = original
+    raw = json.loads((out / "config.json").read_text())
+    raw["moeify_model_type"], raw["model_type"] = raw["model_type"], CHECKPOINT_MODEL_TYPE
+    if "auto_map" in raw:  # remote code would load it as the full-precision class, random experts and all
+        raw["moeify_auto_map"] = raw.pop("auto_map")
+    (out / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    (out / "README.md").write_text(
+        _CHECKPOINT_README.format(model_type=raw["moeify_model_type"], **config.quantization_config)
+    )
     return out
+
+
+_CHECKPOINT_README = """# 4-bit training checkpoint (moeify)
+
+The base of a {model_type} model with its routed experts stored as bitsandbytes {quant_type} 4-bit bytes and
+scales (blocksize {blocksize}, double quant {double_quant}), written by `moeify.quant.save_4bit`. It is not a model
+transformers loads on its own (config.json's model_type says so). Use it with moeify:
+
+```python
+from moeify.quant import load_for_training
+
+model = load_for_training("THIS_FOLDER")  # no quantization runs again
+```
+
+or merge a LoRA adapter trained on it into full-precision weights: `moeify merge THIS_FOLDER ADAPTER -o OUT`.
+"""
