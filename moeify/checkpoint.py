@@ -56,6 +56,11 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def read_into(self, name: str, out: torch.Tensor, index: int | None = None) -> None:
+        """Copy tensor `name` (or its `index`-th slice along the first dimension) into the contiguous `out`."""
+        value = self.get(name)
+        out.copy_(value if index is None else value[index])
+
 
 class SafetensorsCheckpoint(Checkpoint):
     """The tensors of a folder's `*.safetensors` files (sharded or not)."""
@@ -77,16 +82,29 @@ class SafetensorsCheckpoint(Checkpoint):
         """Read one tensor into a new buffer."""
         entry = self._entries[name]
         data = torch.empty(entry.end - entry.begin, dtype=torch.uint8)
+        self._pread(name, data, entry.begin)
+        return data.view(entry.dtype).reshape(entry.shape)
+
+    def read_into(self, name: str, out: torch.Tensor, index: int | None = None) -> None:
+        """Read tensor `name` (or its `index`-th slice along the first dimension) straight into `out`, no copy."""
+        entry = self._entries[name]
+        shape = entry.shape if index is None else entry.shape[1:]
+        if out.dtype != entry.dtype or tuple(out.shape) != tuple(shape) or not out.is_contiguous():
+            raise ValueError(f"cannot read {name} {list(shape)} {entry.dtype} into {list(out.shape)} {out.dtype}")
+        begin = entry.begin if index is None else entry.begin + index * out.numel() * entry.dtype.itemsize
+        self._pread(name, out.view(-1).view(torch.uint8), begin)
+
+    def _pread(self, name: str, data: torch.Tensor, offset: int) -> None:
+        entry = self._entries[name]
         view = memoryview(data.numpy())
         done = 0
         while done < len(view):
-            count = os.preadv(self._fds[entry.file], [view[done:]], entry.begin + done)
+            count = os.preadv(self._fds[entry.file], [view[done:]], offset + done)
             if count == 0:
                 raise MoeifyError(
                     f"{self.folder / entry.file} ended early while reading {name}: the file is truncated."
                 )
             done += count
-        return data.view(entry.dtype).reshape(entry.shape)
 
     def __del__(self) -> None:
         for fd in getattr(self, "_fds", {}).values():

@@ -10,11 +10,12 @@ for GraniteMoe, fused under its own names. `load_for_training` and `merge` read 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
 
+from .checkpoint import Checkpoint
 from .errors import MoeifyError
 from .formats import NATIVE_FORMATS, MoETensorNames
 
@@ -99,12 +100,13 @@ def _native_pieces(module: str, num_experts: int, model_type: str, layout: str) 
     return []
 
 
-def read_expert_param(pieces: list[ExpertPiece], param: str, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
-    """Experts parameter `param` `(E, out, in)` assembled from its `pieces` (`get` reads one checkpoint tensor)."""
-    mine = [piece for piece in pieces if piece.param == param]
-    if len(mine) == 1 and mine[0].expert is None:
-        return get(mine[0].name)
-    experts: dict[int, list[torch.Tensor]] = {}
-    for piece in sorted(mine, key=lambda p: (p.expert, p.half or 0)):
-        experts.setdefault(int(piece.expert or 0), []).append(get(piece.name))
-    return torch.stack([torch.cat(parts) for _, parts in sorted(experts.items())])
+def read_expert(
+    pieces: list[ExpertPiece], param: str, expert: int, shape: tuple[int, int], dtype: torch.dtype, reader: Checkpoint
+) -> torch.Tensor:
+    """One expert's matrix `(out, in)` of `param`, read from its pieces straight into one buffer."""
+    out = torch.empty(shape, dtype=dtype)
+    for piece in pieces:
+        if piece.param != param or piece.expert not in (None, expert):
+            continue
+        reader.read_into(piece.name, out[piece.rows(shape[0])], index=expert if piece.expert is None else None)
+    return out

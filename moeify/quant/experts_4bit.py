@@ -135,22 +135,26 @@ class Experts4bit(nn.Module):
     @torch.no_grad()
     def quantize_(self, name: str, weight: torch.Tensor) -> None:
         """Store `weight` `(E, out, in)` of projection `name`, one expert at a time."""
-        q = self.quantization
-        packed = getattr(self, f"{name}_packed").view(torch.uint8)
         for expert in range(self.num_experts):
-            data, state = bnb_functional.quantize_4bit(
-                weight[expert].contiguous(),
-                blocksize=q.blocksize,
-                compress_statistics=q.double_quant,
-                quant_type=q.quant_type,
-            )
-            packed[expert].copy_(data.view(-1))
-            getattr(self, f"{name}_absmax")[expert].copy_(state.absmax.view(-1))
-            if q.double_quant:
-                getattr(self, f"{name}_nested_absmax")[expert].copy_(state.state2.absmax.view(-1))
-                getattr(self, f"{name}_offset")[expert] = state.offset
-                self.nested_code.copy_(state.state2.code)
-            self.code.copy_(state.code)
+            self.quantize_expert_(name, expert, weight[expert])
+
+    @torch.no_grad()
+    def quantize_expert_(self, name: str, expert: int, weight: torch.Tensor) -> None:
+        """Store one expert's `weight` `(out, in)` of projection `name` (loaders store one expert at a time)."""
+        q = self.quantization
+        data, state = bnb_functional.quantize_4bit(
+            weight.contiguous(),
+            blocksize=q.blocksize,
+            compress_statistics=q.double_quant,
+            quant_type=q.quant_type,
+        )
+        getattr(self, f"{name}_packed").view(torch.uint8)[expert].copy_(data.view(-1))
+        getattr(self, f"{name}_absmax")[expert].copy_(state.absmax.view(-1))
+        if q.double_quant:
+            getattr(self, f"{name}_nested_absmax")[expert].copy_(state.state2.absmax.view(-1))
+            getattr(self, f"{name}_offset")[expert] = state.offset
+            self.nested_code.copy_(state.state2.code)
+        self.code.copy_(state.code)
 
     def absmax(self, name: str, experts: torch.Tensor) -> torch.Tensor:
         """The float32 scales of `experts` for projection `name`, `(len(experts), blocks)`."""
