@@ -136,6 +136,20 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune an upcycled MoE from a YAML recipe",
+        description="Fine-tune an MoE from RECIPE (YAML), with KEY=VALUE overrides (training.learning_rate=1e-4). "
+        "--print-defaults shows every key with its default; --dry-run checks the recipe and estimates memory "
+        "without loading weights.",
+    )
+    p.add_argument("recipe", metavar="RECIPE", nargs="?", help="recipe YAML file")
+    p.add_argument("overrides", metavar="KEY=VALUE", nargs="*", help="dotted overrides, values parsed as YAML")
+    p.add_argument("--print-defaults", action="store_true", help="print the whole recipe schema with defaults")
+    p.add_argument("--dry-run", action="store_true", help="check the recipe, count parameters, estimate memory")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `moeify` command."""
     parser = argparse.ArgumentParser(
@@ -147,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(sub)
     _add_push(sub)
     _add_merge(sub)
+    _add_train(sub)
     return parser
 
 
@@ -234,15 +249,41 @@ def _run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_train(args: argparse.Namespace) -> int:
+    from .train.recipe import defaults_yaml, load_recipe
+
+    if args.print_defaults:
+        print(defaults_yaml(), end="")
+        return 0
+    if args.recipe is None:
+        raise MoeifyError("give a RECIPE file (see --print-defaults for every key).")
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        from .train.dry_run import describe
+
+        print(describe(recipe), end="")
+        return 0
+    raise MoeifyError(
+        "the recipe is valid, but this version of moeify only checks recipes (--dry-run); the training run is "
+        "not built yet."
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `moeify` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra  # KEY=VALUE overrides after an option: `moeify train R.yaml --dry-run lora.r=8`
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     runners = {
         "convert": _run_convert,
         "verify": _run_verify,
         "info": _run_info,
         "push": _run_push,
         "merge": _run_merge,
+        "train": _run_train,
     }
     try:
         return runners[args.command](args)

@@ -1,0 +1,130 @@
+"""`moeify train --dry-run`: the resolved recipe, trainable / total parameters and a peak-memory estimate, from the
+model's config alone (the model is built on the meta device: no weight is read)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import PretrainedConfig
+
+from .recipe import Recipe
+
+ROUTERS = ("gate", "router", "shared_expert_gate")
+SHARED = ("shared_expert", "shared_experts", "shared_mlp")
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+@dataclass
+class Estimate:
+    """Parameter counts and memory of a training run, before anything is loaded."""
+
+    total_params: int
+    trainable_params: int
+    weights_bytes: int
+    training_state_bytes: int  # trainable weights, gradients, AdamW moments
+    activation_bytes: int
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.weights_bytes + self.training_state_bytes + self.activation_bytes
+
+
+def estimate(recipe: Recipe) -> Estimate:
+    """Count parameters of the recipe's model (meta device) and estimate the peak memory of one training step."""
+    from transformers import AutoModelForCausalLM
+
+    import moeify  # noqa: F401  (registers the moeify format)
+
+    from ..errors import MoeifyError
+
+    if recipe.model.path is None:
+        raise MoeifyError("--dry-run needs model.path (an upcycled MoE); with model.source, convert first.")
+    try:
+        config = _config(recipe.model.path)
+    except OSError as err:
+        raise MoeifyError(f"cannot read the config of {recipe.model.path}: {err}") from None
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    q, lora = recipe.quantization, recipe.lora
+    compute = _DTYPE_BYTES[q.compute_dtype]
+    total = trainable = weights = 0
+    for name, module in model.named_modules():
+        leaf = name.rpartition(".")[2]
+        parent = name.rpartition(".")[0].rpartition(".")[2]
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        total += own
+        if leaf == "experts" and getattr(module, "gate_up_proj", None) is not None:
+            weights += own * compute if q.experts == "none" else _four_bit_bytes(own, q.blocksize, q.double_quant)
+            if lora is not None and "experts" in lora.targets:
+                experts, two_i, hidden = module.gate_up_proj.shape
+                rank = lora.expert_r or lora.r
+                trainable += experts * rank * ((hidden + two_i) + (two_i // 2 + hidden))
+            elif lora is None:
+                trainable += own
+        elif leaf in ROUTERS:  # a Linear or a router module of its own (Qwen2-MoE's, Mixtral's): full precision
+            weights += own * compute
+            if lora is None or lora.train_router:
+                trainable += own
+        elif isinstance(module, nn.Linear) and leaf != "lm_head":
+            weights += _four_bit_bytes(own, 64, q.double_quant) if q.linear != "none" else own * compute
+            if lora is None:
+                trainable += own
+            elif ("attention" in lora.targets and leaf in ATTENTION) or (
+                "shared_experts" in lora.targets and parent in SHARED
+            ):
+                trainable += lora.r * (module.in_features + module.out_features)
+        else:
+            weights += own * compute
+            if lora is None:
+                trainable += own
+    state = trainable * (compute + compute + 8)  # weight + gradient + two float32 AdamW moments
+    return Estimate(total, trainable, weights, state, _activations(recipe, config))
+
+
+def _config(path: str) -> PretrainedConfig:
+    """A local folder's config (a `save_4bit` checkpoint's included), or a Hub id's (config.json only)."""
+    from transformers import AutoConfig
+
+    if Path(path).is_dir():
+        from ..quant.loading import read_config
+
+        return read_config(Path(path))[0]
+    return AutoConfig.from_pretrained(path)
+
+
+def _four_bit_bytes(numel: int, blocksize: int, double_quant: bool) -> int:
+    blocks = math.ceil(numel / blocksize)
+    scales = blocks + 4 * math.ceil(blocks / 256) if double_quant else 4 * blocks
+    return numel // 2 + scales
+
+
+def _activations(recipe: Recipe, config: PretrainedConfig) -> int:
+    """Rough: with gradient checkpointing, each layer keeps its input; one layer is recomputed at a time (about 16
+    hidden-sized tensors), and the loss holds one chunk of float32 logits (`causal_lm_loss`)."""
+    text = config.get_text_config()
+    tokens = int(recipe.training.get("per_device_train_batch_size", 8)) * recipe.data.max_length
+    hidden = tokens * text.hidden_size * _DTYPE_BYTES[recipe.quantization.compute_dtype]
+    checkpointing = recipe.training.get("gradient_checkpointing", True)
+    layers = text.num_hidden_layers
+    return hidden * (layers + 16 if checkpointing else 16 * layers) + (32 << 20)
+
+
+def describe(recipe: Recipe) -> str:
+    """What `--dry-run` prints."""
+    result = estimate(recipe)
+    gib = 2**30
+    share = result.trainable_params / max(result.total_params, 1)
+    return (
+        "# resolved recipe\n"
+        + yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+        + f"\ntrainable parameters  {result.trainable_params:,} of {result.total_params:,} ({share:.2%})\n"
+        f"peak memory estimate  {result.peak_bytes / gib:.2f} GiB per device = weights {result.weights_bytes / gib:.2f}"
+        f" + trainable state (weights, gradients, AdamW) {result.training_state_bytes / gib:.2f}"
+        f" + activations ~{result.activation_bytes / gib:.2f} GiB\n"
+    )
