@@ -263,10 +263,12 @@ def _run_train(args: argparse.Namespace) -> int:
 
         print(describe(recipe), end="")
         return 0
-    raise MoeifyError(
-        "the recipe is valid, but this version of moeify only checks recipes (--dry-run); the training run is "
-        "not built yet."
-    )
+    from .train.run import train
+
+    metrics = train(recipe)
+    print(f"Trained: adapter, checkpoints and train_results.json in {recipe.output.dir}")
+    print(json.dumps(metrics, indent=2))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

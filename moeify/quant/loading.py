@@ -64,8 +64,8 @@ def load_for_training(
         source: a converted MoE folder or Hub id.
         quantization: how experts are stored (NF4, blocksize 64, double quant by default).
         lora: per-expert LoRA (r 16, alpha 32 by default).
-        attention_lora: peft `LoraConfig` for the other modules (default: r 16, alpha 32 on the q/k/v/o projections
-            and, with `shared_experts="lora"`, on the shared experts' projections).
+        attention_lora: peft `LoraConfig` for the other modules (default: r 16, alpha 32); without
+            `target_modules`, on the q/k/v/o projections and, with `shared_experts="lora"`, the shared experts'.
         dtype: compute dtype of everything that is not a 4-bit expert.
         gradient_checkpointing: enable it (non-reentrant) and input gradients, without peft's
             `prepare_model_for_kbit_training` (which upcasts every other parameter to float32).
@@ -98,7 +98,9 @@ def load_for_training(
     if shared_experts not in ("lora", "full", "frozen"):
         raise MoeifyError(f"shared_experts must be 'lora', 'full' or 'frozen', not {shared_experts!r}.")
     if attention_lora is None:
-        attention_lora = LoraConfig(r=16, lora_alpha=32, target_modules=_default_targets(model, shared_experts))
+        attention_lora = LoraConfig(r=16, lora_alpha=32)
+    if attention_lora.target_modules is None:
+        attention_lora.target_modules = _default_targets(model, shared_experts)
     _check_settings(model, experts, quantization, lora, attention_lora)  # before the (slow) loading
     if linear_quantization is not None:
         _quantize_linears(model, linear_quantization, trained=SHARED_MODULES if shared_experts == "full" else ())

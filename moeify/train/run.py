@@ -1,0 +1,112 @@
+"""`moeify train RECIPE`: the recipe's model loaded for k-bit LoRA training, trained by transformers' `Trainer`.
+
+moeify adds the MoE-specific parts only: the model from `load_for_training` (4-bit experts, per-expert LoRA,
+routers trained in full precision) and the chunked loss (`causal_lm_loss`); the loop, checkpoints, logging and
+resumption are `Trainer`'s.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from ..errors import MoeifyError
+from .loss import causal_lm_loss
+from .recipe import Recipe
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class MoeTrainer(Trainer):
+    """`Trainer` whose loss is `causal_lm_loss` (the model's own loss, without the full float32 logits)."""
+
+    loss_is_scaled_for_ga = False  # a per-batch mean: Trainer divides it by the accumulation steps
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
+        if return_outputs or model is not self.model:  # evaluation with outputs, or a wrapped (DDP) model
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return causal_lm_loss(model, inputs["input_ids"], inputs.get("labels"), inputs.get("attention_mask"))
+
+
+def train(recipe: Recipe) -> dict[str, Any]:
+    """Run the recipe; returns the final metrics (also written to `output.dir/train_results.json`)."""
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, BitsAndBytesConfig, TrainingArguments, default_data_collator, set_seed
+
+    from ..quant import ExpertLora, ExpertQuantization, load_for_training
+    from .data import build_datasets
+
+    q, lora = recipe.quantization, recipe.lora
+    if recipe.model.path is None:
+        raise MoeifyError(
+            "model.source (upcycling inside `moeify train`) is not built yet: run `moeify convert` first."
+        )
+    if q.experts == "none" or lora is None or not {"experts", "attention"} <= set(lora.targets):
+        raise MoeifyError(
+            "this version trains 4-bit experts with LoRA on experts and attention: set quantization.experts to nf4 "
+            "or fp4 and keep `experts` and `attention` in lora.targets (full-precision experts, full fine-tuning "
+            "and other target sets are not built yet)."
+        )
+    seed = int(recipe.training.get("seed", 42))
+    set_seed(seed)
+    dtype = _DTYPES[q.compute_dtype]
+    linear = None
+    if q.linear != "none":
+        linear = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.linear,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=q.double_quant,
+        )
+    checkpointing = bool(recipe.training.get("gradient_checkpointing", True))
+    shared = "lora" if "shared_experts" in lora.targets else "frozen"
+    model = load_for_training(
+        recipe.model.path,
+        quantization=ExpertQuantization(quant_type=q.experts, blocksize=q.blocksize, double_quant=q.double_quant),
+        lora=ExpertLora(r=lora.expert_r or lora.r, alpha=lora.alpha, dropout=lora.dropout),
+        attention_lora=LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout),  # default targets
+        dtype=dtype,
+        gradient_checkpointing=checkpointing,
+        train_router=lora.train_router,
+        linear_quantization=linear,
+        shared_experts=shared,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
+    train_set, eval_set = build_datasets(recipe.data, tokenizer, seed)
+    settings = {**recipe.training, "gradient_checkpointing": False}  # enabled by load_for_training already
+    args = TrainingArguments(output_dir=recipe.output.dir, **settings)
+    trainer = MoeTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=default_data_collator,
+    )
+    result = trainer.train(resume_from_checkpoint=recipe.training.get("resume_from_checkpoint"))
+    metrics = dict(result.metrics)
+    if eval_set is not None:
+        metrics.update(trainer.evaluate())
+    trainer.save_model(recipe.output.dir)  # the PeftModel: adapter_config.json + adapter_model.safetensors
+    trainer.save_state()
+    out = Path(recipe.output.dir)
+    (out / "train_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "recipe.yaml").write_text(_recipe_yaml(recipe))
+    return metrics
+
+
+def _recipe_yaml(recipe: Recipe) -> str:
+    import yaml
+
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
