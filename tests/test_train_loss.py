@@ -18,16 +18,29 @@ from transformers import (
 
 from moeify.train import causal_lm_loss
 
-SMALL = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2)
+SMALL = dict(
+    vocab_size=101,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 MODELS = {
     "mixtral": lambda: MixtralForCausalLM(MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2)),
-    "qwen2_moe": lambda: Qwen2MoeForCausalLM(Qwen2MoeConfig(
-        **SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)),
-    "granitemoeshared (logits_scaling)": lambda: GraniteMoeSharedForCausalLM(GraniteMoeSharedConfig(
-        **SMALL, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=32, logits_scaling=4.0)),
-    "gemma3 (softcapping)": lambda: Gemma3ForCausalLM(Gemma3TextConfig(
-        **SMALL, head_dim=16, final_logit_softcapping=5.0, sliding_window=4)),
+    "qwen2_moe": lambda: Qwen2MoeForCausalLM(
+        Qwen2MoeConfig(
+            **SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32
+        )
+    ),
+    "granitemoeshared (logits_scaling)": lambda: GraniteMoeSharedForCausalLM(
+        GraniteMoeSharedConfig(
+            **SMALL, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=32, logits_scaling=4.0
+        )
+    ),
+    "gemma3 (softcapping)": lambda: Gemma3ForCausalLM(
+        Gemma3TextConfig(**SMALL, head_dim=16, final_logit_softcapping=5.0, sliding_window=4)
+    ),
 }
 
 
@@ -59,10 +72,36 @@ def test_chunked_loss_and_gradients_equal_the_models_own(name: str) -> None:
         torch.testing.assert_close(param.grad, grad, atol=1e-6, rtol=1e-5)
 
 
-def test_models_with_an_auxiliary_loss_use_their_own_forward() -> None:
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_the_router_auxiliary_loss_is_added_as_the_model_adds_it(name: str) -> None:
     torch.manual_seed(0)
-    config = MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True)
-    model = MixtralForCausalLM(config)
+    model = MODELS[name]()
+    model.config.output_router_logits, model.config.router_aux_loss_coef = True, 0.5
+    model.router_aux_loss_coef = 0.5  # the stock classes copy it at construction
     ids = torch.randint(0, 101, (2, 9))
-    expected = model(input_ids=ids, labels=ids).loss  # cross-entropy + router_aux_loss_coef * load-balancing loss
-    torch.testing.assert_close(causal_lm_loss(model, ids, chunk_tokens=4), expected)
+    expected = model(input_ids=ids, labels=ids)  # cross-entropy + router_aux_loss_coef * load-balancing loss
+    assert expected.aux_loss is not None and float(expected.aux_loss) > 0
+    torch.testing.assert_close(causal_lm_loss(model, ids, chunk_tokens=4), expected.loss)
+
+
+def test_moeify_format_with_router_loss(tmp_path, tmp_path_factory: pytest.TempPathFactory) -> None:  # noqa: ANN001
+    from tiny_models import DENSE_FOLDER, dense_model
+    from transformers import AutoModelForCausalLM
+
+    from moeify.converter import convert
+    from moeify.plan import ConvertOptions
+
+    dense = dense_model("gemma3", tmp_path_factory.getbasetemp() / DENSE_FOLDER)
+    convert(
+        str(dense),
+        tmp_path / "moe",
+        ConvertOptions(num_experts=4, top_k=2, shared_experts=1),
+        progress=False,
+        log=lambda _: None,
+    )
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.float32)
+    model.config.output_router_logits, model.config.router_aux_loss_coef = True, 0.5
+    ids = torch.randint(0, 300, (2, 9))
+    expected = model(input_ids=ids, labels=ids)
+    assert expected.aux_loss is not None
+    torch.testing.assert_close(causal_lm_loss(model, ids, chunk_tokens=5), expected.loss)

@@ -2,10 +2,11 @@
 
 A causal LM's forward with labels builds the logits of every token (bf16), casts them to float32, and keeps the
 log-softmax for backward: with a 32k vocabulary and 1024 tokens that is about 0.4 GiB, more than the 4-bit
-experts of a small MoE. Here the decoder runs as usual (LoRA, gradient checkpointing and all), then the LM head and
-the cross-entropy run on chunks of tokens under activation checkpointing: each chunk's logits are
-recomputed in backward instead of kept, so the peak holds one chunk's logits. The result equals
-`model(input_ids, labels=labels).loss` (same shift, same ignore index -100, mean over the predicted tokens).
+experts of a small MoE. Here the model runs as usual (LoRA, gradient checkpointing, router losses and all) but
+computes the logits of one position only, then the LM head and the cross-entropy run on chunks of the decoder's
+output under activation checkpointing: each chunk's logits are recomputed in backward instead of kept, so the
+peak holds one chunk's logits. The result equals `model(input_ids, labels=labels).loss` (same shift, same ignore
+index -100, mean over the predicted tokens, plus the router auxiliary loss).
 
 Why by hand: transformers computes the loss from full logits, and the fused kernels that avoid them (Liger's fused
 linear cross-entropy, Apple's Cut Cross-Entropy) are CUDA/Triton only; this is the same idea in plain PyTorch,
@@ -30,20 +31,28 @@ def causal_lm_loss(
     attention_mask: torch.Tensor | None = None,
     chunk_tokens: int | None = None,
 ) -> torch.Tensor:
-    """Mean next-token cross-entropy of `model` (a transformers causal LM, or a peft model around one).
+    """Mean next-token cross-entropy of `model` (a transformers causal LM, or a peft / DDP / FSDP wrapper of one),
+    plus its router auxiliary loss when the config asks for one (`output_router_logits`, `router_aux_loss_coef`).
 
-    `labels` default to `input_ids`; positions labelled -100 are not predicted. `chunk_tokens` defaults to the
-    tokens whose float32 logits fill `CHUNK_BYTES` (256 tokens for a 32k vocabulary). Models whose forward adds an
-    auxiliary loss (`output_router_logits=True`) or transforms logits in a way this function does not know fall
-    back to `model(..., labels=labels).loss`.
+    The model's own forward runs (through any wrapper, so distributed engines see it) with `logits_to_keep=1`; the
+    decoder's final hidden states are taken with a forward hook, and the LM head and cross-entropy run on chunks of
+    them. `labels` default to `input_ids`; positions labelled -100 are not predicted. `chunk_tokens` defaults to
+    the tokens whose float32 logits fill `CHUNK_BYTES` (256 tokens for a 32k vocabulary). A model whose LM head this
+    function does not know (not a bias-free Linear) gets `model(..., labels=labels).loss`.
     """
     labels = input_ids if labels is None else labels
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrap(model)
     config = base.config.get_text_config()
     head = base.get_output_embeddings()
-    if getattr(config, "output_router_logits", False) or not isinstance(head, nn.Linear) or head.bias is not None:
+    if not isinstance(head, nn.Linear) or head.bias is not None:
         return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    captured: list[torch.Tensor] = []
+    hook = base.get_decoder().register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
+    try:
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
+    finally:
+        hook.remove()
+    hidden = captured[-1]
     targets = labels[:, 1:].reshape(-1)
     keep = targets != IGNORE_INDEX
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
@@ -57,7 +66,20 @@ def causal_lm_loss(
         total = total + checkpoint(
             _chunk_loss, hidden[start:end], targets[start:end], head.weight, softcap, scaling, use_reentrant=False
         )
-    return total / max(len(targets), 1)
+    loss = total / max(len(targets), 1)
+    aux = getattr(outputs, "aux_loss", None)
+    if aux is not None and getattr(base.config, "output_router_logits", False):
+        # Mixtral and Qwen-MoE keep the coefficient they were built with; moeify's model reads its config.
+        coef = getattr(base, "router_aux_loss_coef", base.config.router_aux_loss_coef)
+        loss = loss + coef * aux.to(loss.device)
+    return loss
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside DDP / FSDP (`.module`) and peft (`get_base_model`) wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _chunk_loss(

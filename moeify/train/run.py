@@ -34,7 +34,7 @@ class MoeTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> Any:
-        if return_outputs or model is not self.model:  # evaluation with outputs, or a wrapped (DDP) model
+        if return_outputs:  # evaluation that wants the logits too
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         return causal_lm_loss(model, inputs["input_ids"], inputs.get("labels"), inputs.get("attention_mask"))
 
@@ -83,6 +83,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         shared_experts=shared,
     )
 
+    _set_router_losses(model.get_base_model(), recipe)
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
     train_set, eval_set = build_datasets(recipe.data, tokenizer, seed)
     settings = {**recipe.training, "gradient_checkpointing": False}  # enabled by load_for_training already
@@ -104,6 +105,17 @@ def train(recipe: Recipe) -> dict[str, Any]:
     (out / "train_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "recipe.yaml").write_text(_recipe_yaml(recipe))
     return metrics
+
+
+def _set_router_losses(model: torch.nn.Module, recipe: Recipe) -> None:
+    """The load-balancing loss enters the training loss with the recipe's weight (`moe.aux_loss_coef`)."""
+    if recipe.moe.z_loss_coef:
+        raise MoeifyError("moe.z_loss_coef: the router z-loss is not built yet (routing work); set it to 0.")
+    coef = recipe.moe.aux_loss_coef
+    model.config.output_router_logits = coef > 0
+    model.config.router_aux_loss_coef = coef
+    if hasattr(model, "router_aux_loss_coef"):  # the stock classes copy it when built
+        model.router_aux_loss_coef = coef
 
 
 def _recipe_yaml(recipe: Recipe) -> str:
