@@ -154,6 +154,9 @@ def test_dry_run_counts_what_load_for_training_trains_and_reads_no_weight(
         if "lora_" not in n and "modules_to_save" not in n
     )
     assert result.trainable_params == trainable
+    from moeify.info import model_info
+
+    assert result.total_params == model_info(str(out))["total_params"]
     assert result.total_params > trainable
     stored = sum(
         t.numel() * t.element_size()

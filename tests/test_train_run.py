@@ -64,3 +64,46 @@ def test_thirty_steps_lower_the_loss_and_save_a_peft_adapter(
     capsys.readouterr()
     assert main(["merge", str(moe), str(run), "-o", str(tmp_path / "merged"), "--quiet"]) == 0
     assert "max |logit difference|" in capsys.readouterr().out
+
+
+def test_data_sources_and_their_errors(tmp_path: Path) -> None:
+    from tiny_models import build_tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from moeify.errors import MoeifyError
+    from moeify.train.corpus import python_docstrings
+    from moeify.train.data import build_datasets
+    from moeify.train.recipe import DataRecipe
+
+    tokenizer: PreTrainedTokenizerFast = build_tokenizer()
+    texts = python_docstrings()
+    assert len(texts) > 300 and texts == python_docstrings()  # the same corpus every time
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in PROMPTS * 4))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "b.txt").write_text("\n".join(PROMPTS * 4))
+    for path, field in (
+        (tmp_path / "a.jsonl", "body"),
+        (tmp_path / "docs", "text"),
+        ("builtin:python-docstrings", "text"),
+    ):
+        train_set, eval_set = build_datasets(
+            DataRecipe(path=str(path), text_field=field, max_length=8, eval_fraction=0.25), tokenizer, 0
+        )
+        assert eval_set is not None and len(train_set) > len(eval_set) > 0
+        row = train_set[0]
+        assert len(row["input_ids"]) == 8 and row["labels"] == row["input_ids"]
+    bad = [
+        (
+            DataRecipe(path=str(tmp_path / "a.jsonl"), text_field="text"),
+            "data.text_field 'text' is not a column; columns: body",
+        ),
+        (DataRecipe(path=str(tmp_path / "a.xlsx")), "does not exist"),
+        (DataRecipe(path="builtin:poems"), "no such built-in corpus"),
+        (
+            DataRecipe(path=str(tmp_path / "a.jsonl"), text_field="body", max_length=100000),
+            "no training block of 100000 tokens",
+        ),
+    ]
+    for data, message in bad:
+        with pytest.raises(MoeifyError, match=message):
+            build_datasets(data, tokenizer, 0)

@@ -1,5 +1,6 @@
 """Training text from a recipe's `data` section, through `datasets` (so the HF cache and offline mode behave as
-users expect): a Hub dataset id, or local json / jsonl / parquet / csv / txt files; tokenized, packed into
+users expect): a Hub dataset id, local json / jsonl / parquet / csv / txt files, or a built-in corpus
+(`builtin:python-docstrings`, see `corpus.py`); tokenized, packed into
 `max_length` blocks, with an eval split held out by fraction."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import MoeifyError
+from .corpus import BUILTIN_PREFIX, builtin_corpus
 from .recipe import DataRecipe
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
@@ -16,8 +18,10 @@ _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "
 
 def load_text(data: DataRecipe):  # noqa: ANN201  (a datasets.Dataset)
     """The raw dataset (one split) the recipe names."""
-    from datasets import load_dataset
+    from datasets import Dataset, load_dataset
 
+    if data.path.startswith(BUILTIN_PREFIX):
+        return Dataset.from_dict({data.text_field: builtin_corpus(data.path.removeprefix(BUILTIN_PREFIX))})
     path = Path(data.path).expanduser()
     if path.is_dir():
         files = sorted(str(f) for f in path.rglob("*.txt"))
@@ -29,9 +33,14 @@ def load_text(data: DataRecipe):  # noqa: ANN201  (a datasets.Dataset)
         if builder is None:
             raise MoeifyError(f"data.path {path}: unknown file type; use one of {', '.join(sorted(_BUILDERS))}.")
         return load_dataset(builder, data_files=str(path), split="train")
-    if "/" in data.path or not path.suffix:
+    from ..source import is_hub_id
+
+    if not is_hub_id(data.path):
+        raise MoeifyError(f"data.path {data.path} does not exist (and is not a Hub dataset id such as org/name).")
+    try:
         return load_dataset(data.path, split="train")
-    raise MoeifyError(f"data.path {data.path} does not exist.")
+    except (FileNotFoundError, ConnectionError, ValueError) as err:  # datasets' not-found errors derive from these
+        raise MoeifyError(f"data.path {data.path}: cannot load the Hub dataset: {err}") from None
 
 
 def build_datasets(data: DataRecipe, tokenizer: PreTrainedTokenizerBase, seed: int):  # noqa: ANN201

@@ -18,6 +18,7 @@ ROUTERS = ("gate", "router", "shared_expert_gate")
 SHARED = ("shared_expert", "shared_experts", "shared_mlp")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+PROCESS_BYTES = 400 << 20  # the Python process with torch, transformers, peft and bitsandbytes imported (CPU)
 
 
 @dataclass
@@ -29,10 +30,11 @@ class Estimate:
     weights_bytes: int
     training_state_bytes: int  # trainable weights, gradients, AdamW moments
     activation_bytes: int
+    runtime_bytes: int = PROCESS_BYTES
 
     @property
     def peak_bytes(self) -> int:
-        return self.weights_bytes + self.training_state_bytes + self.activation_bytes
+        return self.weights_bytes + self.training_state_bytes + self.activation_bytes + self.runtime_bytes
 
 
 def estimate(recipe: Recipe) -> Estimate:
@@ -51,13 +53,17 @@ def estimate(recipe: Recipe) -> Estimate:
         raise MoeifyError(f"cannot read the config of {recipe.model.path}: {err}") from None
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # as loading does: a tied LM head is the embedding matrix
     q, lora = recipe.quantization, recipe.lora
     compute = _DTYPE_BYTES[q.compute_dtype]
     total = trainable = weights = 0
+    seen: set[int] = set()  # a tied LM head is the embedding matrix: count it once
     for name, module in model.named_modules():
         leaf = name.rpartition(".")[2]
         parent = name.rpartition(".")[0].rpartition(".")[2]
-        own = sum(p.numel() for p in module.parameters(recurse=False))
+        params = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        own = sum(p.numel() for p in params)
         total += own
         if leaf == "experts" and getattr(module, "gate_up_proj", None) is not None:
             weights += own * compute if q.experts == "none" else _four_bit_bytes(own, q.blocksize, q.double_quant)
@@ -126,5 +132,6 @@ def describe(recipe: Recipe) -> str:
         + f"\ntrainable parameters  {result.trainable_params:,} of {result.total_params:,} ({share:.2%})\n"
         f"peak memory estimate  {result.peak_bytes / gib:.2f} GiB per device = weights {result.weights_bytes / gib:.2f}"
         f" + trainable state (weights, gradients, AdamW) {result.training_state_bytes / gib:.2f}"
-        f" + activations ~{result.activation_bytes / gib:.2f} GiB\n"
+        f" + activations ~{result.activation_bytes / gib:.2f} + the process ~{result.runtime_bytes / gib:.2f} GiB"
+        " (training steps; evaluation with the Trainer also holds one batch's full logits)\n"
     )

@@ -79,7 +79,9 @@ class LoraRecipe:
 class DataRecipe:
     """Training text."""
 
-    path: str = _doc("Hub dataset id, or a local .json/.jsonl/.parquet/.csv/.txt file or folder", default="")
+    path: str = _doc(
+        "Hub dataset id, local .json/.jsonl/.parquet/.csv/.txt file or folder, builtin:python-docstrings", default=""
+    )
     text_field: str = _doc("the column holding the text", default="text")
     max_length: int = _doc("tokens per training sequence", default=512)
     eval_fraction: float = _doc("share of the data held out for evaluation", default=0.05)
