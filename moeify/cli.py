@@ -148,6 +148,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", metavar="KEY=VALUE", nargs="*", help="dotted overrides, values parsed as YAML")
     p.add_argument("--print-defaults", action="store_true", help="print the whole recipe schema with defaults")
     p.add_argument("--dry-run", action="store_true", help="check the recipe, count parameters, estimate memory")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint of output.dir")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,7 +258,8 @@ def _run_train(args: argparse.Namespace) -> int:
         return 0
     if args.recipe is None:
         raise MoeifyError("give a RECIPE file (see --print-defaults for every key).")
-    recipe = load_recipe(args.recipe, args.overrides)
+    overrides = [*args.overrides, *(["training.resume_from_checkpoint=true"] if args.resume else [])]
+    recipe = load_recipe(args.recipe, overrides)
     if args.dry_run:
         from .train.dry_run import describe
 

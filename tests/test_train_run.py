@@ -107,3 +107,101 @@ def test_data_sources_and_their_errors(tmp_path: Path) -> None:
     for data, message in bad:
         with pytest.raises(MoeifyError, match=message):
             build_datasets(data, tokenizer, 0)
+
+
+def _tiny_run(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, out: str, **training: object) -> Path:
+    """A recipe for a tiny Qwen2-MoE on repeated prompts, written to tmp_path / f"{out}.yaml"."""
+    moe = tmp_path / "moe"
+    if not moe.exists():
+        dense = dense_model("qwen2", tmp_path_factory.getbasetemp() / DENSE_FOLDER)
+        convert(str(dense), moe, ConvertOptions(num_experts=4, top_k=2, shared_experts=1), progress=False, log=print)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS * 8))
+    recipe = {
+        "model": {"path": str(moe)},
+        "quantization": {"experts": "nf4", "compute_dtype": "float32"},
+        "lora": {"r": 4, "alpha": 8},
+        "data": {"path": str(corpus), "max_length": 16, "eval_fraction": 0.0},
+        "training": {
+            "per_device_train_batch_size": 2,
+            "learning_rate": 1e-2,
+            "seed": 0,
+            "logging_steps": 1,
+            "report_to": "none",
+            "disable_tqdm": True,
+            **training,
+        },
+        "output": {"dir": str(tmp_path / out)},
+    }
+    path = tmp_path / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+_KILLED_RUN = r"""
+import os, signal, sys
+from moeify.cli import main
+from moeify.train import run
+
+original = run.MoeTrainer.compute_loss
+
+def compute_loss(self, *args, **kwargs):
+    if self.state.global_step == 7:  # checkpoint-5 is on disk; steps 6 and 7 are lost with the process
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, *args, **kwargs)
+
+run.MoeTrainer.compute_loss = compute_loss
+sys.exit(main(["train", sys.argv[1]]))
+"""
+
+
+def test_a_killed_run_resumes_with_the_losses_of_an_uninterrupted_one(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    import subprocess
+    import sys
+
+    steps = {"max_steps": 10, "save_steps": 5}
+    assert main(["train", str(_tiny_run(tmp_path, tmp_path_factory, "straight", **steps))]) == 0
+    killed = _tiny_run(tmp_path, tmp_path_factory, "killed", **steps)
+    proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(killed)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    run_dir = tmp_path / "killed"
+    assert (run_dir / "checkpoint-5" / "trainer_state.json").exists() and not (run_dir / "checkpoint-10").exists()
+    (run_dir / "checkpoint-7").mkdir()  # what a kill while saving leaves: no trainer_state.json
+    (run_dir / "checkpoint-7" / "adapter_model.safetensors").write_bytes(b"half")
+    assert main(["train", str(killed), "--resume"]) == 0
+
+    def losses(folder: str) -> dict[int, float]:
+        history = json.loads((tmp_path / folder / "trainer_state.json").read_text())["log_history"]
+        return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+    straight, resumed = losses("straight"), losses("killed")
+    assert sorted(resumed) == list(range(1, 11))  # steps 1-5 from checkpoint-5's history, 6-10 trained again
+    for step in range(1, 11):
+        assert resumed[step] == pytest.approx(straight[step], abs=1e-5), step
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from moeify.train import run
+
+    original = run.causal_lm_loss
+    calls = []
+
+    def poisoned(*args: object, **kwargs: object):  # noqa: ANN202
+        calls.append(1)
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(run, "causal_lm_loss", poisoned)
+    recipe = _tiny_run(tmp_path, tmp_path_factory, "nan", max_steps=6, save_steps=2)
+    capsys.readouterr()
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "the training loss is nan at step 3; the last good checkpoint is" in err
+    assert str(tmp_path / "nan" / "checkpoint-2") in err

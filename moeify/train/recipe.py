@@ -172,14 +172,21 @@ def check_recipe(recipe: Recipe) -> None:
             raise MoeifyError(f"training.{key}: not a TrainingArguments field{_suggest(key, names)}.")
         if key == "output_dir":
             raise MoeifyError("training.output_dir: set output.dir instead.")
-        recipe.training[key] = value = _coerce(value, hints.get(key, Any))
-        _check_type(value, hints.get(key, Any), f"training.{key}")
+        hint = bool | str | None if key == "resume_from_checkpoint" else hints.get(key, Any)  # true: the last one
+        recipe.training[key] = value = _coerce(value, hint)
+        _check_type(value, hint, f"training.{key}")
     try:  # what only TrainingArguments itself checks (enum values, combinations)
-        TrainingArguments(output_dir=recipe.output.dir, **recipe.training)
+        TrainingArguments(output_dir=recipe.output.dir, **trainer_settings(recipe))
     except (ValueError, TypeError) as err:
-        culprit = next((key for key in recipe.training if _fails(TrainingArguments, key, recipe.training[key])), None)
+        settings = trainer_settings(recipe)
+        culprit = next((key for key in settings if _fails(TrainingArguments, key, settings[key])), None)
         first = (str(err).strip() or type(err).__name__).splitlines()[0]
         raise MoeifyError(f"training.{culprit}: {first}" if culprit else f"training: {first}") from None
+
+
+def trainer_settings(recipe: Recipe) -> dict[str, Any]:
+    """`training` as `TrainingArguments` keywords (`resume_from_checkpoint` is `Trainer.train`'s, not theirs)."""
+    return {k: v for k, v in recipe.training.items() if k != "resume_from_checkpoint"}
 
 
 def _fails(arguments: type, key: str, value: Any) -> bool:

@@ -16,7 +16,7 @@ from transformers import Trainer
 
 from ..errors import MoeifyError
 from .loss import causal_lm_loss
-from .recipe import Recipe
+from .recipe import Recipe, trainer_settings
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -36,7 +36,15 @@ class MoeTrainer(Trainer):
     ) -> Any:
         if return_outputs:  # evaluation that wants the logits too
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        return causal_lm_loss(model, inputs["input_ids"], inputs.get("labels"), inputs.get("attention_mask"))
+        loss = causal_lm_loss(model, inputs["input_ids"], inputs.get("labels"), inputs.get("attention_mask"))
+        if model.training and not torch.isfinite(loss):  # one host sync per step: cheap next to the step
+            last = complete_checkpoints(self.args.output_dir)
+            where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was saved before it"
+            raise MoeifyError(
+                f"the training loss is {float(loss)} at step {self.state.global_step + 1}; {where}. Lower "
+                "training.learning_rate, or check the data of that step."
+            )
+        return loss
 
 
 def train(recipe: Recipe) -> dict[str, Any]:
@@ -86,7 +94,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     _set_router_losses(model.get_base_model(), recipe)
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
     train_set, eval_set = build_datasets(recipe.data, tokenizer, seed)
-    settings = {**recipe.training, "gradient_checkpointing": False}  # enabled by load_for_training already
+    settings = {**trainer_settings(recipe), "gradient_checkpointing": False}  # load_for_training enabled it
     args = TrainingArguments(output_dir=recipe.output.dir, **settings)
     trainer = MoeTrainer(
         model=model,
@@ -95,7 +103,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         eval_dataset=eval_set,
         data_collator=default_data_collator,
     )
-    result = trainer.train(resume_from_checkpoint=recipe.training.get("resume_from_checkpoint"))
+    result = trainer.train(resume_from_checkpoint=_resume_point(recipe))
     metrics = dict(result.metrics)
     if eval_set is not None:
         metrics.update(trainer.evaluate())
@@ -105,6 +113,35 @@ def train(recipe: Recipe) -> dict[str, Any]:
     (out / "train_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "recipe.yaml").write_text(_recipe_yaml(recipe))
     return metrics
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """`checkpoint-N` folders of `output_dir` that were written to the end, oldest first.
+
+    `Trainer` writes a checkpoint in place and its `trainer_state.json` last: a checkpoint counts as complete when
+    that file parses and says step N, so one half-written when a run was killed is never resumed from.
+    """
+    complete = []
+    for folder in Path(output_dir).glob("checkpoint-*"):
+        try:
+            step = int(folder.name.removeprefix("checkpoint-"))
+            state = json.loads((folder / "trainer_state.json").read_text())
+        except (ValueError, OSError):
+            continue
+        if state.get("global_step") == step:
+            complete.append((step, folder))
+    return [folder for _, folder in sorted(complete)]
+
+
+def _resume_point(recipe: Recipe) -> str | None:
+    """`training.resume_from_checkpoint`: a folder, or `true` for the newest complete checkpoint of `output.dir`."""
+    value = recipe.training.get("resume_from_checkpoint")
+    if value is True:
+        complete = complete_checkpoints(recipe.output.dir)
+        if not complete:
+            raise MoeifyError(f"training.resume_from_checkpoint: no complete checkpoint in {recipe.output.dir}.")
+        return str(complete[-1])
+    return value or None
 
 
 def _set_router_losses(model: torch.nn.Module, recipe: Recipe) -> None:
