@@ -151,6 +151,25 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint of output.dir")
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="held-out loss, perplexity and router statistics of a model",
+        description="Loss and perplexity of MODEL (+ ADAPTER) on DATA (packed blocks), per MoE layer the expert "
+        "load, its coefficient of variation and the router entropy; with --baseline the dense model's figures.",
+    )
+    p.add_argument("model", metavar="MODEL", help="model folder or Hub id")
+    p.add_argument("--data", required=True, help="Hub dataset id, local text/json/jsonl/parquet/csv, or builtin:NAME")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="a peft LoRA adapter to apply (moeify train's)")
+    p.add_argument("--baseline", default=None, metavar="DENSE", help="a dense model evaluated on the same tokens")
+    p.add_argument("--text-field", default="text", help="the data column holding text (default text)")
+    p.add_argument("--max-length", type=int, default=512, help="tokens per block (default 512)")
+    p.add_argument("--max-blocks", type=int, default=64, help="blocks evaluated, the first of DATA (default 64)")
+    p.add_argument("--batch-size", type=int, default=4, help="blocks per forward (default 4)")
+    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"], help="(default float32)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `moeify` command."""
     parser = argparse.ArgumentParser(
@@ -163,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_push(sub)
     _add_merge(sub)
     _add_train(sub)
+    _add_eval(sub)
     return parser
 
 
@@ -273,6 +293,24 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate, format_report
+
+    result = evaluate(
+        args.model,
+        args.data,
+        adapter=args.adapter,
+        baseline=args.baseline,
+        text_field=args.text_field,
+        max_length=args.max_length,
+        max_blocks=args.max_blocks,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+    )
+    print(json.dumps(result) if args.json else format_report(result))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `moeify` console script; returns the exit code."""
     parser = build_parser()
@@ -288,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "push": _run_push,
         "merge": _run_merge,
         "train": _run_train,
+        "eval": _run_eval,
     }
     try:
         return runners[args.command](args)

@@ -130,10 +130,10 @@ def merge(
     if dtype not in DTYPES:
         raise MoeifyError(f"--dtype must be one of {', '.join(DTYPES)} (got '{dtype}').")
     base_folder = resolve_source(str(base), progress=progress)
-    adapter_folder = _adapter_folder(adapter)
-    if base_folder.resolve() == out_path.resolve() or adapter_folder.resolve() == out_path.resolve():
+    adapter_dir = adapter_folder(adapter)
+    if base_folder.resolve() == out_path.resolve() or adapter_dir.resolve() == out_path.resolve():
         raise MoeifyError(f"OUT {out_path} is the base or the adapter folder; choose a new folder.")
-    plan = _plan(base_folder, adapter_folder, None if dtype == "auto" else DTYPES[dtype])
+    plan = _plan(base_folder, adapter_dir, None if dtype == "auto" else DTYPES[dtype])
     say(f"moeify: merging {len(plan.loras)} LoRA targets and {len(plan.replaced)} trained modules into {base}.")
 
     max_diff = rel_diff = None
@@ -141,7 +141,7 @@ def merge(
         write_safetensors(plan.specs, tmp, max_shard, progress)
         _write_metadata(plan, base_folder, tmp)
         if check:
-            max_diff, rel_diff = _logit_difference(tmp, base_folder, adapter_folder, plan)
+            max_diff, rel_diff = _logit_difference(tmp, base_folder, adapter_dir, plan)
         _write_card(plan, base, adapter, tmp, max_diff)
     return MergeResult(
         output=out_path,
@@ -156,7 +156,8 @@ def merge(
     )
 
 
-def _adapter_folder(adapter: str | Path) -> Path:
+def adapter_folder(adapter: str | Path) -> Path:
+    """A local peft adapter folder for `adapter` (a folder, or a Hub id fetched with `snapshot_download`)."""
     path = Path(adapter).expanduser()
     if path.is_dir():
         if not (path / "adapter_config.json").exists():

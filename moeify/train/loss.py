@@ -30,6 +30,7 @@ def causal_lm_loss(
     labels: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     chunk_tokens: int | None = None,
+    router_loss: bool = True,
 ) -> torch.Tensor:
     """Mean next-token cross-entropy of `model` (a transformers causal LM, or a peft / DDP / FSDP wrapper of one),
     plus its router auxiliary loss when the config asks for one (`output_router_logits`, `router_aux_loss_coef`).
@@ -37,7 +38,8 @@ def causal_lm_loss(
     The model's own forward runs (through any wrapper, so distributed engines see it) with `logits_to_keep=1`; the
     decoder's final hidden states are taken with a forward hook, and the LM head and cross-entropy run on chunks of
     them. `labels` default to `input_ids`; positions labelled -100 are not predicted. `chunk_tokens` defaults to
-    the tokens whose float32 logits fill `CHUNK_BYTES` (256 tokens for a 32k vocabulary). A model whose LM head this
+    the tokens whose float32 logits fill `CHUNK_BYTES` (256 tokens for a 32k vocabulary); `router_loss=False` leaves
+    the auxiliary loss out (evaluation). A model whose LM head this
     function does not know (not a bias-free Linear) gets `model(..., labels=labels).loss`.
     """
     labels = input_ids if labels is None else labels
@@ -68,7 +70,7 @@ def causal_lm_loss(
         )
     loss = total / max(len(targets), 1)
     aux = getattr(outputs, "aux_loss", None)
-    if aux is not None and getattr(base.config, "output_router_logits", False):
+    if router_loss and aux is not None and getattr(base.config, "output_router_logits", False):
         # Mixtral and Qwen-MoE keep the coefficient they were built with; moeify's model reads its config.
         coef = getattr(base, "router_aux_loss_coef", base.config.router_aux_loss_coef)
         loss = loss + coef * aux.to(loss.device)

@@ -1,0 +1,122 @@
+"""`moeify eval`: held-out loss and perplexity of a model (optionally with a LoRA adapter), the expert load and
+router entropy of every MoE layer, and a dense baseline's loss side by side."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import MoeifyError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def evaluate(
+    model: str,
+    data: str,
+    *,
+    adapter: str | None = None,
+    baseline: str | None = None,
+    text_field: str = "text",
+    max_length: int = 512,
+    max_blocks: int = 64,
+    batch_size: int = 4,
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    """Evaluate `model` (+ `adapter`) on the first `max_blocks` packed blocks of `data`; `baseline` on the same.
+
+    Returns `{"model": {...}, "baseline": {...}}` with `loss` (mean next-token cross-entropy per predicted token),
+    `perplexity`, `tokens`, `blocks` and, for MoE models, `layers` (per router: tokens per expert, load CV, the
+    busiest expert's share, router entropy) and `router` (their means).
+    """
+    from transformers import AutoTokenizer
+
+    import moeify  # noqa: F401  (registers the moeify format)
+
+    from .source import resolve_source
+    from .train.data import build_datasets
+    from .train.recipe import DataRecipe
+
+    folder = resolve_source(model)
+    tokenizer_folder = next(
+        (f for f in (folder, Path(adapter) if adapter else None) if f and (f / "tokenizer_config.json").exists()),
+        folder,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    blocks, _ = build_datasets(
+        DataRecipe(path=data, text_field=text_field, max_length=max_length, eval_fraction=0.0), tokenizer, seed=0
+    )
+    blocks = blocks.select(range(min(max_blocks, len(blocks))))
+    ids = torch.tensor(blocks["input_ids"])
+    result = {"model": _measure(_load(folder, adapter, dtype), ids, batch_size)}
+    if baseline:
+        dense = _load(resolve_source(baseline), None, dtype)
+        if dense.config.get_text_config().vocab_size < int(ids.max()) + 1:
+            raise MoeifyError(f"--baseline {baseline} has a smaller vocabulary than {model}'s tokenizer.")
+        result["baseline"] = _measure(dense, ids, batch_size)
+    return result
+
+
+def _load(folder: Path, adapter: str | None, dtype: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise MoeifyError(f"--dtype must be one of {', '.join(DTYPES)} (got '{dtype}').")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
+    if adapter:
+        from peft import PeftModel
+
+        from .merge import adapter_folder
+
+        model = PeftModel.from_pretrained(model, adapter_folder(adapter))
+    return model.eval()
+
+
+@torch.no_grad()
+def _measure(model: torch.nn.Module, ids: torch.Tensor, batch_size: int) -> dict[str, Any]:
+    from .router_stats import RouterStats
+    from .train.loss import causal_lm_loss
+
+    total, predicted = 0.0, 0
+    with RouterStats(model) as stats:
+        for start in range(0, len(ids), batch_size):
+            batch = ids[start : start + batch_size]
+            count = batch.shape[0] * (batch.shape[1] - 1)
+            total += float(causal_lm_loss(model, batch, router_loss=False)) * count
+            predicted += count
+    loss = total / max(predicted, 1)
+    report: dict[str, Any] = {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "tokens": predicted,
+        "blocks": len(ids),
+    }
+    layers = stats.layers()
+    if layers:
+        report["layers"] = [layer.as_dict() for layer in layers]
+        report["router"] = stats.summary()
+    return report
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The table `moeify eval` prints."""
+    model = result["model"]
+    lines = [f"{'':24}{'loss':>10}{'perplexity':>12}{'tokens':>10}"]
+    for key in ("model", "baseline"):
+        if key in result:
+            r = result[key]
+            lines.append(f"{key:24}{r['loss']:>10.4f}{r['perplexity']:>12.2f}{r['tokens']:>10}")
+    if "baseline" in result:
+        lines.append(f"{'model - baseline':24}{model['loss'] - result['baseline']['loss']:>+10.4f}")
+    if "layers" in model:
+        lines.append("")
+        lines.append(f"{'MoE layer':48}{'load CV':>9}{'busiest':>9}{'entropy':>9}  tokens per expert")
+        for layer in model["layers"]:
+            lines.append(
+                f"{layer['layer']:48}{layer['load_cv']:>9.3f}{layer['busiest_share']:>9.1%}{layer['entropy']:>9.3f}"
+                f"  {layer['tokens_per_expert']}"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""Router statistics: per MoE layer, how many tokens each expert got, how uneven that is, and how sure the router is.
+
+Every router moeify writes or loads (moeify's `MoeifyTopKRouter`, the stock Mixtral, Qwen2-MoE, Qwen3-MoE and
+GraniteMoeShared routers) takes the flattened tokens `(tokens, hidden)` and returns `(router_logits (tokens, E),
+top_k_weights, top_k_index (tokens, k))`; `RouterStats` hooks them and accumulates, per layer:
+
+- `tokens_per_expert`: how many (token, slot) assignments each expert received;
+- `load_cv`: coefficient of variation of that load (std / mean; 0 = perfectly balanced);
+- `busiest_share`: the busiest expert's share of all assignments (1/E when balanced);
+- `entropy`: mean entropy (nats) of the router's softmax over experts per token (log E = undecided).
+
+Used by `moeify eval` and by the training logs (`RouterStatsCallback`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+ROUTER_NAMES = ("gate", "router")
+
+
+@dataclass
+class LayerStats:
+    """One MoE layer's routing over everything seen."""
+
+    layer: str
+    tokens_per_expert: list[int]
+    load_cv: float
+    busiest_share: float
+    entropy: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def routers(model: nn.Module) -> dict[str, nn.Module]:
+    """The router modules of `model` by name (peft's `modules_to_save` copies count once, as their wrapper)."""
+    found = {}
+    for name, module in model.named_modules():
+        leaf = name.rpartition(".")[2]
+        if leaf in ROUTER_NAMES and hasattr(module, "top_k") and hasattr(module, "num_experts"):
+            found[name] = module
+    if not found:  # peft wraps trained routers: the wrapper holds the active copy
+        for name, module in model.named_modules():
+            if name.endswith(".modules_to_save.default") and hasattr(module, "top_k"):
+                found[name.removesuffix(".modules_to_save.default")] = module
+    return found
+
+
+class RouterStats:
+    """Accumulate routing statistics while a model runs: `with RouterStats(model) as stats: model(...)`.
+
+    `stats.mask = attention_mask` before a forward excludes padding (tokens are counted in the order the router
+    sees them: the batch flattened). `stats.layers()` gives one `LayerStats` per router.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._routers = routers(model)
+        self.mask: torch.Tensor | None = None
+        self._counts: dict[str, torch.Tensor] = {}
+        self._entropy: dict[str, float] = {}
+        self._tokens: dict[str, int] = {}
+        self._hooks: list[Any] = []
+
+    def __enter__(self) -> RouterStats:
+        for name, module in self._routers.items():
+            self._hooks.append(module.register_forward_hook(self._hook(name, module)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def reset(self) -> None:
+        self._counts, self._entropy, self._tokens = {}, {}, {}
+
+    def _hook(self, name: str, module: nn.Module):  # noqa: ANN202
+        def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            logits, _, index = output
+            logits, index = logits.detach().reshape(-1, logits.shape[-1]), index.detach().reshape(len(logits), -1)
+            if self.mask is not None and self.mask.numel() == len(logits):
+                keep = self.mask.reshape(-1).bool().to(logits.device)
+                logits, index = logits[keep], index[keep]
+            counts = torch.bincount(index.reshape(-1), minlength=module.num_experts).cpu()
+            self._counts[name] = self._counts.get(name, torch.zeros_like(counts)) + counts
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            self._entropy[name] = self._entropy.get(name, 0.0) - float((log_probs.exp() * log_probs).sum())
+            self._tokens[name] = self._tokens.get(name, 0) + len(logits)
+
+        return record
+
+    def layers(self) -> list[LayerStats]:
+        """Statistics of every router that saw tokens, in model order."""
+        result = []
+        for name in self._routers:
+            if name not in self._counts:
+                continue
+            counts = self._counts[name].double()
+            total = float(counts.sum())
+            mean = total / len(counts)
+            cv = float(counts.std(unbiased=False)) / mean if mean else 0.0
+            result.append(
+                LayerStats(
+                    layer=name,
+                    tokens_per_expert=[int(c) for c in self._counts[name]],
+                    load_cv=cv,
+                    busiest_share=float(counts.max()) / total if total else 0.0,
+                    entropy=self._entropy[name] / max(self._tokens[name], 1),
+                )
+            )
+        return result
+
+    def summary(self) -> dict[str, float]:
+        """Averages over layers, for logs: `router/load_cv`, `router/busiest_share`, `router/entropy`."""
+        layers = self.layers()
+        if not layers:
+            return {}
+        mean = lambda values: sum(values) / len(values)  # noqa: E731
+        return {
+            "router/load_cv": mean([s.load_cv for s in layers]),
+            "router/busiest_share": mean([s.busiest_share for s in layers]),
+            "router/entropy": mean([s.entropy for s in layers]),
+        }
+
+
+def max_entropy(num_experts: int) -> float:
+    """The entropy of a router that cannot decide: log E."""
+    return math.log(num_experts)
