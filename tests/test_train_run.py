@@ -55,6 +55,9 @@ def test_thirty_steps_lower_the_loss_and_save_a_peft_adapter(
     ]
     # A random tiny model's frozen LM head bounds its logits (|logit| < ~0.5): near ln(vocab) = 5.77 every drop counts.
     assert len(losses) == 6 and sum(losses[-2:]) / 2 < losses[0] - 0.05, losses
+    logged = [e for e in json.loads((run / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert all(0 < e["router/entropy"] <= 1.3863 and 0.25 <= e["router/busiest_share"] <= 1 for e in logged)  # log 4
+    assert all(f"router/load_cv/L{i}" in e for e in logged for i in range(4))
     results = json.loads((run / "train_results.json").read_text())
     assert "eval_loss" in results and results["train_runtime"] > 0
     adapter = json.loads((run / "adapter_config.json").read_text())

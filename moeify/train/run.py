@@ -27,6 +27,23 @@ class MoeTrainer(Trainer):
 
     loss_is_scaled_for_ga = False  # a per-batch mean: Trainer divides it by the accumulation steps
 
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        from ..router_stats import RouterStats
+
+        with RouterStats(self.model) as self.router_stats:
+            return super().train(*args, **kwargs)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Training logs get the routers' health since the last log: mean load CV, busiest expert's share and
+        entropy over MoE layers, and each layer's load CV (`router/load_cv/L<index>`)."""
+        stats = getattr(self, "router_stats", None)
+        if stats is not None and "loss" in logs:
+            logs = {**logs, **{k: round(v, 4) for k, v in stats.summary().items()}}
+            for index, layer in enumerate(stats.layers()):
+                logs[f"router/load_cv/L{index}"] = round(layer.load_cv, 4)
+            stats.reset()
+        super().log(logs, *args, **kwargs)
+
     def compute_loss(
         self,
         model: torch.nn.Module,
