@@ -166,6 +166,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, default=512, help="tokens per block (default 512)")
     p.add_argument("--max-blocks", type=int, default=64, help="blocks evaluated, the first of DATA (default 64)")
     p.add_argument("--batch-size", type=int, default=4, help="blocks per forward (default 4)")
+    p.add_argument(
+        "--held-out",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="evaluate the blocks moeify train held out with data.eval_fraction=FRACTION (and --seed)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="training.seed of that run (default 0)")
     p.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"], help="(default float32)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -306,6 +314,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         max_blocks=args.max_blocks,
         batch_size=args.batch_size,
         dtype=args.dtype,
+        held_out=args.held_out,
+        seed=args.seed,
     )
     print(json.dumps(result) if args.json else format_report(result))
     return 0

@@ -25,8 +25,13 @@ def evaluate(
     max_blocks: int = 64,
     batch_size: int = 4,
     dtype: str = "float32",
+    held_out: float = 0.0,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Evaluate `model` (+ `adapter`) on the first `max_blocks` packed blocks of `data`; `baseline` on the same.
+
+    With `held_out` > 0 the blocks are those `moeify train` held out with `data.eval_fraction = held_out` and
+    `training.seed = seed` (the same split), so a trained adapter is measured on text it did not see.
 
     Returns `{"model": {...}, "baseline": {...}}` with `loss` (mean next-token cross-entropy per predicted token),
     `perplexity`, `tokens`, `blocks` and, for MoE models, `layers` (per router: tokens per expert, load CV, the
@@ -46,9 +51,10 @@ def evaluate(
         folder,
     )
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-    blocks, _ = build_datasets(
-        DataRecipe(path=data, text_field=text_field, max_length=max_length, eval_fraction=0.0), tokenizer, seed=0
+    train_blocks, eval_blocks = build_datasets(
+        DataRecipe(path=data, text_field=text_field, max_length=max_length, eval_fraction=held_out), tokenizer, seed
     )
+    blocks = eval_blocks if held_out and eval_blocks is not None else train_blocks
     blocks = blocks.select(range(min(max_blocks, len(blocks))))
     ids = torch.tensor(blocks["input_ids"])
     result = {"model": _measure(_load(folder, adapter, dtype), ids, batch_size)}

@@ -96,18 +96,19 @@ class RouterStats:
         return record
 
     def layers(self) -> list[LayerStats]:
-        """Statistics of every router that saw tokens, in model order."""
+        """Statistics of every router that saw tokens, in model order (named as in the model without peft)."""
         result = []
         for name in self._routers:
             if name not in self._counts:
                 continue
+            shown = name.removeprefix("base_model.model.")
             counts = self._counts[name].double()
             total = float(counts.sum())
             mean = total / len(counts)
             cv = float(counts.std(unbiased=False)) / mean if mean else 0.0
             result.append(
                 LayerStats(
-                    layer=name,
+                    layer=shown,
                     tokens_per_expert=[int(c) for c in self._counts[name]],
                     load_cv=cv,
                     busiest_share=float(counts.max()) / total if total else 0.0,
