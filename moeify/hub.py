@@ -28,6 +28,7 @@ def push_to_hub(
     revision: str | None = None,
     commit_message: str | None = None,
     progress: bool = True,
+    ignore_patterns: list[str] | None = None,
 ) -> str:
     """Upload a moeify output folder to the Hub model repository `repo_id`; returns the repository URL.
 
@@ -44,6 +45,7 @@ def push_to_hub(
         revision: the branch to commit to.
         commit_message: the commit title (default: `DEFAULT_COMMIT_MESSAGE`).
         progress: show huggingface_hub's progress display (False hides it for this call only).
+        ignore_patterns: files of `folder` not to upload (e.g. a training run's `checkpoint-*`).
 
     Raises:
         MoeifyError: no token, `folder` missing or not a moeify output, offline, token without write access,
@@ -70,6 +72,7 @@ def push_to_hub(
             repo_type="model",
             revision=revision,
             commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+            ignore_patterns=ignore_patterns,
         )
     return str(url)
 
@@ -80,9 +83,10 @@ def _check_folder(folder: str | Path) -> Path:
         raise MoeifyError(f"OUT {path} does not exist: give the folder written by `moeify convert SOURCE -o OUT`.")
     if not path.is_dir():
         raise MoeifyError(f"OUT {path} is a file: give the folder written by `moeify convert SOURCE -o OUT`.")
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         raise MoeifyError(
-            f"OUT {path} has no config.json: it is not a moeify output (the folder written by `moeify convert`)."
+            f"OUT {path} has no config.json: it is not a moeify output (the folder written by `moeify convert`, "
+            "or an adapter written by `moeify train`)."
         )
     return path
 

@@ -43,6 +43,11 @@ def write(tmp_path: Path, recipe: dict) -> Path:
         ({"training": {"learning_rate": "fast"}}, "training.learning_rate: expected a number, got a string 'fast'."),
         ({"training": {"max_steps": 1.5}}, "training.max_steps: expected an integer, got a number 1.5."),
         ({"training": {"lr_scheduler_type": "wobbly"}}, "training.lr_scheduler_type: wobbly is not a valid"),
+        (
+            {"model": {"path": None, "source": "dense", "convert": {"num_expert": 4}}},
+            "model.convert.num_expert: not a `moeify convert` setting: did you mean `num_experts`?",
+        ),
+        ({"model": {"convert": {"num_experts": 4}}}, "model.convert: only used with model.source"),
         ({"data": {"path": ""}}, "data.path: missing"),
         ({"model": {"path": None}}, "model: give exactly one of `path`"),
         ({"data": {"eval_fraction": 1.5}}, "data.eval_fraction: must be in [0, 1)"),

@@ -208,3 +208,51 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(
     err = capsys.readouterr().err
     assert "the training loss is nan at step 3; the last good checkpoint is" in err
     assert str(tmp_path / "nan" / "checkpoint-2") in err
+
+
+def test_upcycle_train_merge_and_push_in_one_recipe(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """model.source + model.convert upcycle on the fly; output.merge and output.push_to_hub run at the end."""
+    from fake_hub import FakeHub, point_huggingface_hub_at
+    from huggingface_hub import close_session
+
+    dense = dense_model("llama", tmp_path_factory.getbasetemp() / DENSE_FOLDER)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS * 4))
+    recipe = {
+        "model": {"source": str(dense), "convert": {"num_experts": 4, "top_k": 2}},
+        "quantization": {"experts": "nf4", "compute_dtype": "float32"},
+        "lora": {"r": 4, "alpha": 8},
+        "data": {"path": str(corpus), "max_length": 16, "eval_fraction": 0.0},
+        "training": {
+            "per_device_train_batch_size": 2,
+            "max_steps": 3,
+            "learning_rate": 1e-2,
+            "seed": 0,
+            "logging_steps": 1,
+            "save_steps": 3,
+            "report_to": "none",
+            "disable_tqdm": True,
+        },
+        "output": {"dir": str(tmp_path / "run"), "merge": True, "push_to_hub": "acme/moe-lora"},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with FakeHub() as hub:
+        point_huggingface_hub_at(hub.endpoint, tmp_path / "hf-home", monkeypatch)
+        monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_tests")
+        close_session()
+        try:
+            assert main(["train", str(path)]) == 0
+        finally:
+            close_session()
+        [commit] = hub.commits
+    run = tmp_path / "run"
+    assert json.loads((run / "upcycled" / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+    assert (run / "merged" / "model.safetensors").exists() and (run / "merged" / "config.json").exists()
+    card = (run / "README.md").read_text()
+    assert "base_model:" in card and "router/entropy" in card and "train_loss" in card and "num_experts: 4" in card
+    assert commit.repo_id == "acme/moe-lora"
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "train_results.json"} <= set(commit.files)
+    assert not any(name.startswith(("checkpoint-", "merged/", "upcycled/")) for name in commit.files)

@@ -157,6 +157,15 @@ def check_recipe(recipe: Recipe) -> None:
     """Checks across fields, and the `training` section against transformers' `TrainingArguments`."""
     if (recipe.model.path is None) == (recipe.model.source is None):
         raise MoeifyError("model: give exactly one of `path` (a converted MoE) or `source` (a dense model to upcycle).")
+    if recipe.model.source is not None:
+        from ..plan import ConvertOptions
+
+        valid = [f.name for f in dataclasses.fields(ConvertOptions)]
+        for key in recipe.model.convert:
+            if key not in valid or key in ("overwrite",):
+                raise MoeifyError(f"model.convert.{key}: not a `moeify convert` setting{_suggest(key, valid)}.")
+    elif recipe.model.convert:
+        raise MoeifyError("model.convert: only used with model.source (a dense model to upcycle).")
     if not recipe.data.path:
         raise MoeifyError("data.path: missing; give a Hub dataset id or a local text/json/jsonl/parquet/csv file.")
     if not 0.0 <= recipe.data.eval_fraction < 1.0:

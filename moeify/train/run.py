@@ -73,10 +73,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     from .data import build_datasets
 
     q, lora = recipe.quantization, recipe.lora
-    if recipe.model.path is None:
-        raise MoeifyError(
-            "model.source (upcycling inside `moeify train`) is not built yet: run `moeify convert` first."
-        )
+    path = recipe.model.path or _upcycle(recipe)
     if q.experts == "none" or lora is None or not {"experts", "attention"} <= set(lora.targets):
         raise MoeifyError(
             "this version trains 4-bit experts with LoRA on experts and attention: set quantization.experts to nf4 "
@@ -97,7 +94,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     checkpointing = bool(recipe.training.get("gradient_checkpointing", True))
     shared = "lora" if "shared_experts" in lora.targets else "frozen"
     model = load_for_training(
-        recipe.model.path,
+        path,
         quantization=ExpertQuantization(quant_type=q.experts, blocksize=q.blocksize, double_quant=q.double_quant),
         lora=ExpertLora(r=lora.expert_r or lora.r, alpha=lora.alpha, dropout=lora.dropout),
         attention_lora=LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout),  # default targets
@@ -109,7 +106,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     )
 
     _set_router_losses(model.get_base_model(), recipe)
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
     train_set, eval_set = build_datasets(recipe.data, tokenizer, seed)
     settings = {**trainer_settings(recipe), "gradient_checkpointing": False}  # load_for_training enabled it
     args = TrainingArguments(output_dir=recipe.output.dir, **settings)
@@ -129,7 +126,72 @@ def train(recipe: Recipe) -> dict[str, Any]:
     out = Path(recipe.output.dir)
     (out / "train_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "recipe.yaml").write_text(_recipe_yaml(recipe))
+    if not trainer.is_world_process_zero():
+        return metrics
+    router = {k: v for k, v in _last_logged(trainer).items() if k.startswith("router/") and "/L" not in k}
+    _model_card(recipe, path, metrics, router).save(out / "README.md")
+    if recipe.output.merge:
+        from ..merge import merge
+
+        merge(path, out, out / "merged", overwrite=True, progress=False)
+    if recipe.output.push_to_hub:
+        from ..hub import push_to_hub
+
+        push_to_hub(out, recipe.output.push_to_hub, ignore_patterns=["checkpoint-*", "merged/*", "upcycled/*"])
     return metrics
+
+
+def _upcycle(recipe: Recipe) -> str:
+    """`model.source` upcycled with `model.convert` into `output.dir/upcycled` (reused when it is there)."""
+    from ..converter import convert
+    from ..plan import ConvertOptions
+
+    out = Path(recipe.output.dir) / "upcycled"
+    if not (out / "config.json").exists():
+        convert(str(recipe.model.source), out, ConvertOptions(**recipe.model.convert))
+    return str(out)
+
+
+def _last_logged(trainer: Trainer) -> dict[str, float]:
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return logged[-1] if logged else {}
+
+
+def _model_card(recipe: Recipe, base: str, metrics: dict[str, Any], router: dict[str, float]):  # noqa: ANN202
+    """The run's model card: the base, the recipe, the final losses and the routers' health."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(
+        base_model=base, library_name="peft", pipeline_tag="text-generation", tags=["moe", "moeify", "lora"]
+    )
+    rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, int | float))
+    health = "\n".join(f"| {k} | {v:.4g} |" for k, v in router.items())
+    return ModelCard(
+        f"""---
+{data.to_yaml()}
+---
+
+# LoRA adapter trained with `moeify train`
+
+Base: `{base}` (4-bit {recipe.quantization.experts} experts while training). Load it with peft onto the
+full-precision base, or fold it in with `moeify merge {base} THIS_FOLDER -o OUT`.
+
+| metric | value |
+|---|---|
+{rows}
+
+Router health at the last logging step (mean over MoE layers):
+
+| statistic | value |
+|---|---|
+{health}
+
+## Recipe
+
+```yaml
+{_recipe_yaml(recipe)}```
+"""
+    )
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
