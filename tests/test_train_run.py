@@ -4,6 +4,7 @@ adapter lands in peft's layout, and `moeify merge` turns it into a full-precisio
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -256,3 +257,34 @@ def test_upcycle_train_merge_and_push_in_one_recipe(
     assert commit.repo_id == "acme/moe-lora"
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "train_results.json"} <= set(commit.files)
     assert not any(name.startswith(("checkpoint-", "merged/", "upcycled/")) for name in commit.files)
+
+
+@pytest.mark.parametrize("mode", ["full-precision-experts", "full-fine-tuning"])
+def test_full_precision_experts_lora_and_full_fine_tuning(
+    mode: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    settings = {"max_steps": 3, "save_strategy": "no"}
+    path = _tiny_run(tmp_path, tmp_path_factory, "run", **settings)
+    overrides = ["quantization.experts=none"] + (["lora=null"] if mode == "full-fine-tuning" else [])
+    assert main(["train", str(path), *overrides]) == 0
+    run = tmp_path / "run"
+    losses = [e["loss"] for e in json.loads((run / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert (run / "tokenizer_config.json").exists()
+    before = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.float32)
+    if mode == "full-fine-tuning":  # a whole model, every weight trained
+        after = AutoModelForCausalLM.from_pretrained(run, dtype=torch.float32)
+        changed = [n for n, p in after.named_parameters() if not torch.equal(p, before.get_parameter(n))]
+        assert any("experts" in n for n in changed) and any("q_proj" in n for n in changed)
+    else:  # peft's own target_parameters LoRA on the full-precision experts: stock peft's layout
+        adapter = json.loads((run / "adapter_config.json").read_text())
+        assert sorted({p.rsplit(".", 2)[-2] + "." + p.rsplit(".", 1)[-1] for p in adapter["target_parameters"]}) == [
+            "experts.down_proj",
+            "experts.gate_up_proj",
+        ]
+        weights = load_file(run / "adapter_model.safetensors")
+        assert any("experts" in k and "lora_B" in k and weights[k].abs().sum() > 0 for k in weights)

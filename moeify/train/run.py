@@ -66,46 +66,16 @@ class MoeTrainer(Trainer):
 
 def train(recipe: Recipe) -> dict[str, Any]:
     """Run the recipe; returns the final metrics (also written to `output.dir/train_results.json`)."""
-    from peft import LoraConfig
-    from transformers import AutoTokenizer, BitsAndBytesConfig, TrainingArguments, default_data_collator, set_seed
+    from transformers import AutoTokenizer, TrainingArguments, default_data_collator, set_seed
 
-    from ..quant import ExpertLora, ExpertQuantization, load_for_training
     from .data import build_datasets
 
-    q, lora = recipe.quantization, recipe.lora
     path = recipe.model.path or _upcycle(recipe)
-    if q.experts == "none" or lora is None or not {"experts", "attention"} <= set(lora.targets):
-        raise MoeifyError(
-            "this version trains 4-bit experts with LoRA on experts and attention: set quantization.experts to nf4 "
-            "or fp4 and keep `experts` and `attention` in lora.targets (full-precision experts, full fine-tuning "
-            "and other target sets are not built yet)."
-        )
     seed = int(recipe.training.get("seed", 42))
     set_seed(seed)
-    dtype = _DTYPES[q.compute_dtype]
-    linear = None
-    if q.linear != "none":
-        linear = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=q.linear,
-            bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_use_double_quant=q.double_quant,
-        )
-    checkpointing = bool(recipe.training.get("gradient_checkpointing", True))
-    shared = "lora" if "shared_experts" in lora.targets else "frozen"
-    model = load_for_training(
-        path,
-        quantization=ExpertQuantization(quant_type=q.experts, blocksize=q.blocksize, double_quant=q.double_quant),
-        lora=ExpertLora(r=lora.expert_r or lora.r, alpha=lora.alpha, dropout=lora.dropout),
-        attention_lora=LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout),  # default targets
-        dtype=dtype,
-        gradient_checkpointing=checkpointing,
-        train_router=lora.train_router,
-        linear_quantization=linear,
-        shared_experts=shared,
-    )
-
-    _set_router_losses(model.get_base_model(), recipe)
+    model = load_model(recipe, path)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    _set_router_losses(base, recipe)
     tokenizer = AutoTokenizer.from_pretrained(path)
     train_set, eval_set = build_datasets(recipe.data, tokenizer, seed)
     settings = {**trainer_settings(recipe), "gradient_checkpointing": False}  # load_for_training enabled it
@@ -116,6 +86,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=default_data_collator,
+        processing_class=tokenizer,  # saved beside the adapter / model
     )
     result = trainer.train(resume_from_checkpoint=_resume_point(recipe))
     metrics = dict(result.metrics)
@@ -139,6 +110,74 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
         push_to_hub(out, recipe.output.push_to_hub, ignore_patterns=["checkpoint-*", "merged/*", "upcycled/*"])
     return metrics
+
+
+def load_model(recipe: Recipe, path: str) -> torch.nn.Module:
+    """The model to train, as the recipe stores and adapts it.
+
+    - 4-bit experts + LoRA: `load_for_training` (experts quantized while loading, per-expert LoRA in the dispatch).
+    - full-precision experts + LoRA: `from_pretrained` (linears 4-bit through `BitsAndBytesConfig` if asked) and
+      peft's own `target_parameters` LoRA on the fused experts (peft forms `W + delta` per expert each forward:
+      correct, slower than moeify's 4-bit path).
+    - `lora: null`: every weight trains (full fine-tuning), in the compute dtype.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from ..quant import ExpertLora, ExpertQuantization, load_for_training
+    from ..quant.experts_4bit import fused_experts
+    from ..quant.loading import ROUTER_MODULES, _default_targets
+
+    q, lora = recipe.quantization, recipe.lora
+    dtype = _DTYPES[q.compute_dtype]
+    checkpointing = bool(recipe.training.get("gradient_checkpointing", True))
+    linear = None
+    if q.linear != "none":
+        linear = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.linear,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=q.double_quant,
+            llm_int8_skip_modules=["lm_head", *ROUTER_MODULES],
+        )
+    if lora is not None and "attention" not in lora.targets:
+        raise MoeifyError("lora.targets without `attention` is not built yet; keep attention in the targets.")
+    shared = "frozen" if lora is None or "shared_experts" not in lora.targets else "lora"
+    if lora is not None and q.experts != "none":
+        if "experts" not in lora.targets:
+            raise MoeifyError(
+                "4-bit experts are frozen: keep `experts` in lora.targets, or set quantization.experts: none."
+            )
+        return load_for_training(
+            path,
+            quantization=ExpertQuantization(quant_type=q.experts, blocksize=q.blocksize, double_quant=q.double_quant),
+            lora=ExpertLora(r=lora.expert_r or lora.r, alpha=lora.alpha, dropout=lora.dropout),
+            attention_lora=LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout),  # default targets
+            dtype=dtype,
+            gradient_checkpointing=checkpointing,
+            train_router=lora.train_router,
+            linear_quantization=linear,
+            shared_experts=shared,
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=linear)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if lora is None:
+        return model  # every parameter trains
+    names = [f"{name}.{p}" for name in fused_experts(model) for p in ("gate_up_proj", "down_proj")]
+    targets = names if "experts" in lora.targets else []
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=_default_targets(model, shared),
+        target_parameters=targets or None,
+        modules_to_save=[m for m in ROUTER_MODULES if m in present] if lora.train_router else None,
+        rank_pattern=dict.fromkeys(targets, lora.expert_r) if lora.expert_r else {},
+    )
+    return get_peft_model(model, config)
 
 
 def _upcycle(recipe: Recipe) -> str:
