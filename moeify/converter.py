@@ -307,6 +307,37 @@ class ConversionPlan:
     notes: list[str]
 
 
+def _moe_spec(
+    adapter: ArchitectureAdapter,
+    dense_config: PreTrainedConfig,
+    options: ConvertOptions,
+    moe_layers: list[int],
+    intermediate: int,
+) -> MoESpec:
+    return MoESpec(
+        num_experts=options.num_experts,
+        top_k=options.top_k,
+        shared_experts=options.shared_experts,
+        moe_layers=moe_layers,
+        num_layers=dense_config.num_hidden_layers,
+        intermediate_size=intermediate,
+        mlp_bias=adapter.mlp_bias(dense_config),
+        activation=adapter.activation(dense_config),
+    )
+
+
+def planned_config(dense_config: PreTrainedConfig, options: ConvertOptions) -> PreTrainedConfig:
+    """The config `convert` would write for a dense model with `dense_config`, from the config alone (no weights:
+    the expert size is the config's `intermediate_size`)."""
+    options.validate()
+    dense_config = _dense_text_config(dense_config)
+    adapter = get_adapter(dense_config.model_type)
+    moe_layers = parse_layers(options.layers, dense_config.num_hidden_layers)
+    spec = _moe_spec(adapter, dense_config, options, moe_layers, dense_config.intermediate_size)
+    fmt, _ = choose_format(adapter, dense_config, spec, options)
+    return fmt.build_config(adapter, dense_config, spec)
+
+
 def plan_conversion(source: str, options: ConvertOptions, progress: bool = True) -> ConversionPlan:
     """Resolve `source`, pick the output format and list every output tensor (name, dtype, shape, producer).
 
@@ -330,16 +361,7 @@ def plan_conversion(source: str, options: ConvertOptions, progress: bool = True)
             f"is it a {adapter.display_name} checkpoint?"
         )
     hidden, intermediate = reader.shape(first["down"])
-    spec = MoESpec(
-        num_experts=options.num_experts,
-        top_k=options.top_k,
-        shared_experts=options.shared_experts,
-        moe_layers=moe_layers,
-        num_layers=num_layers,
-        intermediate_size=intermediate,
-        mlp_bias=adapter.mlp_bias(dense_config),
-        activation=adapter.activation(dense_config),
-    )
+    spec = _moe_spec(adapter, dense_config, options, moe_layers, intermediate)
     fmt, reason = choose_format(adapter, dense_config, spec, options)
     layout = options.layout if options.layout in fmt.layouts else fmt.layouts[0]
     notes = []

@@ -177,3 +177,41 @@ def _meta_model(folder: Path):  # noqa: ANN202
 
     with init_empty_weights():
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+
+
+LLAMA_31_8B = dict(  # meta-llama/Llama-3.1-8B's config.json (shape fields), so the test needs no download
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+)
+
+
+def test_shipped_recipes_are_valid_and_the_qlora_one_fits_80_gb(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+    import re
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    for recipe in sorted(root.glob("*.yaml")):
+        load_recipe(recipe)  # every shipped recipe passes validation as it is
+    source = tmp_path / "llama-3.1-8b"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps(LLAMA_31_8B))
+    capsys.readouterr()
+    assert main(["train", str(root / "qlora-single-gpu.yaml"), f"model.source={source}", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    total = int(re.search(r"of ([\d,]+) \(", printed).group(1).replace(",", ""))
+    assert 46e9 < total < 48e9  # 8 experts of Llama 3.1 8B's MLP: about 47B parameters
+    estimate = float(re.search(r"peak memory estimate\s+([\d.]+) GiB", printed).group(1))
+    assert estimate < 80, printed

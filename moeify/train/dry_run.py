@@ -45,12 +45,24 @@ def estimate(recipe: Recipe) -> Estimate:
 
     from ..errors import MoeifyError
 
-    if recipe.model.path is None:
-        raise MoeifyError("--dry-run needs model.path (an upcycled MoE); with model.source, convert first.")
     try:
-        config = _config(recipe.model.path)
+        if recipe.model.path is not None:
+            config = _config(recipe.model.path)
+        else:  # the MoE `model.convert` would make of the dense model, from its config alone
+            from transformers import AutoConfig
+
+            from ..converter import planned_config
+            from ..plan import ConvertOptions
+
+            if str(recipe.model.source).endswith(".gguf"):
+                raise MoeifyError(
+                    "--dry-run with a .gguf model.source: run `moeify convert` first, then use model.path."
+                )
+            config = planned_config(
+                AutoConfig.from_pretrained(recipe.model.source), ConvertOptions(**recipe.model.convert)
+            )
     except OSError as err:
-        raise MoeifyError(f"cannot read the config of {recipe.model.path}: {err}") from None
+        raise MoeifyError(f"cannot read the config of {recipe.model.path or recipe.model.source}: {err}") from None
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     model.tie_weights()  # as loading does: a tied LM head is the embedding matrix

@@ -194,8 +194,17 @@ def check_recipe(recipe: Recipe) -> None:
 
 
 def trainer_settings(recipe: Recipe) -> dict[str, Any]:
-    """`training` as `TrainingArguments` keywords (`resume_from_checkpoint` is `Trainer.train`'s, not theirs)."""
-    return {k: v for k, v in recipe.training.items() if k != "resume_from_checkpoint"}
+    """`training` as `TrainingArguments` keywords (`resume_from_checkpoint` is `Trainer.train`'s, not theirs).
+
+    On a machine without an accelerator `use_cpu` defaults to true, so a recipe written for GPUs (`bf16: true`)
+    validates and runs there instead of failing on transformers' hardware check.
+    """
+    import torch
+
+    settings = {k: v for k, v in recipe.training.items() if k != "resume_from_checkpoint"}
+    if torch.accelerator.current_accelerator() is None:
+        settings.setdefault("use_cpu", True)
+    return settings
 
 
 def _fails(arguments: type, key: str, value: Any) -> bool:
