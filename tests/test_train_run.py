@@ -288,3 +288,41 @@ def test_full_precision_experts_lora_and_full_fine_tuning(
         ]
         weights = load_file(run / "adapter_model.safetensors")
         assert any("experts" in k and "lora_B" in k and weights[k].abs().sum() > 0 for k in weights)
+
+
+def test_chat_messages_with_loss_on_assistant_turns_only(tmp_path: Path) -> None:
+    from tiny_models import build_tokenizer
+
+    from moeify.train.data import build_datasets
+    from moeify.train.recipe import DataRecipe
+
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    chats = [
+        [
+            {"role": "user", "content": PROMPTS[i % len(PROMPTS)]},
+            {"role": "assistant", "content": PROMPTS[(i + 1) % len(PROMPTS)]},
+        ]
+        for i in range(12)
+    ]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    data = DataRecipe(
+        path=str(tmp_path / "chat.jsonl"),
+        messages_field="messages",
+        assistant_only_loss=True,
+        max_length=24,
+        eval_fraction=0.0,
+        packing=False,
+    )
+    with pytest.raises(Exception, match="no training block"):  # conversations shorter than 24 tokens are dropped
+        build_datasets(DataRecipe(**{**data.__dict__, "max_length": 10_000}), tokenizer, 0)
+    data = DataRecipe(**{**data.__dict__, "packing": True})
+    blocks, _ = build_datasets(data, tokenizer, 0)
+    predicted = [t for row in blocks for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100]
+    ignored = [t for row in blocks for t, label in zip(row["input_ids"], row["labels"], strict=True) if label == -100]
+    assert predicted and ignored
+    assert all(
+        label in (-100, token) for row in blocks for token, label in zip(row["input_ids"], row["labels"], strict=True)
+    )
+    assert "user" not in tokenizer.decode(predicted) and "assistant" in tokenizer.decode(predicted)
+    assert "user" in tokenizer.decode(ignored)

@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..errors import MoeifyError
 from .corpus import BUILTIN_PREFIX, builtin_corpus
+from .loss import IGNORE_INDEX
 from .recipe import DataRecipe
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
@@ -44,34 +45,69 @@ def load_text(data: DataRecipe):  # noqa: ANN201  (a datasets.Dataset)
 
 
 def build_datasets(data: DataRecipe, tokenizer: PreTrainedTokenizerBase, seed: int):  # noqa: ANN201
-    """(train, eval or None): tokenized, packed into `max_length` blocks (or truncated), labels = input ids."""
+    """(train, eval or None): tokenized, packed into `max_length` blocks (or truncated), with labels.
+
+    Plain text (`text_field`) is predicted everywhere. Chat data (`messages_field`: a list of `{role, content}`)
+    is rendered with the tokenizer's chat template; with `assistant_only_loss` only the assistant turns are
+    predicted (the other tokens are labelled -100).
+    """
     raw = load_text(data)
-    field = data.text_field if data.text_field in raw.column_names else None
-    if field is None:
-        raise MoeifyError(
-            f"data.text_field '{data.text_field}' is not a column; columns: {', '.join(raw.column_names)}."
-        )
+    chat = data.messages_field is not None
+    field = data.messages_field if chat else data.text_field
+    if field not in raw.column_names:
+        kind = "messages_field" if chat else "text_field"
+        raise MoeifyError(f"data.{kind} '{field}' is not a column; columns: {', '.join(raw.column_names)}.")
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise MoeifyError("data.messages_field: the model's tokenizer has no chat template to render messages with.")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def tokenize(batch: dict) -> dict:
-        ids = tokenizer(batch[field], add_special_tokens=True)["input_ids"]
-        return {"input_ids": [row + eos for row in ids] if data.packing else [row[: data.max_length] for row in ids]}
+        rows = (
+            [_render_chat(tokenizer, messages, data.assistant_only_loss) for messages in batch[field]]
+            if chat
+            else [(ids, list(ids)) for ids in tokenizer(batch[field], add_special_tokens=True)["input_ids"]]
+        )
+        if data.packing:
+            return {"input_ids": [ids + eos for ids, _ in rows], "labels": [lab + eos for _, lab in rows]}
+        return {
+            "input_ids": [ids[: data.max_length] for ids, _ in rows],
+            "labels": [lab[: data.max_length] for _, lab in rows],
+        }
 
     tokenized = raw.map(tokenize, batched=True, remove_columns=raw.column_names, desc="Tokenizing")
     if data.packing:
 
         def pack(batch: dict) -> dict:
-            flat = [token for row in batch["input_ids"] for token in row]
             size = data.max_length
-            return {"input_ids": [flat[i : i + size] for i in range(0, len(flat) - size + 1, size)]}
+            out = {}
+            for key in ("input_ids", "labels"):
+                flat = [token for row in batch[key] for token in row]
+                out[key] = [flat[i : i + size] for i in range(0, len(flat) - size + 1, size)]
+            return out
 
         tokenized = tokenized.map(pack, batched=True, desc="Packing")
     else:
         tokenized = tokenized.filter(lambda row: len(row["input_ids"]) == data.max_length)
     if len(tokenized) == 0:
         raise MoeifyError(f"data: no training block of {data.max_length} tokens; lower data.max_length or add text.")
-    tokenized = tokenized.map(lambda row: {"labels": row["input_ids"]})
     if data.eval_fraction and len(tokenized) >= 2:
         split = tokenized.train_test_split(test_size=data.eval_fraction, seed=seed)
         return split["train"], split["test"]
     return tokenized, None
+
+
+def _render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], assistant_only: bool) -> tuple[list, list]:
+    """Token ids of a conversation and its labels. The tokens of assistant turn i are those the template adds
+    between `messages[:i]` and `messages[:i + 1]` (rendered prefixes), so any chat template works, with or without
+    generation markers."""
+    ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+    if not assistant_only:
+        return ids, list(ids)
+    labels = [IGNORE_INDEX] * len(ids)
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        before = len(tokenizer.apply_chat_template(messages[:i], tokenize=True, return_dict=False)) if i else 0
+        after = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=True, return_dict=False))
+        labels[before:after] = ids[before:after]
+    return ids, labels

@@ -83,6 +83,10 @@ class DataRecipe:
         "Hub dataset id, local .json/.jsonl/.parquet/.csv/.txt file or folder, builtin:python-docstrings", default=""
     )
     text_field: str = _doc("the column holding the text", default="text")
+    messages_field: str | None = _doc(
+        "a column of chat messages ({role, content}) to render with the chat template", default=None
+    )
+    assistant_only_loss: bool = _doc("with messages: predict the assistant turns only", default=False)
     max_length: int = _doc("tokens per training sequence", default=512)
     eval_fraction: float = _doc("share of the data held out for evaluation", default=0.05)
     packing: bool = _doc("concatenate texts and cut them into max_length blocks", default=True)
