@@ -19,31 +19,19 @@ from moeify.plan import ConvertOptions
 def test_thirty_steps_lower_the_loss_and_save_a_peft_adapter(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    dense = dense_model("qwen2", tmp_path_factory.getbasetemp() / DENSE_FOLDER)
+    path = _tiny_run(
+        tmp_path,
+        tmp_path_factory,
+        "run",
+        per_device_train_batch_size=4,
+        max_steps=30,
+        learning_rate=3e-2,
+        logging_steps=5,
+        save_steps=15,
+    )
     moe = tmp_path / "moe"
-    convert(str(dense), moe, ConvertOptions(num_experts=4, top_k=2, shared_experts=1), progress=False, log=print)
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS * 8))
-    recipe = {
-        "model": {"path": str(moe)},
-        "quantization": {"experts": "nf4", "compute_dtype": "float32"},
-        "lora": {"r": 8, "alpha": 16},
-        "data": {"path": str(corpus), "max_length": 16, "eval_fraction": 0.1},
-        "training": {
-            "per_device_train_batch_size": 4,
-            "max_steps": 30,
-            "learning_rate": 3e-2,
-            "seed": 0,
-            "logging_steps": 5,
-            "save_steps": 15,
-            "report_to": "none",
-            "disable_tqdm": True,
-        },
-        "output": {"dir": str(tmp_path / "run")},
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    assert main(["train", str(path)]) == 0
+    overrides = ["lora.r=8", "lora.alpha=16", "data.eval_fraction=0.1"]
+    assert main(["train", str(path), *overrides]) == 0
 
     run = tmp_path / "run"
     for name in ("adapter_config.json", "adapter_model.safetensors", "train_results.json", "trainer_state.json"):
