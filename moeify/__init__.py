@@ -1,20 +1,24 @@
 """moeify: upcycle dense Hugging Face causal LMs into Mixture-of-Experts models.
 
 `import moeify` registers `MoeifyConfig` / `MoeifyForCausalLM` / `MoeifyModel` with transformers' Auto classes, so
-`AutoModelForCausalLM.from_pretrained(path)` loads moeify-format models.
+`AutoModelForCausalLM.from_pretrained(path)` loads moeify-format models. It imports neither torch nor transformers
+itself (see `moeify.registration`): the classes load when transformers or the names below are first used.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from typing import Any
 
-from .modeling import MoeifyConfig, MoeifyForCausalLM, MoeifyModel
+from . import registration
 
 __version__ = "0.1.0"
 
-AutoConfig.register(MoeifyConfig.model_type, MoeifyConfig, exist_ok=True)
-AutoModel.register(MoeifyConfig, MoeifyModel, exist_ok=True)
-AutoModelForCausalLM.register(MoeifyConfig, MoeifyForCausalLM, exist_ok=True)
-# Both calls are needed for `save_pretrained` to write a complete `auto_map` and copy the modeling files.
-MoeifyConfig.register_for_auto_class()
-MoeifyForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+registration.install()
 
-__all__ = ["MoeifyConfig", "MoeifyForCausalLM", "__version__"]
+__all__ = ["MoeifyConfig", "MoeifyForCausalLM", "MoeifyModel", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("MoeifyConfig", "MoeifyForCausalLM", "MoeifyModel"):
+        from . import modeling
+
+        return getattr(modeling, name)
+    raise AttributeError(f"module 'moeify' has no attribute {name!r}")
