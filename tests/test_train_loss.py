@@ -105,3 +105,25 @@ def test_moeify_format_with_router_loss(tmp_path, tmp_path_factory: pytest.TempP
     expected = model(input_ids=ids, labels=ids)
     assert expected.aux_loss is not None
     torch.testing.assert_close(causal_lm_loss(model, ids, chunk_tokens=5), expected.loss)
+
+
+def test_router_z_loss_is_added_with_its_coefficient_and_its_gradient() -> None:
+    torch.manual_seed(0)
+    model = MODELS["mixtral"]()
+    ids = torch.randint(0, 101, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+    keep = mask.reshape(-1).bool()
+    z = torch.stack([(torch.logsumexp(lg.float(), -1) ** 2)[keep].mean() for lg in out.router_logits]).mean()
+    expected = out.loss - model.router_aux_loss_coef * out.aux_loss + 0.1 * z  # output_router_logits is off
+    expected.backward()
+    router = model.model.layers[0].mlp.gate.weight
+    expected_grad = router.grad.clone()
+    model.zero_grad()
+    got = causal_lm_loss(model, ids, labels, attention_mask=mask, chunk_tokens=5, z_loss_coef=0.1)
+    got.backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(router.grad, expected_grad)
+    assert float(z) > 0

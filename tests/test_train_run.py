@@ -314,3 +314,17 @@ def test_chat_messages_with_loss_on_assistant_turns_only(tmp_path: Path) -> None
     )
     assert "user" not in tokenizer.decode(predicted) and "assistant" in tokenizer.decode(predicted)
     assert "user" in tokenizer.decode(ignored)
+
+
+def test_router_losses_reach_the_logged_loss(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Step 1's logged loss (before any update) grows by the aux loss (about top_k = 2 for these routers) and by
+    the z-loss when their coefficients are 1."""
+    settings = {"max_steps": 1, "save_strategy": "no"}
+    first = {}
+    for name, moe in {"none": (0.0, 0.0), "aux": (1.0, 0.0), "z": (0.0, 1.0)}.items():
+        path = _tiny_run(tmp_path, tmp_path_factory, name, **settings)
+        assert main(["train", str(path), f"moe.aux_loss_coef={moe[0]}", f"moe.z_loss_coef={moe[1]}"]) == 0
+        history = json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
+        first[name] = next(e["loss"] for e in history if "loss" in e)
+    assert 1.5 < first["aux"] - first["none"] < 2.5, first  # Switch aux loss: top_k under near-uniform routing
+    assert first["z"] - first["none"] > 1e-4, first

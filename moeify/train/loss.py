@@ -31,6 +31,7 @@ def causal_lm_loss(
     attention_mask: torch.Tensor | None = None,
     chunk_tokens: int | None = None,
     router_loss: bool = True,
+    z_loss_coef: float = 0.0,
 ) -> torch.Tensor:
     """Mean next-token cross-entropy of `model` (a transformers causal LM, or a peft / DDP / FSDP wrapper of one),
     plus its router auxiliary loss when the config asks for one (`output_router_logits`, `router_aux_loss_coef`).
@@ -39,8 +40,9 @@ def causal_lm_loss(
     decoder's final hidden states are taken with a forward hook, and the LM head and cross-entropy run on chunks of
     them. `labels` default to `input_ids`; positions labelled -100 are not predicted. `chunk_tokens` defaults to
     the tokens whose float32 logits fill `CHUNK_BYTES` (256 tokens for a 32k vocabulary); `router_loss=False` leaves
-    the auxiliary loss out (evaluation). A model whose LM head this
-    function does not know (not a bias-free Linear) gets `model(..., labels=labels).loss`.
+    the auxiliary loss out (evaluation). `z_loss_coef` adds the router z-loss (ST-MoE, Zoph et al. 2022): the mean
+    over MoE layers and (non-padding) tokens of `logsumexp(router_logits)^2`, which keeps router logits small. A
+    model whose LM head this function does not know (not a bias-free Linear) gets `model(..., labels=labels).loss`.
     """
     labels = input_ids if labels is None else labels
     base = _unwrap(model)
@@ -49,11 +51,18 @@ def causal_lm_loss(
     if not isinstance(head, nn.Linear) or head.bias is not None:
         return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
     captured: list[torch.Tensor] = []
-    hook = base.get_decoder().register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
+    router_logits: list[torch.Tensor] = []
+    hooks = [base.get_decoder().register_forward_hook(lambda _m, _i, out: captured.append(out[0]))]
+    if router_loss and z_loss_coef:
+        from ..router_stats import routers
+
+        for module in routers(base).values():
+            hooks.append(module.register_forward_hook(lambda _m, _i, out: router_logits.append(out[0])))
     try:
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     hidden = captured[-1]
     targets = labels[:, 1:].reshape(-1)
     keep = targets != IGNORE_INDEX
@@ -74,7 +83,22 @@ def causal_lm_loss(
         # Mixtral and Qwen-MoE keep the coefficient they were built with; moeify's model reads its config.
         coef = getattr(base, "router_aux_loss_coef", base.config.router_aux_loss_coef)
         loss = loss + coef * aux.to(loss.device)
+    if router_logits:
+        loss = loss + z_loss_coef * router_z_loss(router_logits, attention_mask).to(loss.device)
     return loss
+
+
+def router_z_loss(router_logits: list[torch.Tensor], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over layers of the mean over tokens of `logsumexp(logits)^2` (each layer's logits `(tokens, E)`, the
+    batch flattened as the routers see it); padding excluded when `attention_mask` is given."""
+    keep = attention_mask.reshape(-1).bool() if attention_mask is not None else None
+    per_layer = []
+    for logits in router_logits:
+        z = torch.logsumexp(logits.float().reshape(-1, logits.shape[-1]), dim=-1) ** 2
+        if keep is not None and keep.numel() == z.numel():
+            z = z[keep.to(z.device)]
+        per_layer.append(z.mean())
+    return torch.stack(per_layer).mean()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -26,6 +26,7 @@ class MoeTrainer(Trainer):
     """`Trainer` whose loss is `causal_lm_loss` (the model's own loss, without the full float32 logits)."""
 
     loss_is_scaled_for_ga = False  # a per-batch mean: Trainer divides it by the accumulation steps
+    z_loss_coef = 0.0  # the recipe's moe.z_loss_coef
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         from ..router_stats import RouterStats
@@ -53,7 +54,9 @@ class MoeTrainer(Trainer):
     ) -> Any:
         if return_outputs:  # evaluation that wants the logits too
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = causal_lm_loss(model, inputs["input_ids"], inputs.get("labels"), inputs.get("attention_mask"))
+        loss = causal_lm_loss(
+            model, inputs["input_ids"], inputs.get("labels"), inputs.get("attention_mask"), z_loss_coef=self.z_loss_coef
+        )
         if model.training and not torch.isfinite(loss):  # one host sync per step: cheap next to the step
             last = complete_checkpoints(self.args.output_dir)
             where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was saved before it"
@@ -88,6 +91,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         data_collator=default_data_collator,
         processing_class=tokenizer,  # saved beside the adapter / model
     )
+    trainer.z_loss_coef = recipe.moe.z_loss_coef
     result = trainer.train(resume_from_checkpoint=_resume_point(recipe))
     metrics = dict(result.metrics)
     if eval_set is not None:
@@ -264,8 +268,6 @@ def _resume_point(recipe: Recipe) -> str | None:
 
 def _set_router_losses(model: torch.nn.Module, recipe: Recipe) -> None:
     """The load-balancing loss enters the training loss with the recipe's weight (`moe.aux_loss_coef`)."""
-    if recipe.moe.z_loss_coef:
-        raise MoeifyError("moe.z_loss_coef: the router z-loss is not built yet (routing work); set it to 0.")
     coef = recipe.moe.aux_loss_coef
     model.config.output_router_logits = coef > 0
     model.config.router_aux_loss_coef = coef
