@@ -83,3 +83,33 @@ def test_ddp_on_two_processes_matches_one_process(tmp_path: Path, tmp_path_facto
     epochs = [json.loads((tmp_path / n / "trainer_state.json").read_text())["epoch"] for n in ("one", "two")]
     assert epochs[0] == pytest.approx(epochs[1])
     assert (tmp_path / "two" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.skipif(
+    not os.environ.get("MOEIFY_DEEPSPEED_PYTHON"),
+    reason="needs MOEIFY_DEEPSPEED_PYTHON: a Python with deepspeed and moeify (deepspeed is not a dependency)",
+)
+def test_deepspeed_zero3_trains_4bit_experts_like_one_process(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """DeepSpeed ZeRO-3 on two CPU processes (its CPU accelerator): the losses of one process."""
+    python = os.environ["MOEIFY_DEEPSPEED_PYTHON"]
+    dense = dense_model("qwen2", tmp_path_factory.getbasetemp() / DENSE_FOLDER)
+    moe = tmp_path / "moe"
+    convert(str(dense), moe, ConvertOptions(num_experts=4, top_k=2, shared_experts=1), progress=False, log=print)
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS * 8))
+    assert main(["train", str(_recipe(tmp_path, moe, "one", batch=4))]) == 0
+    command = [
+        python,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "recipes/accelerate/deepspeed-zero3.yaml"),
+        "-m",
+        "moeify.train",
+        str(_recipe(tmp_path, moe, "two", batch=2)),
+    ]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for a, b in zip(_losses(tmp_path / "one"), _losses(tmp_path / "two"), strict=True):
+        assert b == pytest.approx(a, rel=1e-4)

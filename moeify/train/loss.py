@@ -48,7 +48,11 @@ def causal_lm_loss(
     base = _unwrap(model)
     config = base.config.get_text_config()
     head = base.get_output_embeddings()
-    if not isinstance(head, nn.Linear) or head.bias is not None:
+    # DeepSpeed ZeRO-3 keeps the head's weight partitioned outside the head's own forward: use the model's loss.
+    partitioned = hasattr(getattr(head, "weight", None), "ds_id")
+    if not isinstance(head, nn.Linear) or head.bias is not None or partitioned:
+        if z_loss_coef and router_loss:
+            raise ValueError("the router z-loss needs moeify's loss path, which this model (or engine) cannot use.")
         return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
     captured: list[torch.Tensor] = []
     router_logits: list[torch.Tensor] = []
