@@ -52,7 +52,12 @@ def causal_lm_loss(
     partitioned = hasattr(getattr(head, "weight", None), "ds_id")
     if not isinstance(head, nn.Linear) or head.bias is not None or partitioned:
         if z_loss_coef and router_loss:
-            raise ValueError("the router z-loss needs moeify's loss path, which this model (or engine) cannot use.")
+            from ..errors import MoeifyError
+
+            raise MoeifyError(
+                "moe.z_loss_coef: the router z-loss needs moeify's loss, which this model (or DeepSpeed ZeRO-3) "
+                "cannot use; set it to 0."
+            )
         return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
     captured: list[torch.Tensor] = []
     router_logits: list[torch.Tensor] = []
