@@ -28,6 +28,27 @@ class MoeTrainer(Trainer):
     loss_is_scaled_for_ga = False  # a per-batch mean: Trainer divides it by the accumulation steps
     z_loss_coef = 0.0  # the recipe's moe.z_loss_coef
 
+    def prediction_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Evaluation needs only the loss here (no `compute_metrics`): the chunked loss, never the full logits."""
+        if self.compute_metrics is not None and not prediction_loss_only:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = causal_lm_loss(
+                model,
+                inputs["input_ids"],
+                inputs.get("labels"),
+                inputs.get("attention_mask"),
+                z_loss_coef=self.z_loss_coef,
+            )
+        return loss.detach(), None, None
+
     def train(self, *args: Any, **kwargs: Any) -> Any:
         from ..router_stats import RouterStats
 
