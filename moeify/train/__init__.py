@@ -1,4 +1,5 @@
-"""Training: the loss moeify trains with (`loss.py`); recipes and `moeify train` come with the next issue."""
+"""`moeify train`: recipes (`recipe.py`), data (`data.py`, `corpus.py`), the loss (`loss.py`), the run on
+transformers' Trainer (`run.py`) and `--dry-run` (`dry_run.py`); `python -m moeify.train` for launchers."""
 
 from .loss import causal_lm_loss
 
