@@ -328,3 +328,31 @@ def test_router_losses_reach_the_logged_loss(tmp_path: Path, tmp_path_factory: p
         first[name] = next(e["loss"] for e in history if "loss" in e)
     assert 1.5 < first["aux"] - first["none"] < 2.5, first  # Switch aux loss: top_k under near-uniform routing
     assert first["z"] - first["none"] > 1e-4, first
+
+
+@pytest.mark.parametrize("case", ["moeify-format-4bit", "full-precision-lora"])
+def test_loss_falls_over_thirty_steps(case: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The moeify format (Gemma 3 with a shared expert) with 4-bit experts, and a native MoE with full-precision
+    experts and peft's LoRA, both learn over 30 steps."""
+    settings = {
+        "per_device_train_batch_size": 4,
+        "max_steps": 30,
+        "learning_rate": 3e-2,
+        "logging_steps": 5,
+        "save_strategy": "no",
+    }
+    if case == "moeify-format-4bit":
+        dense = dense_model("gemma3", tmp_path_factory.getbasetemp() / DENSE_FOLDER)
+        convert(
+            str(dense),
+            tmp_path / "moe",
+            ConvertOptions(num_experts=4, top_k=2, shared_experts=1),
+            progress=False,
+            log=print,
+        )
+    path = _tiny_run(tmp_path, tmp_path_factory, "run", **settings)
+    overrides = ["quantization.experts=none"] if case == "full-precision-lora" else []
+    assert main(["train", str(path), *overrides]) == 0
+    history = json.loads((tmp_path / "run" / "trainer_state.json").read_text())["log_history"]
+    losses = [e["loss"] for e in history if "loss" in e]
+    assert len(losses) == 6 and sum(losses[-2:]) / 2 < losses[0] - 0.05, losses
