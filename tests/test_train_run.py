@@ -356,3 +356,38 @@ def test_loss_falls_over_thirty_steps(case: str, tmp_path: Path, tmp_path_factor
     history = json.loads((tmp_path / "run" / "trainer_state.json").read_text())["log_history"]
     losses = [e["loss"] for e in history if "loss" in e]
     assert len(losses) == 6 and sum(losses[-2:]) / 2 < losses[0] - 0.05, losses
+
+
+def test_a_dense_baseline_trains_with_lora_on_its_ffn_at_the_expert_rank(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The dense model an MoE is compared with: `experts` targets its FFN linears at expert_r / expert_alpha,
+    `--dry-run` counts exactly the parameters peft trains, and 4-bit experts on it are refused."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from moeify.train.dry_run import estimate
+    from moeify.train.recipe import load_recipe
+
+    dense = dense_model("qwen2", tmp_path_factory.getbasetemp() / DENSE_FOLDER)
+    path = _tiny_run(tmp_path, tmp_path_factory, "dense", max_steps=2, save_strategy="no")
+    overrides = [
+        f"model.path={dense}",
+        "quantization.experts=none",
+        "lora.expert_r=6",
+        "lora.expert_alpha=3",
+        "lora.targets=[attention, experts]",
+    ]
+    assert main(["train", str(path), "quantization.experts=nf4", *overrides[:1]]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to quantize" in err and "quantization.experts: none" in err
+    assert main(["train", str(path), *overrides]) == 0
+    adapter = json.loads((tmp_path / "dense" / "adapter_config.json").read_text())
+    assert {"q_proj", "gate_proj", "up_proj", "down_proj"} <= set(adapter["target_modules"])
+    assert adapter["rank_pattern"] == dict.fromkeys(["down_proj", "gate_proj", "up_proj"], 6)
+    assert adapter["alpha_pattern"] == dict.fromkeys(["down_proj", "gate_proj", "up_proj"], 3)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(dense), tmp_path / "dense")
+    ranks = {n.split(".")[-4]: p.shape[0] for n, p in model.named_parameters() if "lora_A" in n}
+    assert ranks["gate_proj"] == ranks["down_proj"] == 6 and ranks["q_proj"] == 4
+    trained = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert estimate(load_recipe(path, overrides)).trainable_params == trained

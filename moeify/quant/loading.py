@@ -94,7 +94,10 @@ def load_for_training(
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     experts = fused_experts(model)
     if not experts:
-        raise MoeifyError(f"{folder} is not an MoE with fused experts ({type(model).__name__}): nothing to quantize.")
+        raise MoeifyError(
+            f"{folder} is not an MoE with fused experts ({type(model).__name__}): nothing to quantize. Train a dense "
+            "model with full-precision weights (`quantization.experts: none` in a `moeify train` recipe)."
+        )
     if shared_experts not in ("lora", "full", "frozen"):
         raise MoeifyError(f"shared_experts must be 'lora', 'full' or 'frozen', not {shared_experts!r}.")
     if attention_lora is None:

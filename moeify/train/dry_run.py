@@ -70,6 +70,7 @@ def estimate(recipe: Recipe) -> Estimate:
     compute = _DTYPE_BYTES[q.compute_dtype]
     total = trainable = weights = 0
     seen: set[int] = set()  # a tied LM head is the embedding matrix: count it once
+    dense = not any(name.rpartition(".")[2] == "experts" for name, _ in model.named_modules())
     for name, module in model.named_modules():
         leaf = name.rpartition(".")[2]
         parent = name.rpartition(".")[0].rpartition(".")[2]
@@ -97,6 +98,8 @@ def estimate(recipe: Recipe) -> Estimate:
                 "shared_experts" in lora.targets and parent in SHARED
             ):
                 trainable += lora.r * (module.in_features + module.out_features)
+            elif dense and "experts" in lora.targets and parent == "mlp":  # a dense FFN: `load_model`'s LoRA
+                trainable += (lora.expert_r or lora.r) * (module.in_features + module.out_features)
         else:
             weights += own * compute
             if lora is None:

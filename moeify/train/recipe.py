@@ -71,7 +71,8 @@ class LoraRecipe:
         "what gets LoRA: attention, experts, shared_experts",
         default_factory=lambda: ["attention", "experts", "shared_experts"],
     )
-    expert_r: int | None = _doc("rank of the experts' LoRA (default: r)", default=None)
+    expert_r: int | None = _doc("rank of the experts' LoRA (default: r); a dense model's FFN counts", default=None)
+    expert_alpha: float | None = _doc("scale numerator of the experts' LoRA (default: alpha)", default=None)
     train_router: bool = _doc("train the routers in full precision (saved with the adapter)", default=True)
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import Trainer
 
 from ..errors import MoeifyError
 from .loss import causal_lm_loss
-from .recipe import Recipe, trainer_settings
+from .recipe import LoraRecipe, Recipe, trainer_settings
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -145,6 +146,8 @@ def load_model(recipe: Recipe, path: str) -> torch.nn.Module:
       peft's own `target_parameters` LoRA on the fused experts (peft forms `W + delta` per expert each forward:
       correct, slower than moeify's 4-bit path).
     - `lora: null`: every weight trains (full fine-tuning), in the compute dtype.
+    - a dense model (no experts; the baseline an upcycled MoE is compared with): LoRA through peft, where the
+      `experts` target means the FFN's linears (`mlp.*`), at `expert_r` / `expert_alpha`.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -176,7 +179,7 @@ def load_model(recipe: Recipe, path: str) -> torch.nn.Module:
         return load_for_training(
             path,
             quantization=ExpertQuantization(quant_type=q.experts, blocksize=q.blocksize, double_quant=q.double_quant),
-            lora=ExpertLora(r=lora.expert_r or lora.r, alpha=lora.alpha, dropout=lora.dropout),
+            lora=ExpertLora(r=lora.expert_r or lora.r, alpha=_expert_alpha(lora), dropout=lora.dropout),
             attention_lora=LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout),  # default targets
             dtype=dtype,
             gradient_checkpointing=checkpointing,
@@ -185,24 +188,41 @@ def load_model(recipe: Recipe, path: str) -> torch.nn.Module:
             shared_experts=shared,
         )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=linear)
+    dense = not any(name.rpartition(".")[2] == "experts" for name, _ in model.named_modules())
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if lora is None:
         return model  # every parameter trains
-    names = [f"{name}.{p}" for name in fused_experts(model) for p in ("gate_up_proj", "down_proj")]
-    targets = names if "experts" in lora.targets else []
+    modules = _default_targets(model, shared)
+    if dense:  # the FFN is what upcycling turns into experts: peft LoRA on its linears
+        ffn = {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear) and _in_ffn(n)}
+        targets = sorted(ffn)
+    else:
+        targets = [f"{name}.{p}" for name in fused_experts(model) for p in ("gate_up_proj", "down_proj")]
+    if "experts" not in lora.targets:
+        targets = []
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=_default_targets(model, shared),
-        target_parameters=targets or None,
-        modules_to_save=[m for m in ROUTER_MODULES if m in present] if lora.train_router else None,
-        rank_pattern=dict.fromkeys(targets, lora.expert_r) if lora.expert_r else {},
+        target_modules=[*modules, *targets] if dense else modules,
+        target_parameters=None if dense else targets or None,
+        modules_to_save=[m for m in ROUTER_MODULES if m in present] if lora.train_router and not dense else None,
+        rank_pattern=dict.fromkeys(targets, lora.expert_r or lora.r),
+        alpha_pattern=dict.fromkeys(targets, _expert_alpha(lora)),
     )
     return get_peft_model(model, config)
+
+
+def _expert_alpha(lora: LoraRecipe) -> float:
+    return lora.alpha if lora.expert_alpha is None else lora.expert_alpha
+
+
+def _in_ffn(name: str) -> bool:
+    """A dense decoder layer's FFN linear (`model.layers.0.mlp.down_proj`)."""
+    return name.rpartition(".")[0].rpartition(".")[2] == "mlp"
 
 
 def _upcycle(recipe: Recipe) -> str:
