@@ -83,7 +83,8 @@ def trainable(model: str, dense: bool, args: Any, held_out: float, work: Path) -
 def _recipe(raw: dict) -> Any:
     from moeify.train.recipe import load_recipe
 
-    path = Path(raw["output"]["dir"]).with_suffix(".yaml")
+    out = Path(raw["output"]["dir"])
+    path = out.parent / f"{out.name}.yaml"  # not with_suffix: the run names hold dots (lr0.0001)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(raw))
     return load_recipe(path)
@@ -94,14 +95,16 @@ def evaluate(model: str, adapter: Path | None, held_out: float) -> dict:
     cmd += ["--max-length", str(MAX_LENGTH), "--max-blocks", "100000", "--json"]
     if adapter is not None:
         cmd += ["--adapter", str(adapter)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout)["model"]
 
 
 def train(raw: dict, work: Path) -> dict:
     out = Path(raw["output"]["dir"])
     if not (out / "train_results.json").exists():
-        path = out.with_suffix(".yaml")
+        path = out.parent / f"{out.name}.yaml"
         path.write_text(yaml.safe_dump(raw))
         start = time.perf_counter()
         done = subprocess.run(["moeify", "train", str(path)], capture_output=True, text=True)
