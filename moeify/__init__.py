@@ -13,12 +13,29 @@ __version__ = "0.1.0"
 
 registration.install()
 
-__all__ = ["MoeifyConfig", "MoeifyForCausalLM", "MoeifyModel", "__version__"]
+__all__ = [
+    "BiasBalancingCallback",
+    "MoeifyConfig",
+    "MoeifyForCausalLM",
+    "MoeifyModel",
+    "RouterConfig",
+    "RouterStats",
+    "__version__",
+    "update_routing_bias",
+]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("MoeifyConfig", "MoeifyForCausalLM", "MoeifyModel"):
+    if name in ("MoeifyConfig", "MoeifyForCausalLM", "MoeifyModel", "RouterConfig"):
         from . import modeling
 
         return getattr(modeling, name)
+    if name in ("BiasBalancingCallback", "update_routing_bias"):
+        from .train import balancing
+
+        return getattr(balancing, name)
+    if name == "RouterStats":
+        from .router_stats import RouterStats
+
+        return RouterStats
     raise AttributeError(f"module 'moeify' has no attribute {name!r}")

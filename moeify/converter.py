@@ -25,6 +25,7 @@ from .atomic import atomic_output, check_output_folder
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import MoeifyError
 from .formats import MoESpec, MoETensorNames, OutputFormat, choose_format
+from .formats.base import RouterTensor
 from .model_card import render_model_card, source_license
 from .params import ParamSummary, summarize
 from .plan import ConvertOptions, parse_layers, parse_max_shard_size
@@ -53,7 +54,7 @@ class ConversionResult:
         p = self.params
         layers = f"{len(p.moe_layers)} MoE layers" if p.moe_layers else "no MoE layers"
         shared = f", {p.shared_experts} shared" if p.shared_experts else ""
-        exact = "outputs equal the dense model's at step 0" if self.exact else "experts differ from the dense FFN"
+        exact = "outputs equal the dense model's at step 0" if self.exact else "outputs differ from the dense model's"
         return (
             f"Wrote {self.output} in {self.seconds:.1f}s: {self.architecture} -> {self.output_class} "
             f"({self.format} format, {self.layout} layout; {self.reason}). {layers}, {p.num_experts} experts, "
@@ -181,8 +182,10 @@ def _moe_layer_specs(
     hidden: int,
     dtype: torch.dtype,
     builder: _LayerBuilder | None,
+    extra_tensors: dict[str, RouterTensor],
 ) -> list[TensorSpec]:
-    """Output tensors of one MoE layer in `layout`; producers pull the layer from `builder`."""
+    """Output tensors of one MoE layer in `layout`; producers pull the layer from `builder`. The router's rows of
+    null experts, an MLP router and `extra_tensors` (the format's `router_tensors`) start random or zero."""
     E, I, H = spec.num_experts, spec.intermediate_size, hidden  # noqa: E741 (the papers' names)
 
     def produce(pick: Callable[[MoELayerWeights], list[torch.Tensor]]) -> Callable[[], Iterator[torch.Tensor]]:
@@ -192,7 +195,34 @@ def _moe_layer_specs(
 
         return run
 
-    out = [TensorSpec(prefix + names.router_name(layout), dtype, (E, H), produce(lambda w: [w.router]))]
+    router = spec.router or {"network": "linear", "null_experts": {}}
+    choices = E + spec.num_null_experts
+    inner = router["mlp_hidden_size"] if router["network"] == "mlp" else H
+    seed = builder.options.seed if builder is not None else 0
+    std = builder.options.router_init_std if builder is not None else 0.0
+    zeros = builder is not None and builder.options.router_init == "zeros"
+
+    def random(shape: tuple[int, ...], salt: int) -> torch.Tensor:
+        """N(0, router_init_std) from a generator seeded by (seed, layer, tensor); zeros with --router-init zeros."""
+        if zeros:
+            return torch.zeros(shape, dtype=dtype)
+        generator = torch.Generator().manual_seed((seed * 100_003 + layer) * 17 + salt)
+        return (torch.randn(shape, generator=generator) * std).to(dtype)
+
+    def router_weight(weights: MoELayerWeights) -> list[torch.Tensor]:
+        if inner != H:  # an MLP router: the method's (E, H) rows do not fit its output layer
+            return [random((choices, inner), 1)]
+        if choices == E:
+            return [weights.router]
+        return [torch.cat([weights.router, random((choices - E, H), 2)])]  # rows of the null experts
+
+    out = [TensorSpec(prefix + names.router_name(layout), dtype, (choices, inner), produce(router_weight))]
+    for salt, (name, extra) in enumerate(extra_tensors.items(), start=3):
+        if extra.init == "random":
+            make = lambda shape=extra.shape, salt=salt: iter([random(shape, salt)])  # noqa: E731
+            out.append(TensorSpec(prefix + name, dtype, extra.shape, make))
+        else:
+            out.append(zeros_spec(prefix + name, dtype, extra.shape))
     fused_names = names.saved_fused if layout == "per-expert" and names.saved_fused else names.fused
     if layout == "fused" or names.saved_fused:
         out.append(
@@ -323,6 +353,7 @@ def _moe_spec(
         intermediate_size=intermediate,
         mlp_bias=adapter.mlp_bias(dense_config),
         activation=adapter.activation(dense_config),
+        router=options.router_settings(),
     )
 
 
@@ -395,6 +426,7 @@ def plan_conversion(source: str, options: ConvertOptions, progress: bool = True)
         return TensorSpec(name, out_dtype(reader.dtype(name)), reader.shape(name), lambda: iter([reader.get(name)]))
 
     zero_tensors = fmt.zero_tensors(adapter, dense_config, spec)
+    extra = fmt.router_tensors(adapter, spec, hidden)
     tensors = [passthrough(n) for n in outside]
     in_memory = list(tensors)
     for layer in range(num_layers):
@@ -407,8 +439,8 @@ def plan_conversion(source: str, options: ConvertOptions, progress: bool = True)
             tensors.append(zeros_spec(prefix + name, ffn_dtype, shape))
             in_memory.append(tensors[-1])
         if layer in ffn_names:
-            tensors += _moe_layer_specs(layer, prefix, names, layout, spec, hidden, ffn_dtype, builder)
-            in_memory += _moe_layer_specs(layer, prefix, names, "fused", spec, hidden, ffn_dtype, None)
+            tensors += _moe_layer_specs(layer, prefix, names, layout, spec, hidden, ffn_dtype, builder, extra)
+            in_memory += _moe_layer_specs(layer, prefix, names, "fused", spec, hidden, ffn_dtype, None, extra)
 
     unused = _check_against_output_class(fmt, out_config, in_memory, reader)
     if unused:
@@ -488,7 +520,7 @@ def convert(
         layout=plan.layout,
         architecture=plan.adapter.display_name,
         params=plan.params,
-        exact=options.method in EXACT_METHODS,
+        exact=options.method in EXACT_METHODS and options.exact_router,
         seconds=time.perf_counter() - started,
         notes=plan.notes,
     )
@@ -517,6 +549,7 @@ def _write_metadata(plan: ConversionPlan, folder: Path) -> None:
         "MoE layers": f"{len(spec.moe_layers)} of {spec.num_layers} ({options.layers})",
         "upcycling": options.method,
         "router init": f"{options.router_init} (seed {options.seed})",
+        **({"router": _router_summary(options)} if options.custom_router() else {}),
         "dtype": str(plan.out_config.dtype).replace("torch.", ""),
         "layout": plan.layout,
     }
@@ -529,5 +562,18 @@ def _write_metadata(plan: ConversionPlan, folder: Path) -> None:
         reason=plan.reason,
         settings=settings,
         params=plan.params,
+        not_exact=_not_exact(options),
     )
     card.save(folder / "README.md")
+
+
+def _not_exact(options: ConvertOptions) -> str | None:
+    """Why the output does not reproduce the dense model at step 0, or `None` where it does."""
+    why = [] if options.method in EXACT_METHODS else [f"the {options.method} method changes the experts"]
+    deviation = options.router_deviation()
+    return "; ".join([*why, *([deviation] if deviation else [])]) or None
+
+
+def _router_summary(options: ConvertOptions) -> str:
+    """The router settings that differ from the defaults, for the model card."""
+    return ", ".join(f"{key}={value}" for key, value in options.custom_router().items())

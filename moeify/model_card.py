@@ -30,8 +30,10 @@ def render_model_card(
     reason: str,
     settings: dict[str, object],
     params: ParamSummary,
+    not_exact: str | None = None,
 ) -> ModelCard:
-    """Build the card: metadata (base_model, tags, license) and a body with settings, parameters and usage."""
+    """Build the card: metadata (base_model, tags, license) and a body with settings, parameters and usage.
+    `not_exact` says why the model does not reproduce the dense one at step 0 (`None`: it does)."""
     data = ModelCardData(
         base_model=base_model,
         license=license,
@@ -53,12 +55,17 @@ def render_model_card(
         else f"\nServing engines load it as any `{output_class}` checkpoint.\n"
     )
     rows = "\n".join(f"| {key} | {value} |" for key, value in settings.items())
+    exactness = (
+        "so\nbefore fine-tuning this model computes the same outputs as the dense one."
+        if not_exact is None
+        else f"but\nit does **not** compute the dense model's outputs at step 0: {not_exact}. `moeify verify` reports "
+        "the deviation."
+    )
     body = f"""
 # {Path(base_model).name} upcycled to a Mixture-of-Experts
 
 Sparse upcycling of `{base_model}` ({architecture}) with [moeify](https://pypi.org/project/moeify/):
-each MLP became {params.num_experts} experts (top-{params.top_k}) that start as copies of the dense MLP, so
-before fine-tuning this model computes the same outputs as the dense one.
+each MLP became {params.num_experts} experts (top-{params.top_k}) that start as copies of the dense MLP, {exactness}
 
 Output class: `{output_class}` ({reason}).
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -40,6 +41,9 @@ class ConvertOptions:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     revision: str | None = None
+    # Settings of the router section (`moeify.RouterConfig` keys) that differ from its defaults: scoring, network,
+    # noise, capacity, losses, bias balancing, null experts, gating residual. Only moeify's format expresses them.
+    router: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Raise `MoeifyError` for settings that cannot describe an MoE, before any I/O."""
@@ -66,6 +70,34 @@ class ConvertOptions:
                 raise MoeifyError(f"{name} must be one of {', '.join(allowed)} (got '{value}').")
         parse_max_shard_size(self.max_shard_size)
         parse_layers(self.layers, None)
+        self.router_settings()
+
+    def router_settings(self) -> dict[str, Any]:
+        """The whole router section this conversion writes (defaults + `router`), validated."""
+        from .modeling.configuration_moeify import RouterConfig
+
+        try:
+            return RouterConfig.from_dict(dict(self.router)).to_dict()
+        except (TypeError, ValueError) as error:
+            raise MoeifyError(f"bad router settings: {error}") from None
+
+    def custom_router(self) -> dict[str, Any]:
+        """The router settings that differ from the defaults (what the stock MoE classes cannot express)."""
+        from .modeling.configuration_moeify import RouterConfig
+
+        defaults = RouterConfig().to_dict()
+        return {k: v for k, v in self.router_settings().items() if v != defaults[k]}
+
+    @property
+    def exact_router(self) -> bool:
+        """Whether the router leaves an upcycled model equal to its dense source at step 0."""
+        return self.router_deviation() is None
+
+    def router_deviation(self) -> str | None:
+        """Why the router settings change an upcycled model's outputs at step 0 (`RouterConfig.deviation`)."""
+        from .modeling.configuration_moeify import RouterConfig
+
+        return RouterConfig.from_dict(self.router_settings()).deviation()
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
@@ -139,3 +171,16 @@ def parse_max_shard_size(size: str | int) -> int:
     if value <= 0:
         raise MoeifyError(f"--max-shard-size must be positive (got {size}).")
     return value
+
+
+def parse_null_experts(spec: str) -> dict[str, int]:
+    """`--null-experts zero=1,copy=1,constant=2` -> `{"zero": 1, "copy": 1, "constant": 2}` (MoE++ experts)."""
+    kinds = ("zero", "copy", "constant")
+    hint = "Use --null-experts zero=N,copy=N,constant=N (any subset), e.g. zero=1,copy=1."
+    counts: dict[str, int] = {}
+    for part in spec.split(","):
+        kind, _, number = part.strip().partition("=")
+        if kind not in kinds or not number.strip().isdigit():
+            raise MoeifyError(f"bad --null-experts '{spec}': cannot read '{part.strip()}'. {hint}")
+        counts[kind] = int(number)
+    return counts

@@ -23,19 +23,42 @@ MODELS_MODULE = "transformers.models.auto.modeling_auto"
 MODEL_CLASSES = {"MoeifyForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING", "MoeifyModel": "MODEL_MAPPING"}
 
 
+CONFIG_FILE_MODULE = "moeify.modeling.configuration_moeify"
+_deferred: list[Callable[[], None]] = []
+
+
+def _config_being_imported() -> bool:
+    """True while moeify's configuration module itself runs: its `from transformers import AutoConfig` is what
+    loads transformers' Auto mapping, and `MoeifyConfig` does not exist yet."""
+    module = sys.modules.get(CONFIG_FILE_MODULE)
+    return module is not None and not hasattr(module, "MoeifyConfig")
+
+
+def run_deferred() -> None:
+    """Registrations that waited for `MoeifyConfig` to exist (called by `moeify.modeling` once it does)."""
+    while _deferred:
+        _deferred.pop(0)()
+
+
 def register_config() -> None:
     """`AutoConfig` knows model_type "moeify"."""
+    if _config_being_imported():
+        _deferred.append(register_config)
+        return
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from .modeling import MoeifyConfig
+    from .modeling.configuration_moeify import MoeifyConfig
 
     CONFIG_MAPPING.register(MoeifyConfig.model_type, MoeifyConfig, exist_ok=True)
 
 
 def register_models() -> None:
     """`AutoModelForCausalLM` and `AutoModel` map `MoeifyConfig` to moeify's classes (stand-ins until used)."""
+    if _config_being_imported():
+        _deferred.append(register_models)
+        return
     modeling_auto = sys.modules[MODELS_MODULE]
-    from .modeling import MoeifyConfig
+    from .modeling.configuration_moeify import MoeifyConfig
 
     for name, mapping in MODEL_CLASSES.items():
         getattr(modeling_auto, mapping).register(MoeifyConfig, _stand_in(name), exist_ok=True)

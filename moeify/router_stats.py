@@ -7,7 +7,9 @@ top_k_weights, top_k_index (tokens, k))`; `RouterStats` hooks them and accumulat
 - `tokens_per_expert`: how many (token, slot) assignments each expert received;
 - `load_cv`: coefficient of variation of that load (std / mean; 0 = perfectly balanced);
 - `busiest_share`: the busiest expert's share of all assignments (1/E when balanced);
-- `entropy`: mean entropy (nats) of the router's softmax over experts per token (log E = undecided).
+- `entropy`: mean entropy (nats) of the router's softmax over experts per token (log E = undecided);
+- `dropped`: assignments dropped for capacity (moeify's router, training with a capacity factor);
+- `null_share`: share of assignments that went to MoE++ zero-computation experts (moeify's router).
 
 Used by `moeify eval` and by the training logs (`RouterStatsCallback`).
 """
@@ -33,6 +35,8 @@ class LayerStats:
     load_cv: float
     busiest_share: float
     entropy: float
+    dropped: int = 0
+    null_share: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -87,7 +91,9 @@ class RouterStats:
             if self.mask is not None and self.mask.numel() == len(logits):
                 keep = self.mask.reshape(-1).bool().to(logits.device)
                 logits, index = logits[keep], index[keep]
-            counts = torch.bincount(index.reshape(-1), minlength=module.num_experts).cpu()
+            # moeify's router: FFN experts, then null experts, then the index of dropped assignments.
+            choices = getattr(module, "num_choices", module.num_experts)
+            counts = torch.bincount(index.reshape(-1), minlength=choices + 1).cpu()
             self._counts[name] = self._counts.get(name, torch.zeros_like(counts)) + counts
             log_probs = torch.log_softmax(logits.float(), dim=-1)
             self._entropy[name] = self._entropy.get(name, 0.0) - float((log_probs.exp() * log_probs).sum())
@@ -102,17 +108,23 @@ class RouterStats:
             if name not in self._counts:
                 continue
             shown = name.removeprefix("base_model.model.")
-            counts = self._counts[name].double()
+            experts = self._routers[name].num_experts
+            choices = getattr(self._routers[name], "num_choices", experts)
+            every = self._counts[name]
+            slots = float(every.sum())
+            counts = every[:experts].double()
             total = float(counts.sum())
             mean = total / len(counts)
             cv = float(counts.std(unbiased=False)) / mean if mean else 0.0
             result.append(
                 LayerStats(
                     layer=shown,
-                    tokens_per_expert=[int(c) for c in self._counts[name]],
+                    tokens_per_expert=[int(c) for c in every[:experts]],
                     load_cv=cv,
                     busiest_share=float(counts.max()) / total if total else 0.0,
                     entropy=self._entropy[name] / max(self._tokens[name], 1),
+                    dropped=int(every[choices]),
+                    null_share=float(every[experts:choices].sum()) / slots if slots else 0.0,
                 )
             )
         return result
@@ -127,6 +139,8 @@ class RouterStats:
             "router/load_cv": mean([s.load_cv for s in layers]),
             "router/busiest_share": mean([s.busiest_share for s in layers]),
             "router/entropy": mean([s.entropy for s in layers]),
+            "router/dropped": float(sum(s.dropped for s in layers)),
+            "router/null_share": mean([s.null_share for s in layers]),
         }
 
 

@@ -61,14 +61,18 @@ def test_save_load_round_trip_and_remote_code_files(tmp_path: Path) -> None:
     assert not hasattr(loaded.model.layers[1].mlp, "router"), "layer 1 stays dense"
 
 
-def test_aux_loss_added_with_labels() -> None:
+def test_aux_and_z_loss_added_with_labels() -> None:
     model = tiny().train()
     ids = torch.randint(0, 96, (2, 8))
+    model.config.router.update(aux_loss_coef=0.0, z_loss_coef=0.0)
     plain = model(ids, labels=ids)
-    routed = model(ids, labels=ids, output_router_logits=True)
-    assert plain.aux_loss is None and routed.aux_loss is not None
-    assert len(routed.router_logits) == 3 and routed.router_logits[0].shape == (16, 4)
-    torch.testing.assert_close(routed.loss, plain.loss + model.config.router_aux_loss_coef * routed.aux_loss)
+    assert plain.aux_loss is None and plain.z_loss is None and plain.router_logits is None
+    model.config.router.update(aux_loss_coef=0.01, z_loss_coef=0.002)
+    routed = model(ids, labels=ids)
+    assert routed.aux_loss is not None and routed.z_loss is not None and routed.router_logits is None
+    torch.testing.assert_close(routed.loss, plain.loss + 0.01 * routed.aux_loss + 0.002 * routed.z_loss)
+    logged = model(ids, labels=ids, output_router_logits=True)
+    assert len(logged.router_logits) == 3 and logged.router_logits[0].shape == (16, 4)
     routed.loss.backward()
     assert model.model.layers[0].mlp.router.weight.grad is not None
 

@@ -25,6 +25,13 @@ def choose_format(
     """
     if options.format == "moeify":
         return MOEIFY_FORMAT, "moeify format requested"
+    custom = options.custom_router()
+    if custom:
+        settings = ", ".join(f"{key}={value}" for key, value in custom.items())
+        reason = f"the router settings {settings} have no equivalent in the stock transformers MoE classes"
+        if options.format == "native":
+            raise MoeifyError(f"--format native: {reason}. Use --format moeify (or auto).")
+        return MOEIFY_FORMAT, reason + ", so moeify's own format"
     reasons = []
     for target in adapter.native_targets:
         fmt = NATIVE_FORMATS[target]

@@ -51,6 +51,11 @@ class MoESpec:
     intermediate_size: int
     mlp_bias: bool
     activation: str
+    router: dict = field(default_factory=dict)  # the whole router section (`RouterConfig.to_dict()`)
+
+    @property
+    def num_null_experts(self) -> int:
+        return sum(self.router.get("null_experts", {}).values())
 
     @property
     def all_layers(self) -> bool:
@@ -59,6 +64,15 @@ class MoESpec:
     @property
     def dense_layers(self) -> list[int]:
         return [i for i in range(self.num_layers) if i not in set(self.moe_layers)]
+
+
+@dataclass(frozen=True)
+class RouterTensor:
+    """A tensor the router section adds: its shape, and `zeros` (inactive until trained) or `random` (N(0, std),
+    seeded like the router)."""
+
+    shape: tuple[int, ...]
+    init: str = "zeros"
 
 
 class OutputFormat:
@@ -90,6 +104,11 @@ class OutputFormat:
     def model_class(self, config: PreTrainedConfig) -> type:
         """The transformers class that loads the output (used to check names and shapes on the meta device)."""
         raise NotImplementedError
+
+    def router_tensors(self, adapter: ArchitectureAdapter, spec: MoESpec, hidden: int) -> dict[str, RouterTensor]:
+        """An MoE layer's tensors beyond router, experts and shared experts (name inside the layer -> how to make
+        it): what the router section adds (MLP router, noise, gating residual, bias, constant experts)."""
+        return {}
 
     def zero_tensors(
         self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec

@@ -11,7 +11,7 @@ from transformers import PreTrainedConfig
 from ..adapters import ArchitectureAdapter
 from ..modeling import MoeifyConfig, MoeifyForCausalLM
 from ..plan import ConvertOptions
-from .base import MoESpec, MoETensorNames, OutputFormat
+from .base import MoESpec, MoETensorNames, OutputFormat, RouterTensor
 
 
 class MoeifyFormat(OutputFormat):
@@ -36,7 +36,7 @@ class MoeifyFormat(OutputFormat):
             moe_intermediate_size=spec.intermediate_size,
             shared_expert_intermediate_size=spec.intermediate_size,
             shared_expert_gate=True,
-            norm_topk_prob=True,
+            router=dict(spec.router),
             mlp_activation=spec.activation,
             mlp_bias=spec.mlp_bias,
             mlp_module_name=adapter.mlp_module,
@@ -53,6 +53,24 @@ class MoeifyFormat(OutputFormat):
         return MoETensorNames(
             router=f"{mlp}.router.weight", fused=fused, shared=shared, shared_gate=f"{mlp}.shared_expert_gate.weight"
         )
+
+    def router_tensors(self, adapter: ArchitectureAdapter, spec: MoESpec, hidden: int) -> dict[str, RouterTensor]:
+        router, mlp = spec.router, adapter.mlp_module
+        n = spec.num_experts + spec.num_null_experts
+        extra = {}
+        if router["network"] == "mlp":
+            extra[f"{mlp}.router.input_proj.weight"] = RouterTensor((router["mlp_hidden_size"], hidden), "random")
+        if router["noisy_top_k"]:
+            extra[f"{mlp}.router.noise.weight"] = RouterTensor((n, hidden))
+        if router["gating_residual"]:
+            extra[f"{mlp}.router.residual.weight"] = RouterTensor((n, n))
+        if router["bias_update_rate"] > 0:
+            extra[f"{mlp}.router.e_score_correction_bias"] = RouterTensor((n,))
+        constant = router["null_experts"]["constant"]
+        if constant:
+            extra[f"{mlp}.constant_experts.vectors"] = RouterTensor((constant, hidden), "random")
+            extra[f"{mlp}.constant_experts.gate.weight"] = RouterTensor((2 * constant, hidden), "random")
+        return extra
 
     def model_class(self, config: PreTrainedConfig) -> type:
         return MoeifyForCausalLM

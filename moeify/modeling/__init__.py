@@ -8,13 +8,16 @@ transformers).
 
 from typing import Any
 
-from .configuration_moeify import MoeifyConfig
+from .. import registration
+from .configuration_moeify import MoeifyConfig, RouterConfig
+
+registration.run_deferred()  # `import moeify.modeling` first: the Auto registration waited for MoeifyConfig
 
 # `save_pretrained` writes a complete `auto_map` (and copies the modeling files) for classes registered like this.
 MoeifyConfig.register_for_auto_class()
 
 _MODELING = ("MoeifyForCausalLM", "MoeifyModel", "MoeifyPreTrainedModel", "MoeifySparseMoeBlock")
-__all__ = ["MoeifyConfig", *_MODELING]
+__all__ = ["MoeifyConfig", "RouterConfig", *_MODELING]
 
 
 def __getattr__(name: str) -> Any:

@@ -10,6 +10,7 @@ Copied next to the weights for `trust_remote_code=True`: imports torch, transfor
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -20,11 +21,10 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
-from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from .configuration_moeify import MoeifyConfig
 from .experts import MoeifyExpertsBase, build_experts
-from .router import MoeifyTopKRouter
+from .router import MoeifyTopKRouter, RoutingState, load_balancing_loss, router_z_loss
 
 
 class MoeifySharedExperts(nn.Module):
@@ -43,10 +43,30 @@ class MoeifySharedExperts(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
 
 
+class MoeifyConstantExperts(nn.Module):
+    """MoE++ constant experts: expert c outputs `a1 x + a2 v_c` with `[a1, a2] = softmax(W_c x)`; no FFN."""
+
+    def __init__(self, config: MoeifyConfig) -> None:
+        super().__init__()
+        hidden = config.text_config.hidden_size
+        self.num_experts = config.router["null_experts"]["constant"]
+        self.vectors = nn.Parameter(torch.empty(self.num_experts, hidden))
+        self.gate = nn.Linear(hidden, 2 * self.num_experts, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`hidden_states` `(T, H)`, `weights` `(T, C)` (each constant expert's routing weight per token)."""
+        mix = F.softmax(self.gate(hidden_states).reshape(-1, self.num_experts, 2).float(), dim=-1)
+        weighted = weights.float().unsqueeze(-1) * mix  # (T, C, 2)
+        keep = weighted[..., 0].sum(dim=-1, keepdim=True).to(hidden_states.dtype) * hidden_states
+        return keep + weighted[..., 1].to(hidden_states.dtype) @ self.vectors
+
+
 class MoeifySparseMoeBlock(nn.Module):
     """Router, routed experts and optional shared experts; a drop-in for a dense decoder layer's MLP.
 
-    `y = sum_{i in topk} w_i expert_i(x) [+ sigmoid(g . x) * shared(x)]`
+    `y = sum_{i in topk} w_i expert_i(x) [+ sigmoid(g . x) * shared(x)]`, where an expert may also be one of MoE++'s
+    zero-computation experts (zero: 0, copy: x, constant: `a1 x + a2 v`). Assignments to those, and assignments
+    dropped for capacity, never enter the experts' grouped dispatch.
     """
 
     def __init__(self, config: MoeifyConfig) -> None:
@@ -54,6 +74,7 @@ class MoeifySparseMoeBlock(nn.Module):
         _refuse_engines_that_assume_silu(config)
         self.router = MoeifyTopKRouter(config)
         self.experts = build_experts(config)
+        self.constant_experts = MoeifyConstantExperts(config) if config.router["null_experts"]["constant"] > 0 else None
         self.shared_experts = MoeifySharedExperts(config) if config.num_shared_experts > 0 else None
         self.shared_expert_gate = (
             nn.Linear(config.text_config.hidden_size, 1, bias=False)
@@ -65,13 +86,40 @@ class MoeifySparseMoeBlock(nn.Module):
         input_shape = hidden_states.shape
         flat = hidden_states.reshape(-1, input_shape[-1])
         _, top_k_weights, top_k_index = self.router(flat)
-        output = self.experts(flat, top_k_index, top_k_weights)
+        if self.router.num_null_experts or (self.training and self.router.capacity_factor is not None):
+            output = self._mixed_experts(flat, top_k_index, top_k_weights)
+        else:
+            output = self.experts(flat, top_k_index, top_k_weights)
         if self.shared_experts is not None:
             shared = self.shared_experts(flat)
             if self.shared_expert_gate is not None:
                 shared = F.sigmoid(self.shared_expert_gate(flat)) * shared
             output = output + shared
         return output.reshape(input_shape)
+
+    def _mixed_experts(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """FFN experts for the assignments that go to one, zero-computation experts for the rest: the FFN
+        assignments enter the experts' dispatch as one slot each, so the others cost no expert GEMM."""
+        num_experts = self.router.num_experts
+        token_idx, slot = torch.nonzero(top_k_index < num_experts, as_tuple=True)
+        routed = self.experts(
+            hidden_states[token_idx], top_k_index[token_idx, slot, None], top_k_weights[token_idx, slot, None]
+        )
+        output = torch.zeros_like(hidden_states).index_add_(0, token_idx, routed.to(hidden_states.dtype))
+        null = self.router.null_experts
+        first_copy = num_experts + null["zero"]
+        if null["copy"]:
+            picked = (top_k_index >= first_copy) & (top_k_index < first_copy + null["copy"])
+            output = output + (top_k_weights * picked).sum(dim=-1, keepdim=True) * hidden_states
+        if self.constant_experts is not None:
+            first = first_copy + null["copy"]
+            choices = torch.arange(first, first + null["constant"], device=top_k_index.device)
+            picked = top_k_index.unsqueeze(-1) == choices  # (T, k, C)
+            weights = (top_k_weights.unsqueeze(-1) * picked).sum(dim=1)  # (T, C)
+            output = output + self.constant_experts(hidden_states, weights)
+        return output
 
 
 SILU_ACTIVATIONS = ("silu", "swish")
@@ -100,6 +148,16 @@ def init_moe_weights(module: nn.Module, std: float) -> None:
             nn.init.zeros_(module.down_proj_bias)
     elif isinstance(module, MoeifyTopKRouter):
         nn.init.normal_(module.weight, mean=0.0, std=std)
+        if module.input_proj is not None:
+            nn.init.normal_(module.input_proj.weight, mean=0.0, std=std)
+        for start_at_zero in (module.noise, module.residual):  # no noise and no residual until trained
+            if start_at_zero is not None:
+                nn.init.zeros_(start_at_zero.weight)
+        if module.e_score_correction_bias is not None:
+            nn.init.zeros_(module.e_score_correction_bias)
+    elif isinstance(module, MoeifyConstantExperts):
+        nn.init.normal_(module.vectors, mean=0.0, std=std)
+        nn.init.normal_(module.gate.weight, mean=0.0, std=std)
 
 
 def _dense_init_then_moe(dense_init: Any, std: float, module: nn.Module) -> None:
@@ -122,8 +180,13 @@ def build_dense(dense_class: type[PreTrainedModel], config: MoeifyConfig) -> Pre
 def upcycle_decoder(decoder: PreTrainedModel, config: MoeifyConfig) -> PreTrainedModel:
     """Make the MLP of each layer in `config.moe_layers` of a dense base model a `MoeifySparseMoeBlock`, in place."""
     std = getattr(config.text_config, "initializer_range", 0.02)
+    state = RoutingState()  # the gating residual's previous logits, from one MoE layer to the next
+    previous = None
     for layer_idx in config.moe_layers:
-        setattr(decoder.layers[layer_idx], config.mlp_module_name, MoeifySparseMoeBlock(config))
+        block = MoeifySparseMoeBlock(config)
+        block.router.layer_index, block.router.previous_layer, block.router.state = layer_idx, previous, state
+        setattr(decoder.layers[layer_idx], config.mlp_module_name, block)
+        previous = layer_idx
     # transformers initialises a nested PreTrainedModel's subtree with that model's own `_init_weights`,
     # which does not know the MoE modules: extend it for this instance.
     decoder._init_weights = partial(_dense_init_then_moe, decoder._init_weights, std)
@@ -206,17 +269,20 @@ class MoeifyForCausalLM(MoeifyPreTrainedModel, GenerationMixin):
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
-    ) -> MoeCausalLMOutputWithPast:
+    ) -> MoeifyCausalLMOutputWithPast:
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
-        router_logits: list[torch.Tensor] = []
+        settings = self.config.router
+        weighted = bool(settings["aux_loss_coef"] or settings["z_loss_coef"])
+        router_losses = output_router_logits or (weighted and (labels is not None or self.training))
+        routing: list[tuple[MoeifyTopKRouter, torch.Tensor, torch.Tensor]] = []
         hooks = []
-        if output_router_logits:
-            # The dense decoder layers do not return router logits, so collect them at the routers.
+        if router_losses:
+            # The dense decoder layers do not return router outputs, so collect them at the routers.
             for module in self.modules():
                 if isinstance(module, MoeifyTopKRouter):
-                    hooks.append(module.register_forward_hook(lambda _m, _i, out: router_logits.append(out[0])))
+                    hooks.append(module.register_forward_hook(lambda m, _i, out: routing.append((m, out[0], out[2]))))
         try:
             outputs = self.model(
                 input_ids=input_ids,
@@ -241,23 +307,38 @@ class MoeifyForCausalLM(MoeifyPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
-        aux_loss = None
-        if output_router_logits and router_logits:
-            aux_loss = load_balancing_loss_func(
-                tuple(router_logits), self.config.num_experts, self.config.num_experts_per_tok, attention_mask
-            )
+        aux_loss = z_loss = None
+        if routing:
+            # Means over MoE layers of each layer's loss (padding excluded: `attention_mask` matches the tokens).
+            aux_loss = torch.stack(
+                [
+                    load_balancing_loss(logits_, index, router.num_choices, router.scoring, attention_mask)
+                    for router, logits_, index in routing
+                ]
+            ).mean()
+            z_loss = torch.stack([router_z_loss(logits_, attention_mask) for _, logits_, _ in routing]).mean()
             if loss is not None:
-                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+                loss = loss + settings["aux_loss_coef"] * aux_loss.to(loss.device)
+                loss = loss + settings["z_loss_coef"] * z_loss.to(loss.device)
 
-        return MoeCausalLMOutputWithPast(
+        return MoeifyCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,
+            z_loss=z_loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            router_logits=tuple(router_logits) if output_router_logits else None,
+            router_logits=tuple(logits_ for _, logits_, _ in routing) if output_router_logits else None,
         )
+
+
+@dataclass
+class MoeifyCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    """`MoeCausalLMOutputWithPast` plus `z_loss`, the router z-loss (mean over MoE layers), reported beside
+    `aux_loss` (the load-balancing loss); both are already weighted into `loss` when labels are given."""
+
+    z_loss: torch.FloatTensor | None = None
 
 
 __all__ = ["MoeifyForCausalLM", "MoeifyModel", "MoeifyPreTrainedModel", "MoeifySparseMoeBlock"]

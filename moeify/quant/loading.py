@@ -22,7 +22,7 @@ import copy
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from accelerate import init_empty_weights
@@ -57,6 +57,7 @@ def load_for_training(
     train_router: bool = True,
     linear_quantization: BitsAndBytesConfig | None = None,
     shared_experts: Literal["lora", "full", "frozen"] = "lora",
+    router: dict[str, Any] | None = None,
 ) -> PeftModel:
     """Load an MoE (moeify format or a native class) for LoRA training with 4-bit experts.
 
@@ -76,6 +77,8 @@ def load_for_training(
             as it is read (accelerate's `set_module_tensor_to_device`). Routers and the LM head stay in `dtype`.
         shared_experts: `"lora"` (LoRA on their projections, in the default `attention_lora`), `"full"` (trained in
             full and saved with the adapter, peft's `modules_to_save`) or `"frozen"`.
+        router: settings of moeify's `config.router` section to apply over the saved ones (losses, jitter, capacity,
+            bias balancing; see `moeify.RouterConfig`); moeify format only.
 
     Returns a `PeftModel` whose `save_pretrained` writes an adapter stock peft loads onto the full-precision MoE.
     """
@@ -90,6 +93,8 @@ def load_for_training(
             "(or the saved settings), or load the full-precision model to quantize it another way."
         )
     quantization = saved or quantization or ExpertQuantization()
+    if router:
+        apply_router_settings(config, router)
     with init_empty_weights():  # parameters on the meta device; buffers (rotary, scales) computed as usual
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     experts = fused_experts(model)
@@ -121,6 +126,30 @@ def load_for_training(
     peft_model = get_peft_model(model, attention_lora)
     add_expert_lora(peft_model, lora)
     return peft_model
+
+
+def apply_router_settings(config: PretrainedConfig, settings: dict[str, Any]) -> None:
+    """Update moeify's `config.router` with `settings` (validated); other formats have no such section, so any
+    setting that differs from what their router does already is refused."""
+    router = getattr(config, "router", None)
+    if not isinstance(router, dict):
+        from ..modeling import RouterConfig
+
+        defaults = RouterConfig().to_dict()
+        losses = ("aux_loss_coef", "z_loss_coef")
+        other = {k: v for k, v in settings.items() if k not in losses and v != defaults[k]}
+        if other:
+            raise MoeifyError(
+                f"{', '.join(sorted(other))}: {type(config).__name__} routers cannot do this; convert with "
+                "`--format moeify` to train with it."
+            )
+        return
+    from ..modeling import RouterConfig
+
+    try:
+        config.router = RouterConfig.from_dict({**router, **settings}).to_dict()
+    except ValueError as error:
+        raise MoeifyError(str(error)) from error
 
 
 def _default_targets(model: nn.Module, shared_experts: str) -> list[str] | str:

@@ -40,8 +40,9 @@ def causal_lm_loss(
     decoder's final hidden states are taken with a forward hook, and the LM head and cross-entropy run on chunks of
     them. `labels` default to `input_ids`; positions labelled -100 are not predicted. `chunk_tokens` defaults to
     the tokens whose float32 logits fill `CHUNK_BYTES` (256 tokens for a 32k vocabulary); `router_loss=False` leaves
-    the auxiliary loss out (evaluation). `z_loss_coef` adds the router z-loss (ST-MoE, Zoph et al. 2022): the mean
-    over MoE layers and (non-padding) tokens of `logsumexp(router_logits)^2`, which keeps router logits small. A
+    the auxiliary loss out (evaluation). moeify's own models weigh their router losses by their config's `router`
+    section (`aux_loss_coef`, `z_loss_coef`); for the stock classes, `z_loss_coef` adds the router z-loss (ST-MoE,
+    Zoph et al. 2022): the mean over MoE layers and (non-padding) tokens of `logsumexp(router_logits)^2`. A
     model whose LM head this function does not know (not a bias-free Linear) gets `model(..., labels=labels).loss`.
     """
     labels = input_ids if labels is None else labels
@@ -62,7 +63,8 @@ def causal_lm_loss(
     captured: list[torch.Tensor] = []
     router_logits: list[torch.Tensor] = []
     hooks = [base.get_decoder().register_forward_hook(lambda _m, _i, out: captured.append(out[0]))]
-    if router_loss and z_loss_coef:
+    reports_losses = isinstance(getattr(base.config, "router", None), dict)  # moeify's model weighs its own
+    if router_loss and z_loss_coef and not reports_losses:
         from ..router_stats import routers
 
         for module in routers(base).values():
@@ -88,7 +90,15 @@ def causal_lm_loss(
         )
     loss = total / max(len(targets), 1)
     aux = getattr(outputs, "aux_loss", None)
-    if router_loss and aux is not None and getattr(base.config, "output_router_logits", False):
+    if router_loss and reports_losses:
+        # moeify's model computes its router losses whenever it trains with non-zero weights (its config's
+        # `router` section) and reports them unweighted: weigh them here as its own loss would.
+        settings = base.config.router
+        if aux is not None:
+            loss = loss + settings["aux_loss_coef"] * aux.to(loss.device)
+        if getattr(outputs, "z_loss", None) is not None:
+            loss = loss + settings["z_loss_coef"] * outputs.z_loss.to(loss.device)
+    elif router_loss and aux is not None and getattr(base.config, "output_router_logits", False):
         # Mixtral and Qwen-MoE keep the coefficient they were built with; moeify's model reads its config.
         coef = getattr(base, "router_aux_loss_coef", base.config.router_aux_loss_coef)
         loss = loss + coef * aux.to(loss.device)

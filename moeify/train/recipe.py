@@ -95,10 +95,31 @@ class DataRecipe:
 
 @dataclass
 class MoeRecipe:
-    """MoE-specific losses."""
+    """Router losses and balancing while training (the router's structure is set by `moeify convert`)."""
 
     aux_loss_coef: float = _doc("weight of the load-balancing loss", default=0.001)
     z_loss_coef: float = _doc("weight of the router z-loss", default=0.0)
+    jitter: float = _doc("multiply router inputs by U(1-j, 1+j) while training (moeify format); 0 = off", default=0.0)
+    capacity_factor: float | None = _doc(
+        "drop each expert's assignments beyond capacity_factor * k * tokens / E while training (moeify format); "
+        "null = dropless",
+        default=None,
+    )
+    bias_update_rate: float = _doc(
+        "aux-loss-free balancing: move a per-expert selection bias by this much after each step (moeify format); "
+        "0 = off",
+        default=0.0,
+    )
+
+    def router_settings(self) -> dict[str, float | None]:
+        """The keys of moeify's `config.router` section this recipe sets."""
+        return {
+            "aux_loss_coef": self.aux_loss_coef,
+            "z_loss_coef": self.z_loss_coef,
+            "jitter": self.jitter,
+            "capacity_factor": self.capacity_factor,
+            "bias_update_rate": self.bias_update_rate,
+        }
 
 
 @dataclass

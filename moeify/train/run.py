@@ -114,6 +114,10 @@ def train(recipe: Recipe) -> dict[str, Any]:
         processing_class=tokenizer,  # saved beside the adapter / model
     )
     trainer.z_loss_coef = recipe.moe.z_loss_coef
+    from .balancing import BiasBalancingCallback, balanced_routers
+
+    if balanced_routers(model):
+        trainer.add_callback(BiasBalancingCallback())
     result = trainer.train(resume_from_checkpoint=_resume_point(recipe))
     metrics = dict(result.metrics)
     if eval_set is not None:
@@ -150,11 +154,11 @@ def load_model(recipe: Recipe, path: str) -> torch.nn.Module:
       `experts` target means the FFN's linears (`mlp.*`), at `expert_r` / `expert_alpha`.
     """
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
     from ..quant import ExpertLora, ExpertQuantization, load_for_training
     from ..quant.experts_4bit import fused_experts
-    from ..quant.loading import ROUTER_MODULES, _default_targets
+    from ..quant.loading import ROUTER_MODULES, _default_targets, apply_router_settings
 
     q, lora = recipe.quantization, recipe.lora
     dtype = _DTYPES[q.compute_dtype]
@@ -186,8 +190,11 @@ def load_model(recipe: Recipe, path: str) -> torch.nn.Module:
             train_router=lora.train_router,
             linear_quantization=linear,
             shared_experts=shared,
+            router=recipe.moe.router_settings(),
         )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=linear)
+    config = AutoConfig.from_pretrained(path)
+    apply_router_settings(config, recipe.moe.router_settings())
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, quantization_config=linear)
     dense = not any(name.rpartition(".")[2] == "experts" for name, _ in model.named_modules())
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -308,8 +315,10 @@ def _resume_point(recipe: Recipe) -> str | None:
 
 
 def _set_router_losses(model: torch.nn.Module, recipe: Recipe) -> None:
-    """The load-balancing loss enters the training loss with the recipe's weight (`moe.aux_loss_coef`)."""
+    """The load-balancing loss and the z-loss enter the training loss with the recipe's weights (`moe.*_coef`)."""
     coef = recipe.moe.aux_loss_coef
+    if isinstance(getattr(model.config, "router", None), dict):  # moeify's model: set while loading (load_model)
+        return
     model.config.output_router_logits = coef > 0
     model.config.router_aux_loss_coef = coef
     if hasattr(model, "router_aux_loss_coef"):  # the stock classes copy it when built

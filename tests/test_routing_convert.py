@@ -1,0 +1,145 @@
+"""Router settings at conversion (`moeify convert` flags) and in training (the recipe's `moe` section): they choose
+moeify's format, land in the config, keep the upcycle exact where they are inference-neutral, and are reported
+where they are not."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tiny_models import DENSE_FOLDER, PROMPTS, dense_model
+from transformers import AutoModelForCausalLM
+
+from moeify.cli import main
+from moeify.converter import convert
+from moeify.plan import ConvertOptions
+from moeify.verify import verify
+
+NEUTRAL = [
+    "--router-scoring", "sigmoid", "--router-network", "mlp", "--router-hidden-size", "12", "--noisy-top-k",
+    "--router-jitter", "0.1", "--capacity-factor", "1.25", "--bias-update-rate", "0.001", "--gating-residual",
+    "--z-loss-coef", "0.001", "--aux-loss-coef", "0.02",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return dense_model("qwen2", tmp_path_factory.getbasetemp() / DENSE_FOLDER)
+
+
+def test_inference_neutral_router_flags_pick_moeify_format_and_stay_exact(
+    dense: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "moe"
+    assert main(["convert", str(dense), "-o", str(out), "--num-experts", "4", "--shared-experts", "1", *NEUTRAL]) == 0
+    printed = capsys.readouterr()
+    assert "MoeifyForCausalLM" in printed.err and "have no equivalent in the stock" in printed.err
+    assert "outputs equal the dense model's at step 0" in printed.out
+    router = json.loads((out / "config.json").read_text())["router"]
+    assert router["scoring"] == "sigmoid" and router["network"] == "mlp" and router["mlp_hidden_size"] == 12
+    assert router["noisy_top_k"] and router["gating_residual"] and router["capacity_factor"] == 1.25
+    assert (router["jitter"], router["bias_update_rate"], router["z_loss_coef"]) == (0.1, 0.001, 0.001)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    mlp = model.model.layers[0].mlp
+    assert mlp.router.input_proj.weight.shape == (12, model.config.hidden_size)
+    assert torch.count_nonzero(mlp.router.noise.weight) == 0 and torch.count_nonzero(mlp.router.residual.weight) == 0
+    assert torch.count_nonzero(mlp.router.input_proj.weight) > 0
+    report, _ = verify(str(dense), str(out), tolerance=1e-5)
+    assert report.passed, str(report)
+    card = (out / "README.md").read_text()
+    assert "computes the same outputs as the dense one" in card and "scoring=sigmoid" in card
+
+
+def test_null_experts_are_written_and_verify_reports_the_deviation(
+    dense: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "moe"
+    args = ["convert", str(dense), "-o", str(out), "--num-experts", "4", "--null-experts", "zero=1,copy=1,constant=2"]
+    assert main(args) == 0
+    assert "outputs differ from the dense model's" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(out)
+    mlp = model.model.layers[0].mlp
+    assert mlp.router.weight.shape == (4 + 4, model.config.hidden_size)
+    assert mlp.constant_experts.vectors.shape == (2, model.config.hidden_size)
+    card = (out / "README.md").read_text()
+    assert "does **not** compute the dense model's outputs at step 0" in card and "null experts" in card
+    assert main(["verify", str(dense), str(out), "--tolerance", "1e-5"]) == 0
+    printed = capsys.readouterr().out
+    assert "DEVIATES by design" in printed and "null experts (1 zero, 1 copy, 2 constant)" in printed
+
+
+def test_router_flags_that_native_formats_cannot_express(dense: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    args = ["convert", str(dense), "-o", str(tmp_path / "moe"), "--format", "native", "--router-scoring", "sigmoid"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "scoring=sigmoid" in err and "--format moeify" in err
+    assert not (tmp_path / "moe").exists()
+    assert main(["convert", str(dense), "-o", str(tmp_path / "bad"), "--null-experts", "zero=one"]) == 2
+    assert "--null-experts zero=N" in capsys.readouterr().err
+    assert main(["convert", str(dense), "-o", str(tmp_path / "bad"), "--router-jitter", "1.5"]) == 2
+    assert "jitter" in capsys.readouterr().err
+
+
+def test_every_moe_recipe_key_reaches_the_model_and_bias_balancing_runs(
+    dense: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    moe = tmp_path / "moe"
+    convert(str(dense), moe, ConvertOptions(num_experts=4, top_k=2, format="moeify"), progress=False, log=print)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS * 8))
+    moe_section = {
+        "aux_loss_coef": 0.03,
+        "z_loss_coef": 0.002,
+        "jitter": 0.05,
+        "capacity_factor": 2.0,
+        "bias_update_rate": 0.01,
+    }
+    recipe = {
+        "model": {"path": str(moe)},
+        "quantization": {"experts": "nf4", "compute_dtype": "float32"},
+        "lora": {"r": 4, "alpha": 8},
+        "data": {"path": str(corpus), "max_length": 16, "eval_fraction": 0.0},
+        "training": {"per_device_train_batch_size": 2, "max_steps": 3, "learning_rate": 1e-3, "seed": 0,
+                     "report_to": "none", "disable_tqdm": True, "save_strategy": "no"},
+        "moe": moe_section,
+        "output": {"dir": str(tmp_path / "run")},
+    }  # fmt: skip
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+
+    from moeify.train.balancing import BiasBalancingCallback
+    from moeify.train.recipe import load_recipe
+    from moeify.train.run import MoeTrainer, load_model
+
+    loaded = load_recipe(path)
+    model = load_model(loaded, str(moe))
+    router = model.get_base_model().config.router
+    assert {key: router[key] for key in moe_section} == moe_section
+    from moeify.router_stats import routers
+
+    active = list(routers(model).values())
+    assert len(active) == 4  # every layer's router, as it runs (peft's trained copy)
+    assert all((r.jitter, r.capacity_factor, r.bias_update_rate) == (0.05, 2.0, 0.01) for r in active)
+
+    seen: list[MoeTrainer] = []
+    original = MoeTrainer.train
+
+    def spy(self: MoeTrainer, *args: object, **kwargs: object) -> object:
+        seen.append(self)
+        return original(self, *args, **kwargs)
+
+    MoeTrainer.train = spy  # type: ignore[method-assign]
+    try:
+        assert main(["train", str(path)]) == 0
+    finally:
+        MoeTrainer.train = original  # type: ignore[method-assign]
+    trainer = seen[0]
+    assert any(isinstance(c, BiasBalancingCallback) for c in trainer.callback_handler.callbacks)
+    biases = [r.e_score_correction_bias for r in routers(trainer.model).values()]
+    assert len(biases) == 4 and all(torch.count_nonzero(b) > 0 for b in biases), "three steps moved every layer's bias"
+    for bias in biases:  # 3 steps of +-0.01 (or 0 where an expert had exactly the mean load)
+        assert bias.abs().max() <= 0.03 + 1e-6
+        torch.testing.assert_close(bias, (bias * 100).round() / 100, atol=1e-6, rtol=0)
