@@ -29,6 +29,22 @@ CASES = [
     ("gemma3", {"num_experts": 4, "top_k": 2, "shared_experts": 1}),
     ("phi3", {"num_experts": 4, "top_k": 2, "layers": "0,2"}),
     ("llama_mlp_bias", {"num_experts": 4, "top_k": 2, "shared_experts": 1}),
+    (  # every router feature that adds weights or changes the forward
+        "qwen2",
+        {
+            "num_experts": 4,
+            "top_k": 2,
+            "router": {
+                "scoring": "sigmoid",
+                "network": "mlp",
+                "mlp_hidden_size": 16,
+                "noisy_top_k": True,
+                "bias_update_rate": 0.01,
+                "null_experts": {"zero": 1, "copy": 1, "constant": 1},
+                "gating_residual": True,
+            },
+        },
+    ),
 ]
 INPUT_IDS = torch.tensor([[1, 5, 17, 42, 99, 123, 200, 7, 8, 250, 31, 64], [1, 44, 9, 230, 18, 2, 0, 0, 0, 0, 0, 0]])
 ATTENTION_MASK = (torch.arange(12) < torch.tensor([[12], [6]])).long()
