@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .errors import MoeifyError
@@ -211,10 +212,29 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         description="Loss and perplexity of MODEL (+ ADAPTER) on DATA (packed blocks), per MoE layer the expert "
         "load, its coefficient of variation and the router entropy; with --baseline the dense model's figures.",
     )
+    _add_eval_data(p)
+    p.add_argument("--baseline", default=None, metavar="DENSE", help="a dense model evaluated on the same tokens")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_route_stats(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "route-stats",
+        help="how each MoE layer routes tokens: expert shares, load CV, entropy, drops; a heatmap",
+        description="Run MODEL (+ ADAPTER) on DATA and print, per MoE layer, each expert's share of the assignments, "
+        "the load's coefficient of variation, the busiest expert's share, the router entropy, dropped assignments "
+        "and the share of MoE++ null experts. --plot draws the shares as a heatmap (layers x experts).",
+    )
+    _add_eval_data(p)
+    p.add_argument("--plot", default=None, metavar="PNG", help="write a heatmap of expert shares (needs matplotlib)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_eval_data(p: argparse.ArgumentParser) -> None:
+    """The model, adapter and data arguments `eval` and `route-stats` share."""
     p.add_argument("model", metavar="MODEL", help="model folder or Hub id")
     p.add_argument("--data", required=True, help="Hub dataset id, local text/json/jsonl/parquet/csv, or builtin:NAME")
     p.add_argument("--adapter", default=None, metavar="DIR", help="a peft LoRA adapter to apply (moeify train's)")
-    p.add_argument("--baseline", default=None, metavar="DENSE", help="a dense model evaluated on the same tokens")
     p.add_argument("--text-field", default="text", help="the data column holding text (default text)")
     p.add_argument("--max-length", type=int, default=512, help="tokens per block (default 512)")
     p.add_argument("--max-blocks", type=int, default=64, help="blocks evaluated, the first of DATA (default 64)")
@@ -228,7 +248,6 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="training.seed of that run (default 0)")
     p.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"], help="(default float32)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge(sub)
     _add_train(sub)
     _add_eval(sub)
+    _add_route_stats(sub)
     return parser
 
 
@@ -375,6 +395,32 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_route_stats(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate
+    from .router_stats import format_table, plot_heatmap
+
+    result = evaluate(
+        args.model,
+        args.data,
+        adapter=args.adapter,
+        text_field=args.text_field,
+        max_length=args.max_length,
+        max_blocks=args.max_blocks,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        held_out=args.held_out,
+        seed=args.seed,
+    )["model"]
+    if "layers" not in result:
+        raise MoeifyError(f"{args.model} has no MoE layers (no router was found): nothing to show.")
+    print(json.dumps(result) if args.json else format_table(result["layers"]))
+    if args.plot:
+        adapter = f" + {Path(args.adapter).name}" if args.adapter else ""
+        title = f"{Path(args.model).name}{adapter}: {Path(args.data).name}"
+        print(f"heatmap: {plot_heatmap(result['layers'], args.plot, title)}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `moeify` console script; returns the exit code."""
     parser = build_parser()
@@ -391,6 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "merge": _run_merge,
         "train": _run_train,
         "eval": _run_eval,
+        "route-stats": _run_route_stats,
     }
     try:
         return runners[args.command](args)

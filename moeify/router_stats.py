@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -147,3 +148,52 @@ class RouterStats:
 def max_entropy(num_experts: int) -> float:
     """The entropy of a router that cannot decide: log E."""
     return math.log(num_experts)
+
+
+def format_table(layers: list[dict[str, Any]]) -> str:
+    """The per-layer table `moeify route-stats` prints: load CV, busiest share, entropy, drops, null share, and each
+    expert's share of the layer's FFN assignments (in %)."""
+    lines = [f"{'MoE layer':40}{'load CV':>9}{'busiest':>9}{'entropy':>9}{'dropped':>9}{'null':>7}  expert shares (%)"]
+    for layer in layers:
+        counts = layer["tokens_per_expert"]
+        total = sum(counts) or 1
+        shares = " ".join(f"{100 * c / total:4.1f}" for c in counts)
+        lines.append(
+            f"{layer['layer']:40}{layer['load_cv']:>9.3f}{layer['busiest_share']:>9.1%}{layer['entropy']:>9.3f}"
+            f"{layer.get('dropped', 0):>9}{layer.get('null_share', 0.0):>7.1%}  {shares}"
+        )
+    return "\n".join(lines)
+
+
+def plot_heatmap(layers: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Draw each layer's expert shares as a heatmap (rows: MoE layers, columns: experts) to `path` (PNG)."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no display backend needed
+    except ImportError:
+        from .errors import MoeifyError
+
+        raise MoeifyError("--plot needs matplotlib: pip install matplotlib") from None
+    shares = torch.tensor([layer["tokens_per_expert"] for layer in layers], dtype=torch.float64)
+    shares = shares / shares.sum(dim=1, keepdim=True).clamp(min=1)
+    num_layers, num_experts = shares.shape
+    figure = Figure(figsize=(max(4.0, 0.5 * num_experts + 2.5), max(3.0, 0.3 * num_layers + 1.5)), layout="constrained")
+    axes = figure.add_subplot()
+    uniform = 1.0 / num_experts
+    image = axes.imshow(shares.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=max(2 * uniform, shares.max()))
+    axes.set_xlabel("expert")
+    axes.set_ylabel("MoE layer")
+    axes.set_xticks(range(num_experts))
+    names = [_short_layer_name(layer["layer"]) for layer in layers]
+    axes.set_yticks(range(num_layers), names, fontsize=7 if num_layers > 24 else 9)
+    axes.set_title(f"{title}\nshare of each layer's expert assignments (uniform = {uniform:.3f})", fontsize=9)
+    figure.colorbar(image, ax=axes, label="share of assignments")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+    return out
+
+
+def _short_layer_name(name: str) -> str:
+    """`model.layers.3.mlp.router` -> `3`."""
+    numbers = [part for part in name.split(".") if part.isdigit()]
+    return numbers[-1] if numbers else name

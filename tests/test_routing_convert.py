@@ -143,3 +143,34 @@ def test_every_moe_recipe_key_reaches_the_model_and_bias_balancing_runs(
     for bias in biases:  # 3 steps of +-0.01 (or 0 where an expert had exactly the mean load)
         assert bias.abs().max() <= 0.03 + 1e-6
         torch.testing.assert_close(bias, (bias * 100).round() / 100, atol=1e-6, rtol=0)
+
+
+def test_route_stats_prints_the_table_and_draws_a_heatmap(
+    dense: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "moe"
+    args = ["convert", str(dense), "-o", str(out), "--num-experts", "4", "--null-experts", "zero=1,copy=1"]
+    assert main([*args, "--quiet"]) == 0
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS * 4))
+    common = ["route-stats", str(out), "--data", str(corpus), "--max-length", "16", "--max-blocks", "8"]
+    capsys.readouterr()
+    assert main([*common, "--json"]) == 0
+    layers = json.loads(capsys.readouterr().out)["layers"]
+    assert len(layers) == 4
+    for layer in layers:  # 8 blocks x 16 tokens x top-2 assignments, split between FFN and null experts
+        ffn = sum(layer["tokens_per_expert"])
+        assert len(layer["tokens_per_expert"]) == 4 and layer["dropped"] == 0
+        torch.testing.assert_close(layer["null_share"], 1 - ffn / (8 * 16 * 2), atol=1e-9, rtol=0)
+    assert any(layer["null_share"] > 0 for layer in layers)
+    png = tmp_path / "plots" / "heatmap.png"
+    assert main([*common, "--plot", str(png)]) == 0
+    printed = capsys.readouterr()
+    assert "load CV" in printed.out and "null" in printed.out and str(png) in printed.err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from matplotlib.image import imread
+
+    height, width, _ = imread(png).shape
+    assert height > 200 and width > 300
+    assert main(["route-stats", str(dense), "--data", str(corpus), "--max-length", "16"]) == 2
+    assert "no MoE layers" in capsys.readouterr().err
