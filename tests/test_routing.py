@@ -256,7 +256,7 @@ def test_null_experts_are_picked_and_cost_no_expert_gemm() -> None:
                 elif e == E + 1:
                     expected[t] += w * x[t]
                 elif e == E + 2:
-                    a = F.softmax(moe.constant_experts.gate(x[t]), -1)
+                    a = F.softmax(moe.constant_experts.mix(x[t]), -1)
                     expected[t] += w * (a[0] * x[t] + a[1] * moe.constant_experts.vectors[0])
         expected += torch.sigmoid(moe.shared_expert_gate(x)) * moe.shared_experts(x)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -174,3 +174,40 @@ def test_route_stats_prints_the_table_and_draws_a_heatmap(
     assert height > 200 and width > 300
     assert main(["route-stats", str(dense), "--data", str(corpus), "--max-length", "16"]) == 2
     assert "no MoE layers" in capsys.readouterr().err
+
+
+def test_router_layers_and_constant_experts_train_in_full_precision_and_dry_run_counts_them(
+    dense: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "moe"
+    flags = ["--router-network", "mlp", "--router-hidden-size", "8", "--noisy-top-k", "--gating-residual"]
+    args = ["convert", str(dense), "-o", str(out), "--num-experts", "4", "--null-experts", "zero=1,constant=1"]
+    assert main([*args, *flags, "--quiet"]) == 0
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": str(out)},
+                "quantization": {"experts": "nf4", "linear": "nf4", "compute_dtype": "float32"},
+                "lora": {"r": 4, "alpha": 8},
+                "data": {"path": "builtin:python-docstrings"},
+                "output": {"dir": str(tmp_path / "run")},
+            }
+        )
+    )
+    from moeify.train.dry_run import estimate
+    from moeify.train.recipe import load_recipe
+    from moeify.train.run import load_model
+
+    recipe = load_recipe(recipe_path)
+    model = load_model(recipe, str(out))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    prefix = "base_model.model.model.layers.0.mlp."
+    for part in ("router", "router.input_proj", "router.noise", "router.residual", "constant_experts.mix"):
+        owner, _, child = part.partition(".")
+        name = f"{prefix}{owner}.modules_to_save.default.{child + '.' if child else ''}weight"
+        assert name in trainable, name
+    assert f"{prefix}constant_experts.modules_to_save.default.vectors" in trainable
+    mix = model.get_base_model().model.layers[0].mlp.constant_experts.modules_to_save["default"].mix
+    assert type(mix) is torch.nn.Linear, "not quantized by linear: nf4"
+    assert estimate(recipe).trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -69,7 +69,7 @@ class MoeifyFormat(OutputFormat):
         constant = router["null_experts"]["constant"]
         if constant:
             extra[f"{mlp}.constant_experts.vectors"] = RouterTensor((constant, hidden), "random")
-            extra[f"{mlp}.constant_experts.gate.weight"] = RouterTensor((2 * constant, hidden), "random")
+            extra[f"{mlp}.constant_experts.mix.weight"] = RouterTensor((2 * constant, hidden), "random")
         return extra
 
     def model_class(self, config: PreTrainedConfig) -> type:

@@ -44,18 +44,19 @@ class MoeifySharedExperts(nn.Module):
 
 
 class MoeifyConstantExperts(nn.Module):
-    """MoE++ constant experts: expert c outputs `a1 x + a2 v_c` with `[a1, a2] = softmax(W_c x)`; no FFN."""
+    """MoE++ constant experts: expert c outputs `a1 x + a2 v_c` with `[a1, a2] = softmax(W_c x)` (`W_c`: rows of
+    `mix`); no FFN."""
 
     def __init__(self, config: MoeifyConfig) -> None:
         super().__init__()
         hidden = config.text_config.hidden_size
         self.num_experts = config.router["null_experts"]["constant"]
         self.vectors = nn.Parameter(torch.empty(self.num_experts, hidden))
-        self.gate = nn.Linear(hidden, 2 * self.num_experts, bias=False)
+        self.mix = nn.Linear(hidden, 2 * self.num_experts, bias=False)  # not `gate`: a router module name
 
     def forward(self, hidden_states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """`hidden_states` `(T, H)`, `weights` `(T, C)` (each constant expert's routing weight per token)."""
-        mix = F.softmax(self.gate(hidden_states).reshape(-1, self.num_experts, 2).float(), dim=-1)
+        mix = F.softmax(self.mix(hidden_states).reshape(-1, self.num_experts, 2).float(), dim=-1)
         weighted = weights.float().unsqueeze(-1) * mix  # (T, C, 2)
         keep = weighted[..., 0].sum(dim=-1, keepdim=True).to(hidden_states.dtype) * hidden_states
         return keep + weighted[..., 1].to(hidden_states.dtype) @ self.vectors
@@ -157,7 +158,7 @@ def init_moe_weights(module: nn.Module, std: float) -> None:
             nn.init.zeros_(module.e_score_correction_bias)
     elif isinstance(module, MoeifyConstantExperts):
         nn.init.normal_(module.vectors, mean=0.0, std=std)
-        nn.init.normal_(module.gate.weight, mean=0.0, std=std)
+        nn.init.normal_(module.mix.weight, mean=0.0, std=std)
 
 
 def _dense_init_then_moe(dense_init: Any, std: float, module: nn.Module) -> None:

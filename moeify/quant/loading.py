@@ -40,7 +40,8 @@ from .config import ExpertLora, ExpertQuantization
 from .experts_4bit import Experts4bit, fused_experts
 from .lora import add_expert_lora
 
-ROUTER_MODULES = ("gate", "router", "shared_expert_gate")  # full precision and trainable
+# Full precision and trainable: routers (with their MLP / noise / residual layers), gates, MoE++ constant experts.
+ROUTER_MODULES = ("gate", "router", "shared_expert_gate", "constant_experts")
 SHARED_MODULES = ("shared_expert", "shared_experts", "shared_mlp")  # Qwen2-MoE, moeify, GraniteMoeShared
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 QUANT_METHOD = "moeify_experts_4bit"  # `quant_method` of a saved 4-bit checkpoint's `quantization_config`
@@ -177,7 +178,10 @@ def _quantize_linears(model: PreTrainedModel, config: BitsAndBytesConfig, traine
 
     if not config.load_in_4bit:
         raise MoeifyError("linear_quantization must be a 4-bit BitsAndBytesConfig (load_in_4bit=True).")
-    skip = ["lm_head", *ROUTER_MODULES, *trained, *(config.llm_int8_skip_modules or [])]
+    # transformers matches these as suffixes (or regular expressions from the start): the layers inside a router
+    # module (an MLP router's, the noise and residual maps) need the pattern of their own.
+    inside = rf".*\.({'|'.join(ROUTER_MODULES)})\..*"
+    skip = ["lm_head", *ROUTER_MODULES, inside, *trained, *(config.llm_int8_skip_modules or [])]
     replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=config)
     model.is_loaded_in_4bit = True  # peft wraps `Linear4bit` with its 4-bit LoRA layer only when this is set
 

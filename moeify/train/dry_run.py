@@ -14,7 +14,7 @@ from transformers import PretrainedConfig
 
 from .recipe import Recipe
 
-ROUTERS = ("gate", "router", "shared_expert_gate")
+ROUTERS = ("gate", "router", "shared_expert_gate", "constant_experts")  # as moeify.quant.loading.ROUTER_MODULES
 SHARED = ("shared_expert", "shared_experts", "shared_mlp")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -86,7 +86,7 @@ def estimate(recipe: Recipe) -> Estimate:
                 trainable += experts * rank * ((hidden + two_i) + (two_i // 2 + hidden))
             elif lora is None:
                 trainable += own
-        elif leaf in ROUTERS:  # a Linear or a router module of its own (Qwen2-MoE's, Mixtral's): full precision
+        elif leaf in ROUTERS or parent in ROUTERS:  # a router / gate, or a layer of one (an MLP router): full precision
             weights += own * compute
             if lora is None or lora.train_router:
                 trainable += own
