@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from moeify.cli import main
 from moeify.converter import convert
+from moeify.errors import MoeifyError
 from moeify.plan import ConvertOptions
 from moeify.verify import verify
 
@@ -87,7 +88,8 @@ def test_every_moe_recipe_key_reaches_the_model_and_bias_balancing_runs(
     dense: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     moe = tmp_path / "moe"
-    convert(str(dense), moe, ConvertOptions(num_experts=4, top_k=2, format="moeify"), progress=False, log=print)
+    options = ConvertOptions(num_experts=4, top_k=2, router={"bias_update_rate": 0.001})  # the bias exists
+    convert(str(dense), moe, options, progress=False, log=print)
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS * 8))
     moe_section = {
@@ -115,6 +117,10 @@ def test_every_moe_recipe_key_reaches_the_model_and_bias_balancing_runs(
     from moeify.train.run import MoeTrainer, load_model
 
     loaded = load_recipe(path)
+    plain = tmp_path / "plain"  # converted without the bias: a recipe cannot add it (the adapter could not carry it)
+    convert(str(dense), plain, ConvertOptions(num_experts=4, top_k=2, format="moeify"), progress=False, log=print)
+    with pytest.raises(MoeifyError, match="--bias-update-rate"):
+        load_model(loaded, str(plain))
     model = load_model(loaded, str(moe))
     router = model.get_base_model().config.router
     assert {key: router[key] for key in moe_section} == moe_section
@@ -140,6 +146,16 @@ def test_every_moe_recipe_key_reaches_the_model_and_bias_balancing_runs(
     assert any(isinstance(c, BiasBalancingCallback) for c in trainer.callback_handler.callbacks)
     biases = [r.e_score_correction_bias for r in routers(trainer.model).values()]
     assert len(biases) == 4 and all(torch.count_nonzero(b) > 0 for b in biases), "three steps moved every layer's bias"
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    saved_biases = [v for k, v in saved.items() if k.endswith("e_score_correction_bias")]
+    assert len(saved_biases) == 4, "the adapter carries the trained biases"
+    from peft import PeftModel
+
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(moe), tmp_path / "run")
+    for trained, loaded_router in zip(biases, routers(reloaded).values(), strict=True):
+        torch.testing.assert_close(loaded_router.e_score_correction_bias, trained)
     for bias in biases:  # 3 steps of +-0.01 (or 0 where an expert had exactly the mean load)
         assert bias.abs().max() <= 0.03 + 1e-6
         torch.testing.assert_close(bias, (bias * 100).round() / 100, atol=1e-6, rtol=0)

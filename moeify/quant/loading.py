@@ -147,6 +147,13 @@ def apply_router_settings(config: PretrainedConfig, settings: dict[str, Any]) ->
         return
     from ..modeling import RouterConfig
 
+    rate = settings.get("bias_update_rate")
+    if rate is not None and (rate > 0) != (router["bias_update_rate"] > 0):
+        raise MoeifyError(
+            "moe.bias_update_rate: the selection bias is part of the model (saved with it and with the adapter), so "
+            "it is switched on at conversion (`moeify convert --bias-update-rate U`); a recipe can change the rate "
+            f"of a model that has one, not add or remove it (this model's rate: {router['bias_update_rate']})."
+        )
     try:
         config.router = RouterConfig.from_dict({**router, **settings}).to_dict()
     except ValueError as error:

@@ -99,27 +99,31 @@ class MoeRecipe:
 
     aux_loss_coef: float = _doc("weight of the load-balancing loss", default=0.001)
     z_loss_coef: float = _doc("weight of the router z-loss", default=0.0)
-    jitter: float = _doc("multiply router inputs by U(1-j, 1+j) while training (moeify format); 0 = off", default=0.0)
-    capacity_factor: float | None = _doc(
-        "drop each expert's assignments beyond capacity_factor * k * tokens / E while training (moeify format); "
-        "null = dropless",
+    jitter: float | None = _doc(
+        "multiply router inputs by U(1-j, 1+j) while training (moeify format); null = the model's setting",
         default=None,
     )
-    bias_update_rate: float = _doc(
-        "aux-loss-free balancing: move a per-expert selection bias by this much after each step (moeify format); "
-        "0 = off",
-        default=0.0,
+    capacity_factor: float | None = _doc(
+        "drop each expert's assignments beyond capacity_factor * k * tokens / E while training (moeify format); "
+        "0 = dropless, null = the model's setting",
+        default=None,
+    )
+    bias_update_rate: float | None = _doc(
+        "aux-loss-free balancing step size (moeify format; the model must have been converted with "
+        "--bias-update-rate, which creates the bias); null = the model's setting",
+        default=None,
     )
 
     def router_settings(self) -> dict[str, float | None]:
-        """The keys of moeify's `config.router` section this recipe sets."""
-        return {
-            "aux_loss_coef": self.aux_loss_coef,
-            "z_loss_coef": self.z_loss_coef,
-            "jitter": self.jitter,
-            "capacity_factor": self.capacity_factor,
-            "bias_update_rate": self.bias_update_rate,
-        }
+        """The keys of moeify's `config.router` section this recipe sets (unset keys keep the model's)."""
+        settings: dict[str, float | None] = {"aux_loss_coef": self.aux_loss_coef, "z_loss_coef": self.z_loss_coef}
+        if self.jitter is not None:
+            settings["jitter"] = self.jitter
+        if self.capacity_factor is not None:
+            settings["capacity_factor"] = self.capacity_factor or None
+        if self.bias_update_rate is not None:
+            settings["bias_update_rate"] = self.bias_update_rate
+        return settings
 
 
 @dataclass
