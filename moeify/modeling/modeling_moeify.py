@@ -73,6 +73,7 @@ class MoeifySparseMoeBlock(nn.Module):
     def __init__(self, config: MoeifyConfig) -> None:
         super().__init__()
         _refuse_engines_that_assume_silu(config)
+        _refuse_engines_without_null_experts(config)
         self.router = MoeifyTopKRouter(config)
         self.experts = build_experts(config)
         self.constant_experts = MoeifyConstantExperts(config) if config.router["null_experts"]["constant"] > 0 else None
@@ -138,6 +139,17 @@ def _refuse_engines_that_assume_silu(config: MoeifyConfig) -> None:
         )
 
 
+def _refuse_engines_without_null_experts(config: MoeifyConfig) -> None:
+    """vLLM's Transformers backend computes the `experts` module with its own fused kernel for `num_experts_per_tok`
+    slots per token; with MoE++ null experts a token sends a varying number of slots to the FFN experts, which that
+    kernel was not checked with here, so moeify refuses rather than risk wrong tokens."""
+    if config._attn_implementation == "vllm" and config.num_null_experts:
+        raise ValueError(
+            "this model has MoE++ null experts, which moeify has not validated with vLLM's fused MoE kernel; run it "
+            "with transformers (`generate`) instead."
+        )
+
+
 @torch.no_grad()
 def init_moe_weights(module: nn.Module, std: float) -> None:
     """Random initialisation of the MoE modules (conversion overwrites it with the upcycled weights)."""
@@ -181,7 +193,8 @@ def build_dense(dense_class: type[PreTrainedModel], config: MoeifyConfig) -> Pre
 def upcycle_decoder(decoder: PreTrainedModel, config: MoeifyConfig) -> PreTrainedModel:
     """Make the MLP of each layer in `config.moe_layers` of a dense base model a `MoeifySparseMoeBlock`, in place."""
     std = getattr(config.text_config, "initializer_range", 0.02)
-    state = RoutingState()  # the gating residual's previous logits, from one MoE layer to the next
+    # The gating residual's previous logits, from one MoE layer to the next (kept only when a router reads them).
+    state = RoutingState() if config.router["gating_residual"] else None
     previous = None
     for layer_idx in config.moe_layers:
         block = MoeifySparseMoeBlock(config)
