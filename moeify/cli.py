@@ -59,6 +59,19 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--push-to-hub", metavar="REPO", default=None, help="upload OUT to this Hub repository after")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("upcycling transforms (not exact at step 0: verify reports the deviation)")
+    g.add_argument(
+        "--drop-upcycling",
+        type=float,
+        metavar="R",
+        help="re-initialise round(R * d_ff) neurons of each expert (Drop-Upcycling; 0.5 in the paper)",
+    )
+    g.add_argument(
+        "--drop-independent",
+        action="store_true",
+        help="with --drop-upcycling: draw the neurons of gate, up and down independently (the paper's code)",
+    )
+    g.add_argument("--expert-noise", type=float, default=0.0, metavar="STD", help="relative Gaussian noise per expert")
     _add_router_flags(p)
 
 
@@ -287,6 +300,9 @@ def _run_convert(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         revision=args.revision,
         router=router_options(args),
+        drop_upcycling=args.drop_upcycling,
+        drop_independent=args.drop_independent,
+        expert_noise=args.expert_noise,
     )
     result = convert(args.source, args.output, options, progress=not args.quiet)
     for note in result.notes:

@@ -12,7 +12,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from .model_card import render_model_card, source_license
 from .params import ParamSummary, summarize
 from .plan import ConvertOptions, parse_layers, parse_max_shard_size
 from .source import TOKENIZER_FILES, is_hub_id, resolve_source
-from .upcycle import EXACT_METHODS, ExpertFFN, LayerContext, MoELayerWeights, get_method
+from .upcycle import EXACT_METHODS, ExpertFFN, LayerContext, LazyExperts, MoELayerWeights, apply_transforms, get_method
 from .writer import TensorSpec, write_safetensors
 
 
@@ -135,17 +135,22 @@ class _LayerBuilder:
                 self.options.router_init,
                 self.options.router_init_std,
                 self.options.seed,
+                self.options.expert_transforms(),
             )
             # Methods run in the output dtype, so no float32 copy of the layer is held: the copy method only
             # scales by exact factors, and torch computes bf16/fp16 element-wise ops in float32 internally.
-            weights = self.method(_to(dense, dtype), ctx)
+            weights = apply_transforms(self.method(_to(dense, dtype), ctx), ctx)
             del dense
-            # Convert each distinct expert once, however many experts share it.
-            converted: dict[int, ExpertFFN] = {}
-            for expert in weights.experts:
-                if id(expert) not in converted:
-                    converted[id(expert)] = _to(expert, dtype)
-            experts = [converted[id(e)] for e in weights.experts]
+            experts: Sequence[ExpertFFN]
+            if isinstance(weights.experts, LazyExperts):  # distinct experts, built one at a time as written
+                lazy = weights.experts
+                experts = LazyExperts(len(lazy), lambda e: _to(lazy[e], dtype))
+            else:  # convert each distinct expert once, however many experts share it
+                converted: dict[int, ExpertFFN] = {}
+                for expert in weights.experts:
+                    if id(expert) not in converted:
+                        converted[id(expert)] = _to(expert, dtype)
+                experts = [converted[id(e)] for e in weights.experts]
             shared = weights.shared
             if shared is not None and weights.shared_gate is not None and not self.gated_shared:
                 # The format adds shared experts ungated: fold the method's gate in, exact while it is zero
@@ -231,7 +236,7 @@ def _moe_layer_specs(
             )
         )
         out.append(
-            TensorSpec(prefix + fused_names["down"], dtype, (E, H, I), produce(lambda w: [e.down for e in w.experts]))
+            TensorSpec(prefix + fused_names["down"], dtype, (E, H, I), produce(lambda w: (e.down for e in w.experts)))
         )
         if spec.mlp_bias:
             out.append(
@@ -247,7 +252,7 @@ def _moe_layer_specs(
                     prefix + names.fused["down_bias"],
                     dtype,
                     (E, H),
-                    produce(lambda w: [e.down_bias for e in w.experts]),
+                    produce(lambda w: (e.down_bias for e in w.experts)),
                 )
             )
     else:
@@ -298,15 +303,15 @@ def _shared(weights: MoELayerWeights, role: str) -> torch.Tensor:
     return torch.cat([shared.gate, shared.up], dim=0) if role == "gate_up" else getattr(shared, role)
 
 
-def _fused_gate_up(experts: list[ExpertFFN]) -> Iterator[torch.Tensor]:
-    cache: dict[int, torch.Tensor] = {}
+def _fused_gate_up(experts: Sequence[ExpertFFN]) -> Iterator[torch.Tensor]:
+    last: tuple[ExpertFFN, torch.Tensor] | None = None  # holds the expert too: a freed object's id can come back
     for e in experts:
-        if id(e) not in cache:  # copies of one expert are concatenated once
-            cache[id(e)] = torch.cat([e.gate, e.up], dim=0)
-        yield cache[id(e)]
+        if last is None or last[0] is not e:  # copies of one expert (the same object) are concatenated once
+            last = (e, torch.cat([e.gate, e.up], dim=0))
+        yield last[1]
 
 
-def _fused_gate_up_bias(experts: list[ExpertFFN]) -> Iterator[torch.Tensor]:
+def _fused_gate_up_bias(experts: Sequence[ExpertFFN]) -> Iterator[torch.Tensor]:
     for e in experts:
         yield torch.cat([e.gate_bias, e.up_bias])  # type: ignore[list-item]
 
@@ -407,6 +412,9 @@ def plan_conversion(source: str, options: ConvertOptions, progress: bool = True)
     ffn_dtype = out_dtype(reader.dtype(first["down"]))
     out_config = fmt.build_config(adapter, dense_config, spec)
     out_config.dtype = ffn_dtype
+    deviation = _not_exact(options)
+    if deviation is not None:  # saved in config.json: `moeify verify` reads why the MoE differs from its source
+        out_config.moeify_deviation = deviation
     names = fmt.tensor_names(adapter, spec)
     builder = _LayerBuilder(
         reader, adapter, dense_config, options, out_dtype, gated_shared=names.shared_gate is not None
@@ -520,7 +528,7 @@ def convert(
         layout=plan.layout,
         architecture=plan.adapter.display_name,
         params=plan.params,
-        exact=options.method in EXACT_METHODS and options.exact_router,
+        exact=_not_exact(options) is None,
         seconds=time.perf_counter() - started,
         notes=plan.notes,
     )
@@ -547,7 +555,12 @@ def _write_metadata(plan: ConversionPlan, folder: Path) -> None:
         "top-k": options.top_k,
         "shared experts": options.shared_experts,
         "MoE layers": f"{len(spec.moe_layers)} of {spec.num_layers} ({options.layers})",
-        "upcycling": options.method,
+        "upcycling": " + ".join(
+            [
+                options.method,
+                *(f"{name.replace('_', '-')} {settings}" for name, settings in options.expert_transforms().items()),
+            ]
+        ),
         "router init": f"{options.router_init} (seed {options.seed})",
         **({"router": _router_summary(options)} if options.custom_router() else {}),
         "dtype": str(plan.out_config.dtype).replace("torch.", ""),
@@ -570,6 +583,13 @@ def _write_metadata(plan: ConversionPlan, folder: Path) -> None:
 def _not_exact(options: ConvertOptions) -> str | None:
     """Why the output does not reproduce the dense model at step 0, or `None` where it does."""
     why = [] if options.method in EXACT_METHODS else [f"the {options.method} method changes the experts"]
+    transforms = options.expert_transforms()
+    if "drop_upcycling" in transforms:
+        settings = transforms["drop_upcycling"]
+        sets = "independently in gate, up and down" if settings["independent"] else "the same neurons in gate, up, down"
+        why.append(f"Drop-Upcycling re-initialised {settings['rate']:.0%} of each expert's neurons ({sets})")
+    if "expert_noise" in transforms:
+        why.append(f"each expert got relative Gaussian noise (std {transforms['expert_noise']['std']:g})")
     deviation = options.router_deviation()
     return "; ".join([*why, *([deviation] if deviation else [])]) or None
 

@@ -44,6 +44,20 @@ class ConvertOptions:
     # Settings of the router section (`moeify.RouterConfig` keys) that differ from its defaults: scoring, network,
     # noise, capacity, losses, bias balancing, null experts, gating residual. Only moeify's format expresses them.
     router: dict[str, Any] = field(default_factory=dict)
+    # Per-expert transforms after the method (not exact at step 0): Drop-Upcycling's re-initialised share of each
+    # expert's neurons (the same set in gate, up and down unless `drop_independent`), relative Gaussian noise.
+    drop_upcycling: float | None = None
+    drop_independent: bool = False
+    expert_noise: float = 0.0
+
+    def expert_transforms(self) -> dict[str, dict[str, Any]]:
+        """The transforms to apply to each routed expert, in order (`moeify.upcycle.TRANSFORMS`)."""
+        transforms: dict[str, dict[str, Any]] = {}
+        if self.drop_upcycling is not None:
+            transforms["drop_upcycling"] = {"rate": self.drop_upcycling, "independent": self.drop_independent}
+        if self.expert_noise:
+            transforms["expert_noise"] = {"std": self.expert_noise}
+        return transforms
 
     def validate(self) -> None:
         """Raise `MoeifyError` for settings that cannot describe an MoE, before any I/O."""
@@ -71,6 +85,15 @@ class ConvertOptions:
         parse_max_shard_size(self.max_shard_size)
         parse_layers(self.layers, None)
         self.router_settings()
+        if self.drop_upcycling is not None and not 0 < self.drop_upcycling <= 1:
+            raise MoeifyError(
+                f"--drop-upcycling must be in (0, 1] (got {self.drop_upcycling}): the share of each expert's neurons "
+                "to re-initialise (0.5 in the paper)."
+            )
+        if self.drop_independent and self.drop_upcycling is None:
+            raise MoeifyError("--drop-independent goes with --drop-upcycling R.")
+        if self.expert_noise < 0:
+            raise MoeifyError(f"--expert-noise must be >= 0 (got {self.expert_noise}).")
 
     def router_settings(self) -> dict[str, Any]:
         """The whole router section this conversion writes (defaults + `router`), validated."""

@@ -7,8 +7,9 @@ writers then convert it once and write its bytes once per expert.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -56,6 +57,8 @@ class LayerContext:
     router_init: str
     router_init_std: float
     seed: int
+    # Per-expert transforms applied after the method, in order (Drop-Upcycling, expert noise): name -> settings.
+    transforms: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -63,7 +66,7 @@ class MoELayerWeights:
     """One MoE layer: `router` `(E, H)`, `experts` (E entries), shared experts as one MLP, and its gate `(1, H)`."""
 
     router: torch.Tensor
-    experts: list[ExpertFFN]
+    experts: Sequence[ExpertFFN]
     shared: ExpertFFN | None = None
     shared_gate: torch.Tensor | None = None
 
@@ -111,6 +114,95 @@ def copy_upcycle(ffn: DenseFFN, ctx: LayerContext) -> MoELayerWeights:
         shared=stack_shared(ffn, ctx.shared_experts),
         shared_gate=torch.zeros(1, ffn.gate.shape[1]),
     )
+
+
+class LazyExperts(Sequence[ExpertFFN]):
+    """A layer's experts built when accessed (`build(e)`), so a layer of E distinct experts never holds all E.
+
+    The last expert built is kept: writers read an expert's gate, up and down one after the other.
+    """
+
+    def __init__(self, count: int, build: Callable[[int], ExpertFFN]) -> None:
+        self.count, self.build = count, build
+        self._last: tuple[int, ExpertFFN] | None = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> ExpertFFN:  # type: ignore[override]
+        if not -self.count <= index < self.count:
+            raise IndexError(index)
+        index %= self.count
+        if self._last is None or self._last[0] != index:
+            self._last = (index, self.build(index))
+        return self._last[1]
+
+
+def _expert_generator(ctx: LayerContext, expert: int, salt: int) -> torch.Generator:
+    """The random stream of one expert of one layer for one transform, from `--seed`."""
+    return torch.Generator().manual_seed(((ctx.seed * 100_003 + ctx.layer) * 1_009 + expert) * 7 + salt)
+
+
+def drop_upcycle(ffn: ExpertFFN, ctx: LayerContext, expert: int, rate: float, independent: bool = False) -> ExpertFFN:
+    """Drop-Upcycling (Nakamura et al., ICLR 2025): re-initialise `round(rate * I)` intermediate neurons of this
+    expert, the rows of gate and up and the columns of down, from a normal with the mean and std of the values they
+    replace (per matrix). By default one random set of neurons is shared by gate, up and down, so whole neurons are
+    new; `independent` draws a set per matrix, as the paper's released code does. Biases are kept."""
+    generator = _expert_generator(ctx, expert, 1)
+    size = ffn.intermediate_size
+    count = round(rate * size)
+    shared = torch.randperm(size, generator=generator)[:count]
+    picks = [torch.randperm(size, generator=generator)[:count] for _ in range(3)] if independent else [shared] * 3
+
+    def reinit(weight: torch.Tensor, rows: torch.Tensor, dim: int) -> torch.Tensor:
+        out = weight.float().clone()
+        old = out.index_select(dim, rows)
+        fresh = torch.randn(old.shape, generator=generator) * old.std() + old.mean()
+        out.index_copy_(dim, rows, fresh)
+        return out.to(weight.dtype)
+
+    return ExpertFFN(
+        reinit(ffn.gate, picks[0], 0),
+        reinit(ffn.up, picks[1], 0),
+        reinit(ffn.down, picks[2], 1),
+        ffn.gate_bias,
+        ffn.up_bias,
+        ffn.down_bias,
+    )
+
+
+def dropped_neurons(ctx: LayerContext, expert: int, size: int, rate: float) -> torch.Tensor:
+    """The neurons `drop_upcycle` re-initialises in this expert (shared-set mode), for tests and reports."""
+    return torch.randperm(size, generator=_expert_generator(ctx, expert, 1))[: round(rate * size)]
+
+
+def add_expert_noise(ffn: ExpertFFN, ctx: LayerContext, expert: int, std: float) -> ExpertFFN:
+    """Relative Gaussian noise: each weight matrix `W` of this expert gets `N(0, (std * W.std())^2)` added."""
+    generator = _expert_generator(ctx, expert, 2)
+
+    def noisy(weight: torch.Tensor) -> torch.Tensor:
+        base = weight.float()
+        return (base + torch.randn(base.shape, generator=generator) * (std * base.std())).to(weight.dtype)
+
+    return ExpertFFN(noisy(ffn.gate), noisy(ffn.up), noisy(ffn.down), ffn.gate_bias, ffn.up_bias, ffn.down_bias)
+
+
+TRANSFORMS: dict[str, Callable[..., ExpertFFN]] = {"drop_upcycling": drop_upcycle, "expert_noise": add_expert_noise}
+
+
+def apply_transforms(weights: MoELayerWeights, ctx: LayerContext) -> MoELayerWeights:
+    """The layer with `ctx.transforms` applied to each routed expert, built lazily (see `LazyExperts`)."""
+    if not ctx.transforms:
+        return weights
+    base = weights.experts
+
+    def build(expert: int) -> ExpertFFN:
+        ffn = base[expert]
+        for name, settings in ctx.transforms.items():
+            ffn = TRANSFORMS[name](ffn, ctx, expert, **settings)
+        return ffn
+
+    return MoELayerWeights(weights.router, LazyExperts(len(base), build), weights.shared, weights.shared_gate)
 
 
 METHODS: dict[str, Callable[[DenseFFN, LayerContext], MoELayerWeights]] = {"copy": copy_upcycle}

@@ -131,7 +131,10 @@ def verify(
 
 
 def expected_deviation(config: object) -> str | None:
-    """Why a moeify-format MoE does not reproduce its dense source at step 0, from its router section."""
+    """Why an MoE does not reproduce its dense source at step 0: what `moeify convert` wrote (`moeify_deviation`),
+    else what a moeify-format router section implies."""
+    if getattr(config, "moeify_deviation", None):
+        return str(config.moeify_deviation)
     router = getattr(config, "router", None)
     if not isinstance(router, dict):
         return None

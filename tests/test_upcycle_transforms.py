@@ -1,0 +1,129 @@
+"""Upcycling transforms that are not copies (issue 11): Drop-Upcycling and expert noise. Exactly the promised
+neurons change, the same set in gate, up and down, with the statistics of what they replace; seeded and
+reproducible; both formats and layouts; `verify` and the model card report the deviation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import DENSE_FOLDER, dense_model
+
+from moeify.cli import main
+from moeify.converter import convert
+from moeify.plan import ConvertOptions
+from moeify.upcycle import LayerContext, dropped_neurons
+from moeify.verify import verify
+
+E, INTERMEDIATE = 4, 128  # tiny_models: intermediate_size 128
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return dense_model("llama", tmp_path_factory.getbasetemp() / DENSE_FOLDER)
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(shard))
+    return out
+
+
+def ctx(layer: int, seed: int = 0) -> LayerContext:
+    return LayerContext(layer, E, 2, 0, "random", 0.02, seed)
+
+
+@pytest.mark.parametrize("independent", [False, True])
+def test_drop_upcycling_reinitialises_exactly_round_r_d_ff_neurons(
+    dense: Path, tmp_path: Path, independent: bool
+) -> None:
+    options = ConvertOptions(num_experts=E, top_k=2, format="moeify", drop_upcycling=0.3, drop_independent=independent)
+    result = convert(str(dense), tmp_path / "moe", options, progress=False, log=print)
+    assert not result.exact
+    source, moe = tensors(dense), tensors(tmp_path / "moe")
+    count = round(0.3 * INTERMEDIATE)
+    for layer in (0, 3):
+        gate = source[f"model.layers.{layer}.mlp.gate_proj.weight"]
+        up = source[f"model.layers.{layer}.mlp.up_proj.weight"]
+        down = source[f"model.layers.{layer}.mlp.down_proj.weight"]
+        sets = []
+        for e in range(E):
+            new_gate, new_up = moe[f"model.layers.{layer}.mlp.experts.gate_up_proj"][e].chunk(2)
+            new_down = moe[f"model.layers.{layer}.mlp.experts.down_proj"][e]
+            changed = [
+                (new_gate != gate).any(dim=1).nonzero().flatten(),
+                (new_up != up).any(dim=1).nonzero().flatten(),
+                (new_down != down).any(dim=0).nonzero().flatten(),
+            ]
+            assert [len(c) for c in changed] == [count] * 3
+            if independent:
+                assert not (torch.equal(changed[0], changed[1]) and torch.equal(changed[1], changed[2]))
+            else:
+                assert torch.equal(changed[0], changed[1]) and torch.equal(changed[1], changed[2])
+                assert torch.equal(changed[0], dropped_neurons(ctx(layer), e, INTERMEDIATE, 0.3).sort().values)
+                rows = changed[0]
+                for old, new in ((gate[rows], new_gate[rows]), (down[:, rows], new_down[:, rows])):
+                    assert abs(float(new.mean() - old.mean())) < 0.25 * float(old.std())
+                    assert 0.8 < float(new.std() / old.std()) < 1.25
+            sets.append(changed[0])
+        assert not all(torch.equal(sets[0], s) for s in sets[1:]), "each expert draws its own neurons"
+
+
+def test_drop_upcycling_is_reproducible_from_the_seed_in_both_formats_and_layouts(dense: Path, tmp_path: Path) -> None:
+    def run(name: str, **options: object) -> dict[str, torch.Tensor]:
+        settings = dict(num_experts=E, top_k=2, drop_upcycling=0.5, **options)
+        convert(str(dense), tmp_path / name, ConvertOptions(**settings), progress=False, log=print)
+        return tensors(tmp_path / name)
+
+    first, again, other = run("a", format="moeify"), run("b", format="moeify"), run("c", format="moeify", seed=1)
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    name = "model.layers.0.mlp.experts.down_proj"
+    assert not torch.equal(first[name], other[name])
+    native = run("native", format="native", layout="per-expert")  # Mixtral, one tensor per expert
+    fused = run("native-fused", format="native", layout="fused")
+    for e in range(E):
+        down = first[name][e]
+        (per_expert,) = [v for k, v in native.items() if k.startswith("model.layers.0.") and f".{e}.w2.weight" in k]
+        assert torch.equal(per_expert, down)
+        assert torch.equal(fused["model.layers.0.mlp.experts.down_proj"][e], down)
+
+
+def test_verify_and_the_model_card_report_the_deviation(dense: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    out = tmp_path / "moe"
+    args = ["convert", str(dense), "-o", str(out), "--num-experts", "4", "--drop-upcycling", "0.5", "--quiet"]
+    assert main([*args, "--expert-noise", "0.01", "--shared-experts", "1"]) == 0
+    assert "outputs differ from the dense model's" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert "Drop-Upcycling re-initialised 50%" in config["moeify_deviation"]
+    assert "relative Gaussian noise" in config["moeify_deviation"]
+    assert "does **not** compute the dense model's outputs" in (out / "README.md").read_text()
+    report, _ = verify(str(dense), str(out), tolerance=1e-5)
+    assert not report.passed and report.by_design and report.max_abs_diff > 1e-3
+    assert "DEVIATES by design" in str(report)
+
+
+def test_expert_noise_is_relative_to_each_matrix(dense: Path, tmp_path: Path) -> None:
+    convert(str(dense), tmp_path / "moe", ConvertOptions(num_experts=E, format="moeify", expert_noise=0.05),
+            progress=False, log=print)  # fmt: skip
+    source, moe = tensors(dense), tensors(tmp_path / "moe")
+    down = source["model.layers.2.mlp.down_proj.weight"]
+    noise = [moe["model.layers.2.mlp.experts.down_proj"][e] - down for e in range(E)]
+    for delta in noise:
+        assert 0.8 < float(delta.std() / (0.05 * down.std())) < 1.25
+    assert not torch.equal(noise[0], noise[1])
+
+
+def test_bad_transform_settings_fail_before_writing(dense: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    for flags, message in (
+        (["--drop-upcycling", "0"], "--drop-upcycling must be in (0, 1]"),
+        (["--drop-upcycling", "1.5"], "--drop-upcycling must be in (0, 1]"),
+        (["--drop-independent"], "--drop-independent goes with --drop-upcycling"),
+        (["--expert-noise", "-1"], "--expert-noise must be >= 0"),
+    ):
+        assert main(["convert", str(dense), "-o", str(tmp_path / "moe"), *flags]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "moe").exists()
