@@ -59,6 +59,13 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--push-to-hub", metavar="REPO", default=None, help="upload OUT to this Hub repository after")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--granularity",
+        type=int,
+        default=1,
+        metavar="G",
+        help="fine-grained experts: each is 1/G of the FFN, E/G replicas of the G slices (E, K multiples of G; exact)",
+    )
     g = p.add_argument_group("upcycling transforms (not exact at step 0: verify reports the deviation)")
     g.add_argument(
         "--drop-upcycling",
@@ -300,6 +307,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         revision=args.revision,
         router=router_options(args),
+        granularity=args.granularity,
         drop_upcycling=args.drop_upcycling,
         drop_independent=args.drop_independent,
         expert_noise=args.expert_noise,

@@ -105,7 +105,7 @@ class _LayerBuilder:
         self.dense_config = dense_config
         self.options = options
         self.out_dtype = out_dtype
-        self.method = get_method(options.method)
+        self.method = get_method("fine-grained" if options.granularity > 1 else options.method)
         self._layer: int | None = None
         self._weights: MoELayerWeights | None = None
 
@@ -136,6 +136,7 @@ class _LayerBuilder:
                 self.options.router_init_std,
                 self.options.seed,
                 self.options.expert_transforms(),
+                self.options.granularity,
             )
             # Methods run in the output dtype, so no float32 copy of the layer is held: the copy method only
             # scales by exact factors, and torch computes bf16/fp16 element-wise ops in float32 internally.
@@ -268,7 +269,7 @@ def _moe_layer_specs(
                     )
                 )
     if spec.shared_experts:
-        SI = spec.shared_experts * I
+        SI = spec.shared_experts * spec.shared_intermediate_size
         shared_shapes = {
             "gate_up": (2 * SI, H),
             "gate": (SI, H),
@@ -349,13 +350,19 @@ def _moe_spec(
     moe_layers: list[int],
     intermediate: int,
 ) -> MoESpec:
+    """The MoE to write; `intermediate` is the dense FFN's size (a fine-grained expert gets 1/granularity of it)."""
+    if intermediate % options.granularity:
+        raise MoeifyError(
+            f"--granularity {options.granularity} must divide the FFN's {intermediate} neurons; choose a divisor."
+        )
     return MoESpec(
         num_experts=options.num_experts,
         top_k=options.top_k,
         shared_experts=options.shared_experts,
         moe_layers=moe_layers,
         num_layers=dense_config.num_hidden_layers,
-        intermediate_size=intermediate,
+        intermediate_size=intermediate // options.granularity,
+        shared_intermediate_size=intermediate,
         mlp_bias=adapter.mlp_bias(dense_config),
         activation=adapter.activation(dense_config),
         router=options.router_settings(),
@@ -558,6 +565,7 @@ def _write_metadata(plan: ConversionPlan, folder: Path) -> None:
         "upcycling": " + ".join(
             [
                 options.method,
+                *([f"fine-grained, granularity {options.granularity}"] if options.granularity > 1 else []),
                 *(f"{name.replace('_', '-')} {settings}" for name, settings in options.expert_transforms().items()),
             ]
         ),

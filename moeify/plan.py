@@ -46,6 +46,7 @@ class ConvertOptions:
     router: dict[str, Any] = field(default_factory=dict)
     # Per-expert transforms after the method (not exact at step 0): Drop-Upcycling's re-initialised share of each
     # expert's neurons (the same set in gate, up and down unless `drop_independent`), relative Gaussian noise.
+    granularity: int = 1  # fine-grained experts: each is 1/G of the FFN (E and K multiples of G)
     drop_upcycling: float | None = None
     drop_independent: bool = False
     expert_noise: float = 0.0
@@ -85,6 +86,21 @@ class ConvertOptions:
         parse_max_shard_size(self.max_shard_size)
         parse_layers(self.layers, None)
         self.router_settings()
+        if self.granularity < 1:
+            raise MoeifyError(f"--granularity must be 1 or more (got {self.granularity}).")
+        if self.granularity > 1:
+            g = self.granularity
+            if self.num_experts % g or self.top_k % g:
+                raise MoeifyError(
+                    f"--granularity {g} needs --num-experts and --top-k to be multiples of {g} (got {self.num_experts} "
+                    f"and {self.top_k}): experts come in groups of {g} slices of the FFN and a token must use whole "
+                    "groups for the MoE to equal the dense model."
+                )
+            if self.router_init == "zeros":
+                raise MoeifyError(
+                    "--granularity with --router-init zeros: every group would tie and top-k could pick part of a "
+                    "group, which is not exact; use --router-init random."
+                )
         if self.drop_upcycling is not None and not 0 < self.drop_upcycling <= 1:
             raise MoeifyError(
                 f"--drop-upcycling must be in (0, 1] (got {self.drop_upcycling}): the share of each expert's neurons "

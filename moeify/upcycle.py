@@ -8,7 +8,7 @@ writers then convert it once and write its bytes once per expert.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -59,6 +59,7 @@ class LayerContext:
     seed: int
     # Per-expert transforms applied after the method, in order (Drop-Upcycling, expert noise): name -> settings.
     transforms: dict[str, dict[str, Any]] = field(default_factory=dict)
+    granularity: int = 1
 
 
 @dataclass
@@ -111,6 +112,47 @@ def copy_upcycle(ffn: DenseFFN, ctx: LayerContext) -> MoELayerWeights:
     return MoELayerWeights(
         router=router,
         experts=[routed] * ctx.num_experts,
+        shared=stack_shared(ffn, ctx.shared_experts),
+        shared_gate=torch.zeros(1, ffn.gate.shape[1]),
+    )
+
+
+def fine_grained_upcycle(ffn: DenseFFN, ctx: LayerContext) -> MoELayerWeights:
+    """Fine-grained upcycling (He et al. 2024, Megatron-Core): E = R * G experts, R replicas of the G slices of the
+    FFN's intermediate dimension; exact at step 0.
+
+    Slice g keeps neurons `[g I/G, (g+1) I/G)`: those rows of gate and up, those columns of down, and the slice's
+    down is multiplied by G (down's bias is kept whole). Expert e is slice `e % G` of replica `e // G`, and the
+    router rows of a replica's G experts are identical, so their probabilities tie and top-k (K = m G) takes m
+    whole replicas. With renormalised weights each selected slice weighs 1/(m G):
+    `sum over m replicas of sum_g 1/(m G) * (G down_g h_g + b) = sum_g down_g h_g + b = FFN(x)`. Scaling down is
+    exact; scaling gate or up would not be (the activation is not homogeneous). With shared experts the routed part
+    is halved first, as in `copy_upcycle`.
+    """
+    g = ctx.granularity
+    groups = replace(ctx, num_experts=ctx.num_experts // g, top_k=ctx.top_k // g)  # one router row per replica
+    router = init_router(groups, ffn.gate.shape[1]).repeat_interleave(g, dim=0)
+    routed = ffn.scaled_output(0.5) if ctx.shared_experts else ffn
+    size = routed.intermediate_size // g
+    slices = []
+    for index in range(g):
+        rows = slice(index * size, (index + 1) * size)
+        slices.append(
+            ExpertFFN(
+                routed.gate[rows],
+                routed.up[rows],
+                routed.down[:, rows] * g,
+                None if routed.gate_bias is None else routed.gate_bias[rows],
+                None if routed.up_bias is None else routed.up_bias[rows],
+                routed.down_bias,
+            )
+        )
+    experts = [slices[e % g] for e in range(ctx.num_experts)]  # the same objects: converted once per slice
+    if ctx.shared_experts == 0:
+        return MoELayerWeights(router=router, experts=experts)
+    return MoELayerWeights(
+        router=router,
+        experts=experts,
         shared=stack_shared(ffn, ctx.shared_experts),
         shared_gate=torch.zeros(1, ffn.gate.shape[1]),
     )
@@ -205,8 +247,11 @@ def apply_transforms(weights: MoELayerWeights, ctx: LayerContext) -> MoELayerWei
     return MoELayerWeights(weights.router, LazyExperts(len(base), build), weights.shared, weights.shared_gate)
 
 
-METHODS: dict[str, Callable[[DenseFFN, LayerContext], MoELayerWeights]] = {"copy": copy_upcycle}
-EXACT_METHODS = {"copy"}
+METHODS: dict[str, Callable[[DenseFFN, LayerContext], MoELayerWeights]] = {
+    "copy": copy_upcycle,
+    "fine-grained": fine_grained_upcycle,
+}
+EXACT_METHODS = {"copy", "fine-grained"}
 
 
 def get_method(name: str) -> Callable[[DenseFFN, LayerContext], MoELayerWeights]:

@@ -35,6 +35,11 @@ OPTIONS: dict[str, dict[str, object]] = {
     "e4k2": {"num_experts": 4, "top_k": 2},
     "shared1": {"num_experts": 4, "top_k": 2, "shared_experts": 1},
     "layers02": {"num_experts": 4, "top_k": 2, "layers": "0,2"},
+    # Fine-grained experts (issue 11): 1/G of the FFN each, in groups of G with tied router rows.
+    "g2": {"num_experts": 4, "top_k": 2, "granularity": 2},
+    "g4": {"num_experts": 8, "top_k": 4, "granularity": 4},
+    "g2shared": {"num_experts": 4, "top_k": 2, "granularity": 2, "shared_experts": 1},
+    "g4shared": {"num_experts": 8, "top_k": 4, "granularity": 4, "shared_experts": 1},
 }
 
 MIXTRAL, QWEN2_MOE, QWEN3_MOE, GRANITE, MOEIFY = (
@@ -54,6 +59,9 @@ NATIVE: dict[str, dict[str, str | None]] = {
     "gemma3": {"e4k2": None, "shared1": None, "layers02": None},
     "phi3": {"e4k2": None, "shared1": None, "layers02": None},
 }
+for _classes in NATIVE.values():  # fine-grained experts fit the same stock classes as whole ones
+    _classes.update(g2=_classes["e4k2"], g4=_classes["e4k2"])
+    _classes.update(g2shared=_classes["shared1"], g4shared=_classes["shared1"])
 assert set(NATIVE) == set(ARCHITECTURES)
 # Exact, but `--format auto` does not pick it: vLLM 0.32 builds GraniteMoe attention without biases.
 NOT_AUTOMATIC = {GRANITE}
@@ -151,7 +159,10 @@ def test_convert_matches_dense(arch: str, fmt: str, opt: str, converted, referen
     assert result.params.total == sum(p.numel() for p in model.parameters())
     expected_moe_layers = [0, 2] if opt == "layers02" else list(range(model.config.get_text_config().num_hidden_layers))
     assert result.params.moe_layers == expected_moe_layers
-    assert result.params.shared_experts == OPTIONS[opt].get("shared_experts", 0)
+    shared = OPTIONS[opt].get("shared_experts", 0)
+    if fmt == "native":  # stock configs hold the shared size only: counted in routed-expert units (G per FFN copy)
+        shared *= OPTIONS[opt].get("granularity", 1)  # type: ignore[operator]
+    assert result.params.shared_experts == shared
 
     _, dense_logits, dense_tokens = reference(arch)
     logits, tokens = _run(model, batch)

@@ -127,3 +127,31 @@ def test_bad_transform_settings_fail_before_writing(dense: Path, tmp_path: Path,
         assert main(["convert", str(dense), "-o", str(tmp_path / "moe"), *flags]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "moe").exists()
+
+
+def test_fine_grained_experts_are_slices_with_tied_router_rows(dense: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    out = tmp_path / "moe"
+    args = ["convert", str(dense), "-o", str(out), "--format", "moeify", "--num-experts", "8", "--top-k", "4"]
+    assert main([*args, "--granularity", "4", "--quiet"]) == 0
+    assert "outputs equal the dense model's at step 0" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["moe_intermediate_size"] == INTERMEDIATE // 4 and "moeify_deviation" not in config
+    source, moe = tensors(dense), tensors(out)
+    router = moe["model.layers.1.mlp.router.weight"]
+    assert torch.equal(router[0], router[3]) and not torch.equal(router[3], router[4])
+    down = source["model.layers.1.mlp.down_proj.weight"]
+    for e in range(8):  # expert e: slice e % 4, down scaled by 4
+        rows = slice((e % 4) * 32, (e % 4 + 1) * 32)
+        gate = moe["model.layers.1.mlp.experts.gate_up_proj"][e][:32]
+        assert torch.equal(gate, source["model.layers.1.mlp.gate_proj.weight"][rows])
+        assert torch.equal(moe["model.layers.1.mlp.experts.down_proj"][e], down[:, rows] * 4)
+    assert "granularity 4" in (out / "README.md").read_text()
+    for flags, message in (
+        (["--granularity", "3", "--num-experts", "6", "--top-k", "3"], "must divide the FFN's 128 neurons"),
+        (["--granularity", "2", "--num-experts", "6", "--top-k", "3"], "multiples of 2"),
+        (["--granularity", "2", "--router-init", "zeros"], "--router-init zeros"),
+        (["--granularity", "0"], "--granularity must be 1 or more"),
+    ):
+        assert main(["convert", str(dense), "-o", str(tmp_path / "bad"), *flags]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()

@@ -52,6 +52,11 @@ class MoESpec:
     mlp_bias: bool
     activation: str
     router: dict = field(default_factory=dict)  # the whole router section (`RouterConfig.to_dict()`)
+    shared_intermediate_size: int = 0  # one shared expert's neurons (0: `intermediate_size`; the dense FFN's)
+
+    def __post_init__(self) -> None:
+        if not self.shared_intermediate_size:
+            object.__setattr__(self, "shared_intermediate_size", self.intermediate_size)
 
     @property
     def num_null_experts(self) -> int:

@@ -34,7 +34,7 @@ class MoeifyFormat(OutputFormat):
             num_shared_experts=spec.shared_experts,
             moe_layers=spec.moe_layers,
             moe_intermediate_size=spec.intermediate_size,
-            shared_expert_intermediate_size=spec.intermediate_size,
+            shared_expert_intermediate_size=spec.shared_intermediate_size,
             shared_expert_gate=True,
             router=dict(spec.router),
             mlp_activation=spec.activation,

@@ -98,6 +98,7 @@ class MixtralFormat(NativeFormat):
         values.update(
             num_local_experts=spec.num_experts,
             num_experts_per_tok=spec.top_k,
+            intermediate_size=spec.intermediate_size,  # one expert's (fine-grained experts are smaller)
             router_jitter_noise=0.0,
             architectures=["MixtralForCausalLM"],
         )
@@ -132,7 +133,7 @@ class Qwen2MoeFormat(NativeFormat):
     ) -> PreTrainedConfig:
         values = _qwen_moe_values(dense_config, spec, self.class_name)
         values.update(
-            shared_expert_intermediate_size=spec.shared_experts * spec.intermediate_size or NEUTRAL_SHARED_SIZE,
+            shared_expert_intermediate_size=spec.shared_experts * spec.shared_intermediate_size or NEUTRAL_SHARED_SIZE,
             qkv_bias=True,  # see `zero_tensors`
         )
         if adapter.model_type == "mistral":
@@ -225,7 +226,8 @@ class GraniteMoeSharedFormat(NativeFormat):
         values.update(
             num_local_experts=spec.num_experts,
             num_experts_per_tok=spec.top_k,
-            shared_intermediate_size=spec.shared_experts * spec.intermediate_size,
+            shared_intermediate_size=spec.shared_experts * spec.shared_intermediate_size,
+            intermediate_size=spec.intermediate_size,  # one expert's
             attention_multiplier=head_dim**-0.5,
             embedding_multiplier=1.0,
             residual_multiplier=1.0,
