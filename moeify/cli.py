@@ -68,6 +68,11 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     )
     g = p.add_argument_group("upcycling transforms (not exact at step 0: verify reports the deviation)")
     g.add_argument(
+        "--split",
+        choices=["random", "kmeans"],
+        help="partition the FFN's neurons into E disjoint experts (MoEfication / LLaMA-MoE) instead of copying it",
+    )
+    g.add_argument(
         "--drop-upcycling",
         type=float,
         metavar="R",
@@ -308,6 +313,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         revision=args.revision,
         router=router_options(args),
         granularity=args.granularity,
+        split=args.split,
         drop_upcycling=args.drop_upcycling,
         drop_independent=args.drop_independent,
         expert_noise=args.expert_noise,

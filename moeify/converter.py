@@ -105,7 +105,9 @@ class _LayerBuilder:
         self.dense_config = dense_config
         self.options = options
         self.out_dtype = out_dtype
-        self.method = get_method("fine-grained" if options.granularity > 1 else options.method)
+        self.method = get_method(
+            "split" if options.split else "fine-grained" if options.granularity > 1 else options.method
+        )
         self._layer: int | None = None
         self._weights: MoELayerWeights | None = None
 
@@ -137,6 +139,7 @@ class _LayerBuilder:
                 self.options.seed,
                 self.options.expert_transforms(),
                 self.options.granularity,
+                self.options.split,
             )
             # Methods run in the output dtype, so no float32 copy of the layer is held: the copy method only
             # scales by exact factors, and torch computes bf16/fp16 element-wise ops in float32 internally.
@@ -351,17 +354,17 @@ def _moe_spec(
     intermediate: int,
 ) -> MoESpec:
     """The MoE to write; `intermediate` is the dense FFN's size (a fine-grained expert gets 1/granularity of it)."""
-    if intermediate % options.granularity:
-        raise MoeifyError(
-            f"--granularity {options.granularity} must divide the FFN's {intermediate} neurons; choose a divisor."
-        )
+    parts, flag = (options.num_experts, "--split") if options.split else (options.granularity, "--granularity")
+    if intermediate % parts:
+        what = f"--num-experts {parts}" if options.split else f"--granularity {parts}"
+        raise MoeifyError(f"{flag}: {what} must divide the FFN's {intermediate} neurons; choose a divisor.")
     return MoESpec(
         num_experts=options.num_experts,
         top_k=options.top_k,
         shared_experts=options.shared_experts,
         moe_layers=moe_layers,
         num_layers=dense_config.num_hidden_layers,
-        intermediate_size=intermediate // options.granularity,
+        intermediate_size=intermediate // parts,
         shared_intermediate_size=intermediate,
         mlp_bias=adapter.mlp_bias(dense_config),
         activation=adapter.activation(dense_config),
@@ -566,6 +569,7 @@ def _write_metadata(plan: ConversionPlan, folder: Path) -> None:
             [
                 options.method,
                 *([f"fine-grained, granularity {options.granularity}"] if options.granularity > 1 else []),
+                *([f"neuron split ({options.split})"] if options.split else []),
                 *(f"{name.replace('_', '-')} {settings}" for name, settings in options.expert_transforms().items()),
             ]
         ),
@@ -591,6 +595,8 @@ def _write_metadata(plan: ConversionPlan, folder: Path) -> None:
 def _not_exact(options: ConvertOptions) -> str | None:
     """Why the output does not reproduce the dense model at step 0, or `None` where it does."""
     why = [] if options.method in EXACT_METHODS else [f"the {options.method} method changes the experts"]
+    if options.split:
+        why.append(f"the FFN's neurons were split ({options.split}) into {options.num_experts} disjoint experts")
     transforms = options.expert_transforms()
     if "drop_upcycling" in transforms:
         settings = transforms["drop_upcycling"]

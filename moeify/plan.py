@@ -19,6 +19,7 @@ DTYPES: dict[str, torch.dtype | None] = {
 FORMATS = ("auto", "native", "moeify")
 LAYOUTS = ("per-expert", "fused")
 ROUTER_INITS = ("random", "zeros")
+SPLITS = ("random", "kmeans")
 
 
 @dataclass
@@ -47,6 +48,7 @@ class ConvertOptions:
     # Per-expert transforms after the method (not exact at step 0): Drop-Upcycling's re-initialised share of each
     # expert's neurons (the same set in gate, up and down unless `drop_independent`), relative Gaussian noise.
     granularity: int = 1  # fine-grained experts: each is 1/G of the FFN (E and K multiples of G)
+    split: str | None = None  # neuron splitting into E disjoint experts: "random" or "kmeans"
     drop_upcycling: float | None = None
     drop_independent: bool = False
     expert_noise: float = 0.0
@@ -86,6 +88,11 @@ class ConvertOptions:
         parse_max_shard_size(self.max_shard_size)
         parse_layers(self.layers, None)
         self.router_settings()
+        if self.split is not None:
+            if self.split not in SPLITS:
+                raise MoeifyError(f"--split must be one of {', '.join(SPLITS)} (got '{self.split}').")
+            if self.granularity > 1:
+                raise MoeifyError("--split and --granularity are two ways to size experts; choose one.")
         if self.granularity < 1:
             raise MoeifyError(f"--granularity must be 1 or more (got {self.granularity}).")
         if self.granularity > 1:

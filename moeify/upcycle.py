@@ -60,6 +60,7 @@ class LayerContext:
     # Per-expert transforms applied after the method, in order (Drop-Upcycling, expert noise): name -> settings.
     transforms: dict[str, dict[str, Any]] = field(default_factory=dict)
     granularity: int = 1
+    split: str | None = None  # neuron splitting: "random" or "kmeans"
 
 
 @dataclass
@@ -148,6 +149,52 @@ def fine_grained_upcycle(ffn: DenseFFN, ctx: LayerContext) -> MoELayerWeights:
             )
         )
     experts = [slices[e % g] for e in range(ctx.num_experts)]  # the same objects: converted once per slice
+    if ctx.shared_experts == 0:
+        return MoELayerWeights(router=router, experts=experts)
+    return MoELayerWeights(
+        router=router,
+        experts=experts,
+        shared=stack_shared(ffn, ctx.shared_experts),
+        shared_gate=torch.zeros(1, ffn.gate.shape[1]),
+    )
+
+
+def split_upcycle(ffn: DenseFFN, ctx: LayerContext) -> MoELayerWeights:
+    """Neuron splitting (MoEfication, LLaMA-MoE): the FFN's I neurons partitioned into E disjoint experts of I / E
+    neurons, at random (seeded) or by balanced k-means on each neuron's [gate; up] weight rows (L2-normalised, so
+    neurons that read the same directions share an expert). Not exact at step 0.
+
+    Scale: each expert's down is multiplied by E. With renormalised weights that sum to 1, a uniform router and a
+    random choice of K experts, the expected output is then exactly the dense FFN's (`E/E * sum of all experts`),
+    whatever K; a trained router makes it better than the average. Shared experts (full copies) are added as in
+    `copy_upcycle`, the routed half then halved.
+    """
+    routed = ffn.scaled_output(0.5) if ctx.shared_experts else ffn
+    size = routed.intermediate_size
+    if ctx.split == "kmeans":
+        from .clustering import balanced_kmeans
+
+        features = torch.cat([routed.gate, routed.up], dim=1).float()
+        features = features / features.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        labels = balanced_kmeans(features, ctx.num_experts, seed=ctx.seed * 100_003 + ctx.layer)
+        groups = [torch.nonzero(labels == e).flatten() for e in range(ctx.num_experts)]
+    else:
+        generator = torch.Generator().manual_seed(ctx.seed * 100_003 + ctx.layer)
+        groups = list(torch.randperm(size, generator=generator).reshape(ctx.num_experts, -1))
+    experts = []
+    for rows in groups:
+        rows = rows.sort().values
+        experts.append(
+            ExpertFFN(
+                routed.gate[rows],
+                routed.up[rows],
+                routed.down[:, rows] * ctx.num_experts,
+                None if routed.gate_bias is None else routed.gate_bias[rows],
+                None if routed.up_bias is None else routed.up_bias[rows],
+                routed.down_bias,
+            )
+        )
+    router = init_router(ctx, ffn.gate.shape[1])
     if ctx.shared_experts == 0:
         return MoELayerWeights(router=router, experts=experts)
     return MoELayerWeights(
@@ -250,6 +297,7 @@ def apply_transforms(weights: MoELayerWeights, ctx: LayerContext) -> MoELayerWei
 METHODS: dict[str, Callable[[DenseFFN, LayerContext], MoELayerWeights]] = {
     "copy": copy_upcycle,
     "fine-grained": fine_grained_upcycle,
+    "split": split_upcycle,
 }
 EXACT_METHODS = {"copy", "fine-grained"}
 

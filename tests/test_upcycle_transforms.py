@@ -155,3 +155,47 @@ def test_fine_grained_experts_are_slices_with_tied_router_rows(dense: Path, tmp_
         assert main(["convert", str(dense), "-o", str(tmp_path / "bad"), *flags]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("split", ["random", "kmeans"])
+def test_neuron_split_partitions_the_ffn_into_disjoint_experts(dense: Path, tmp_path: Path, split: str) -> None:
+    out = tmp_path / "moe"
+    result = convert(str(dense), out, ConvertOptions(num_experts=4, format="moeify", split=split), progress=False)
+    assert not result.exact
+    source, moe = tensors(dense), tensors(out)
+    gate = source["model.layers.0.mlp.gate_proj.weight"]
+    down = source["model.layers.0.mlp.down_proj.weight"]
+    expert_gates = moe["model.layers.0.mlp.experts.gate_up_proj"][:, : INTERMEDIATE // 4]
+    assert expert_gates.shape == (4, INTERMEDIATE // 4, gate.shape[1])
+    # Every dense neuron lands in exactly one expert, with its down column scaled by E.
+    rows = [int((gate == row).all(dim=1).nonzero()) for expert in expert_gates for row in expert]
+    assert sorted(rows) == list(range(INTERMEDIATE))
+    columns = torch.cat(list(moe["model.layers.0.mlp.experts.down_proj"]), dim=1) / 4
+    torch.testing.assert_close(columns, down[:, rows], atol=1e-6, rtol=1e-6)
+    assert "split" in json.loads((out / "config.json").read_text())["moeify_deviation"]
+
+
+def test_kmeans_split_keeps_neurons_that_read_the_same_directions_together() -> None:
+    from moeify.upcycle import ExpertFFN, split_upcycle
+
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 32, generator=generator) * 3
+    cluster = torch.arange(64) % 4  # neurons interleaved across 4 clusters
+    gate = centres[cluster] + 0.1 * torch.randn(64, 32, generator=generator)
+    up = centres[cluster] + 0.1 * torch.randn(64, 32, generator=generator)
+    ffn = ExpertFFN(gate, up, torch.randn(32, 64, generator=generator))
+    context = LayerContext(0, 4, 2, 0, "random", 0.02, 0, split="kmeans")
+    experts = split_upcycle(ffn, context).experts
+    found = []
+    for expert in experts:
+        members = [int((gate == row).all(dim=1).nonzero()) for row in expert.gate]
+        assert len(members) == 16 and len(set(cluster[members].tolist())) == 1, "one cluster per expert"
+        found.append(int(cluster[members[0]]))
+    assert sorted(found) == [0, 1, 2, 3]
+
+
+def test_split_needs_e_to_divide_the_ffn(dense: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    assert main(["convert", str(dense), "-o", str(tmp_path / "m"), "--split", "random", "--num-experts", "3"]) == 2
+    assert "must divide the FFN's 128 neurons" in capsys.readouterr().err
+    assert main(["convert", str(dense), "-o", str(tmp_path / "m"), "--split", "random", "--granularity", "2"]) == 2
+    assert "choose one" in capsys.readouterr().err
