@@ -18,9 +18,14 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         help="upcycle a dense model into an MoE",
         description="Upcycle a dense causal LM (folder, Hub id org/name[@rev], or .gguf) into an MoE.",
     )
-    p.add_argument("source", metavar="SOURCE", help="checkpoint folder, Hub id org/name[@revision], or .gguf file")
+    p.add_argument(
+        "source",
+        metavar="SOURCE",
+        nargs="?",
+        help="checkpoint folder, Hub id org/name[@revision], or .gguf file (or give it as --base)",
+    )
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
-    p.add_argument("--num-experts", type=int, default=8, metavar="E", help="routed experts per MoE layer (default 8)")
+    p.add_argument("--num-experts", type=int, metavar="E", help="routed experts per MoE layer (default 8)")
     p.add_argument("--top-k", type=int, default=2, metavar="K", help="experts used per token (default 2)")
     p.add_argument("--shared-experts", type=int, default=0, metavar="S", help="shared experts (default 0)")
     p.add_argument("--layers", default="all", metavar="SPEC", help="MoE layers: all, every:2, 0-11,14 (default all)")
@@ -65,6 +70,22 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         default=1,
         metavar="G",
         help="fine-grained experts: each is 1/G of the FFN, E/G replicas of the G slices (E, K multiples of G; exact)",
+    )
+    x = p.add_argument_group("experts from several models (Branch-Train-MiX / FrankenMoE; not exact)")
+    x.add_argument(
+        "--expert",
+        dest="expert_sources",
+        action="append",
+        default=[],
+        metavar="SOURCE",
+        help="repeat: expert e's FFN from the e-th fine-tune of the base (--num-experts defaults to their number)",
+    )
+    x.add_argument("--base", metavar="SOURCE", help="the base model: config, tokenizer and non-FFN weights (= SOURCE)")
+    x.add_argument(
+        "--merge-non-ffn",
+        choices=["base", "average"],
+        default="base",
+        help="non-FFN weights from the base (default) or averaged over the --expert sources",
     )
     g = p.add_argument_group("upcycling transforms (not exact at step 0: verify reports the deviation)")
     g.add_argument(
@@ -296,8 +317,16 @@ def _run_convert(args: argparse.Namespace) -> int:
     from .converter import convert
     from .plan import ConvertOptions
 
+    if args.base and args.source and args.base != args.source:
+        raise MoeifyError(f"SOURCE {args.source} and --base {args.base} differ; give the base once.")
+    source = args.source or args.base
+    if source is None:
+        raise MoeifyError("give the dense model to upcycle: SOURCE (or --base SOURCE with --expert).")
+    num_experts = args.num_experts
+    if args.expert_sources and num_experts is None:
+        num_experts = len(args.expert_sources)
     options = ConvertOptions(
-        num_experts=args.num_experts,
+        num_experts=8 if num_experts is None else num_experts,
         top_k=args.top_k,
         shared_experts=args.shared_experts,
         layers=args.layers,
@@ -314,11 +343,13 @@ def _run_convert(args: argparse.Namespace) -> int:
         router=router_options(args),
         granularity=args.granularity,
         split=args.split,
+        expert_sources=args.expert_sources,
+        merge_non_ffn=args.merge_non_ffn,
         drop_upcycling=args.drop_upcycling,
         drop_independent=args.drop_independent,
         expert_noise=args.expert_noise,
     )
-    result = convert(args.source, args.output, options, progress=not args.quiet)
+    result = convert(source, args.output, options, progress=not args.quiet)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     print(result.summary())

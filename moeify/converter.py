@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -98,8 +99,10 @@ class _LayerBuilder:
         options: ConvertOptions,
         out_dtype: Callable[[torch.dtype], torch.dtype],
         gated_shared: bool = True,
+        expert_readers: Sequence[Checkpoint] = (),
     ) -> None:
         self.reader = reader
+        self.expert_readers = list(expert_readers)  # `--expert`: one checkpoint per expert
         self.gated_shared = gated_shared
         self.adapter = adapter
         self.dense_config = dense_config
@@ -111,9 +114,9 @@ class _LayerBuilder:
         self._layer: int | None = None
         self._weights: MoELayerWeights | None = None
 
-    def dense_ffn(self, layer: int) -> ExpertFFN:
+    def dense_ffn(self, layer: int, reader: Checkpoint | None = None) -> ExpertFFN:
         names = self.adapter.ffn_tensor_names(layer, self.dense_config)
-        get = self.reader.get
+        get = (reader or self.reader).get
         if "gate_up" in names:
             gate, up = get(names["gate_up"]).chunk(2, dim=0)
             gate_bias, up_bias = get(names["gate_up_bias"]).chunk(2) if "gate_up_bias" in names else (None, None)
@@ -145,6 +148,13 @@ class _LayerBuilder:
             # scales by exact factors, and torch computes bf16/fp16 element-wise ops in float32 internally.
             weights = apply_transforms(self.method(_to(dense, dtype), ctx), ctx)
             del dense
+            if self.expert_readers:  # Branch-Train-MiX: expert e is the FFN of source e, read when written
+                weights = MoELayerWeights(
+                    weights.router,
+                    LazyExperts(len(self.expert_readers), partial(self._source_expert, layer, dtype)),
+                    weights.shared,
+                    weights.shared_gate,
+                )
             experts: Sequence[ExpertFFN]
             if isinstance(weights.experts, LazyExperts):  # distinct experts, built one at a time as written
                 lazy = weights.experts
@@ -171,6 +181,12 @@ class _LayerBuilder:
             self._layer = layer
         assert self._weights is not None
         return self._weights
+
+    def _source_expert(self, layer: int, dtype: torch.dtype, expert: int) -> ExpertFFN:
+        """Expert `expert` of `layer` with `--expert`: that source's FFN (halved beside shared experts, as the copy
+        method does)."""
+        ffn = _to(self.dense_ffn(layer, self.expert_readers[expert]), dtype)
+        return ffn.scaled_output(0.5) if self.options.shared_experts else ffn
 
 
 def _to(ffn: ExpertFFN, dtype: torch.dtype) -> ExpertFFN:
@@ -407,6 +423,7 @@ def plan_conversion(source: str, options: ConvertOptions, progress: bool = True)
             f"is it a {adapter.display_name} checkpoint?"
         )
     hidden, intermediate = reader.shape(first["down"])
+    expert_readers = _open_expert_sources(options, dense_config, reader, progress)
     spec = _moe_spec(adapter, dense_config, options, moe_layers, intermediate)
     fmt, reason = choose_format(adapter, dense_config, spec, options)
     layout = options.layout if options.layout in fmt.layouts else fmt.layouts[0]
@@ -427,7 +444,13 @@ def plan_conversion(source: str, options: ConvertOptions, progress: bool = True)
         out_config.moeify_deviation = deviation
     names = fmt.tensor_names(adapter, spec)
     builder = _LayerBuilder(
-        reader, adapter, dense_config, options, out_dtype, gated_shared=names.shared_gate is not None
+        reader,
+        adapter,
+        dense_config,
+        options,
+        out_dtype,
+        gated_shared=names.shared_gate is not None,
+        expert_readers=expert_readers,
     )
 
     # Every output tensor in layer order (so the builder holds one layer at a time), plus the same list in
@@ -441,7 +464,10 @@ def plan_conversion(source: str, options: ConvertOptions, progress: bool = True)
         (by_layer.setdefault(int(match.group(1)), []) if match else outside).append(name)
 
     def passthrough(name: str) -> TensorSpec:
-        return TensorSpec(name, out_dtype(reader.dtype(name)), reader.shape(name), lambda: iter([reader.get(name)]))
+        dtype = out_dtype(reader.dtype(name))
+        if options.merge_non_ffn == "average" and dtype.is_floating_point:  # the mean over the expert sources
+            return TensorSpec(name, dtype, reader.shape(name), lambda: iter([_mean(expert_readers, name)]))
+        return TensorSpec(name, dtype, reader.shape(name), lambda: iter([reader.get(name)]))
 
     zero_tensors = fmt.zero_tensors(adapter, dense_config, spec)
     extra = fmt.router_tensors(adapter, spec, hidden)
@@ -570,6 +596,8 @@ def _write_metadata(plan: ConversionPlan, folder: Path) -> None:
                 options.method,
                 *([f"fine-grained, granularity {options.granularity}"] if options.granularity > 1 else []),
                 *([f"neuron split ({options.split})"] if options.split else []),
+                *([f"experts from {', '.join(options.expert_sources)}"] if options.expert_sources else []),
+                *(["non-FFN weights averaged"] if options.merge_non_ffn == "average" else []),
                 *(f"{name.replace('_', '-')} {settings}" for name, settings in options.expert_transforms().items()),
             ]
         ),
@@ -592,9 +620,46 @@ def _write_metadata(plan: ConversionPlan, folder: Path) -> None:
     card.save(folder / "README.md")
 
 
+def _open_expert_sources(
+    options: ConvertOptions, dense_config: PreTrainedConfig, base: Checkpoint, progress: bool
+) -> list[Checkpoint]:
+    """The checkpoints of `--expert` sources, checked against the base: same architecture, every tensor of the
+    base present with the same shape (fine-tunes of one base)."""
+    readers = []
+    for source in options.expert_sources:
+        local = resolve_source(source, None, options.trust_remote_code, progress)
+        config = _dense_text_config(load_config(local, options.trust_remote_code))
+        if config.model_type != dense_config.model_type:
+            raise MoeifyError(
+                f"--expert {source} is a {config.model_type} model and the base is {dense_config.model_type}: "
+                "experts must be fine-tunes of the base architecture."
+            )
+        reader = open_checkpoint(local, options.allow_pickle)
+        for name in base:
+            if name not in reader:
+                raise MoeifyError(f"--expert {source} lacks the base's tensor {name}: is it a fine-tune of the base?")
+            if tuple(reader.shape(name)) != tuple(base.shape(name)):
+                raise MoeifyError(
+                    f"--expert {source}: {name} has shape {tuple(reader.shape(name))}, the base's is "
+                    f"{tuple(base.shape(name))}; experts must have the base's shapes."
+                )
+        readers.append(reader)
+    return readers
+
+
+def _mean(readers: Sequence[Checkpoint], name: str) -> torch.Tensor:
+    """`name` averaged over `readers` (in float32, back to the first one's dtype)."""
+    total = sum(reader.get(name).float() for reader in readers)
+    return (total / len(readers)).to(readers[0].dtype(name))
+
+
 def _not_exact(options: ConvertOptions) -> str | None:
     """Why the output does not reproduce the dense model at step 0, or `None` where it does."""
     why = [] if options.method in EXACT_METHODS else [f"the {options.method} method changes the experts"]
+    if options.expert_sources:
+        why.append(f"the experts are the FFNs of {len(options.expert_sources)} other models (--expert)")
+        if options.merge_non_ffn == "average":
+            why.append("the other weights are their average")
     if options.split:
         why.append(f"the FFN's neurons were split ({options.split}) into {options.num_experts} disjoint experts")
     transforms = options.expert_transforms()

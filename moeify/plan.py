@@ -49,6 +49,10 @@ class ConvertOptions:
     # expert's neurons (the same set in gate, up and down unless `drop_independent`), relative Gaussian noise.
     granularity: int = 1  # fine-grained experts: each is 1/G of the FFN (E and K multiples of G)
     split: str | None = None  # neuron splitting into E disjoint experts: "random" or "kmeans"
+    # Branch-Train-MiX / "FrankenMoE": expert e's FFN from `expert_sources[e]` (fine-tunes of the base); the other
+    # weights from the base (SOURCE) or, with `merge_non_ffn="average"`, their mean over the expert sources.
+    expert_sources: list[str] = field(default_factory=list)
+    merge_non_ffn: str = "base"
     drop_upcycling: float | None = None
     drop_independent: bool = False
     expert_noise: float = 0.0
@@ -88,6 +92,19 @@ class ConvertOptions:
         parse_max_shard_size(self.max_shard_size)
         parse_layers(self.layers, None)
         self.router_settings()
+        if self.expert_sources:
+            if len(self.expert_sources) != self.num_experts:
+                raise MoeifyError(
+                    f"{len(self.expert_sources)} --expert sources for --num-experts {self.num_experts}: give one "
+                    "--expert per expert (or set --num-experts to their number)."
+                )
+            if self.split or self.granularity > 1:
+                raise MoeifyError("--expert takes whole FFNs from each source; it does not combine with --split or "
+                                  "--granularity.")  # fmt: skip
+        if self.merge_non_ffn not in ("base", "average"):
+            raise MoeifyError(f"--merge-non-ffn must be base or average (got '{self.merge_non_ffn}').")
+        if self.merge_non_ffn == "average" and not self.expert_sources:
+            raise MoeifyError("--merge-non-ffn average averages the --expert sources; give them.")
         if self.split is not None:
             if self.split not in SPLITS:
                 raise MoeifyError(f"--split must be one of {', '.join(SPLITS)} (got '{self.split}').")

@@ -199,3 +199,36 @@ def test_split_needs_e_to_divide_the_ffn(dense: Path, tmp_path: Path, capsys) ->
     assert "must divide the FFN's 128 neurons" in capsys.readouterr().err
     assert main(["convert", str(dense), "-o", str(tmp_path / "m"), "--split", "random", "--granularity", "2"]) == 2
     assert "choose one" in capsys.readouterr().err
+
+
+def test_experts_from_several_fine_tunes(dense: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    from tiny_models import ARCHITECTURES, build_dense
+
+    sources = [build_dense("llama", tmp_path / f"tune{seed}", seed=seed) for seed in (1, 2, 3)]
+    out = tmp_path / "moe"
+    flags = ["--expert", str(sources[0]), "--expert", str(sources[1]), "--expert", str(sources[2])]
+    assert main(["convert", "--base", str(dense), "-o", str(out), *flags, "--quiet", "--format", "moeify"]) == 0
+    assert "outputs differ" in capsys.readouterr().out
+    moe, base = tensors(out), tensors(dense)
+    assert moe["model.layers.0.mlp.experts.down_proj"].shape[0] == 3
+    for e, source in enumerate(sources):
+        expected = tensors(source)["model.layers.2.mlp.down_proj.weight"]
+        assert torch.equal(moe["model.layers.2.mlp.experts.down_proj"][e], expected)
+    assert torch.equal(moe["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert "experts are the FFNs of 3 other models" in json.loads((out / "config.json").read_text())["moeify_deviation"]
+
+    averaged = tmp_path / "avg"
+    assert main(["convert", str(dense), "-o", str(averaged), *flags, "--merge-non-ffn", "average", "--quiet"]) == 0
+    mean = sum(tensors(s)["model.layers.1.self_attn.q_proj.weight"] for s in sources) / 3
+    torch.testing.assert_close(tensors(averaged)["model.layers.1.self_attn.q_proj.weight"], mean)
+
+    config = ARCHITECTURES["llama"]()
+    config.intermediate_size = 96
+    odd = build_dense("llama", tmp_path / "odd", config=config)
+    two = ["--expert", str(odd), "--expert", str(sources[0])]
+    assert main(["convert", str(dense), "-o", str(tmp_path / "bad"), *two]) == 2
+    err = capsys.readouterr().err
+    assert "has shape" in err and "experts must have the base's shapes" in err
+    assert not (tmp_path / "bad").exists()
+    assert main(["convert", str(dense), "-o", str(tmp_path / "bad"), "--expert", str(odd), "--num-experts", "4"]) == 2
+    assert "give one --expert per expert" in capsys.readouterr().err
