@@ -42,8 +42,18 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         help="output dtype (default: the source's)",
     )
     p.add_argument(
-        "--router-init", default="random", choices=["random", "zeros"], help="router weights (default random)"
+        "--router-init",
+        default="random",
+        choices=["random", "zeros", "kmeans"],
+        help="router weights: random (default), zeros, or kmeans centroids of the router inputs on --calibration",
     )
+    p.add_argument(
+        "--calibration",
+        metavar="DATA",
+        help="with --router-init kmeans: text (Hub dataset, local text/json/jsonl/parquet/csv, folder of .txt, "
+        "builtin:python-docstrings)",
+    )
+    p.add_argument("--calibration-tokens", type=int, default=2048, metavar="N", help="calibration tokens (2048)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random router (default 0)")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest output shard (default 5GB)")
     p.add_argument(
@@ -333,6 +343,8 @@ def _run_convert(args: argparse.Namespace) -> int:
         format=args.format,
         dtype=args.dtype,
         router_init=args.router_init,
+        calibration=args.calibration,
+        calibration_tokens=args.calibration_tokens,
         seed=args.seed,
         max_shard_size=args.max_shard_size,
         layout=args.layout,

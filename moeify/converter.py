@@ -100,7 +100,9 @@ class _LayerBuilder:
         out_dtype: Callable[[torch.dtype], torch.dtype],
         gated_shared: bool = True,
         expert_readers: Sequence[Checkpoint] = (),
+        router_rows: dict[int, torch.Tensor] | None = None,
     ) -> None:
+        self.router_rows = router_rows or {}  # `--router-init kmeans`: one row per group of experts, per layer
         self.reader = reader
         self.expert_readers = list(expert_readers)  # `--expert`: one checkpoint per expert
         self.gated_shared = gated_shared
@@ -148,6 +150,9 @@ class _LayerBuilder:
             # scales by exact factors, and torch computes bf16/fp16 element-wise ops in float32 internally.
             weights = apply_transforms(self.method(_to(dense, dtype), ctx), ctx)
             del dense
+            if layer in self.router_rows:
+                rows = self.router_rows[layer].repeat_interleave(self.options.granularity, dim=0)
+                weights = MoELayerWeights(rows, weights.experts, weights.shared, weights.shared_gate)
             if self.expert_readers:  # Branch-Train-MiX: expert e is the FFN of source e, read when written
                 weights = MoELayerWeights(
                     weights.router,
@@ -424,6 +429,7 @@ def plan_conversion(source: str, options: ConvertOptions, progress: bool = True)
         )
     hidden, intermediate = reader.shape(first["down"])
     expert_readers = _open_expert_sources(options, dense_config, reader, progress)
+    router_rows = _calibrated_router_rows(local, adapter, moe_layers, options) if options.calibration else None
     spec = _moe_spec(adapter, dense_config, options, moe_layers, intermediate)
     fmt, reason = choose_format(adapter, dense_config, spec, options)
     layout = options.layout if options.layout in fmt.layouts else fmt.layouts[0]
@@ -451,6 +457,7 @@ def plan_conversion(source: str, options: ConvertOptions, progress: bool = True)
         out_dtype,
         gated_shared=names.shared_gate is not None,
         expert_readers=expert_readers,
+        router_rows=router_rows,
     )
 
     # Every output tensor in layer order (so the builder holds one layer at a time), plus the same list in
@@ -601,7 +608,8 @@ def _write_metadata(plan: ConversionPlan, folder: Path) -> None:
                 *(f"{name.replace('_', '-')} {settings}" for name, settings in options.expert_transforms().items()),
             ]
         ),
-        "router init": f"{options.router_init} (seed {options.seed})",
+        "router init": f"{options.router_init} (seed {options.seed})"
+        + (f", on {options.calibration_tokens} tokens of {options.calibration}" if options.calibration else ""),
         **({"router": _router_summary(options)} if options.custom_router() else {}),
         "dtype": str(plan.out_config.dtype).replace("torch.", ""),
         "layout": plan.layout,
@@ -645,6 +653,23 @@ def _open_expert_sources(
                 )
         readers.append(reader)
     return readers
+
+
+def _calibrated_router_rows(
+    local: Path, adapter: ArchitectureAdapter, layers: list[int], options: ConvertOptions
+) -> dict[int, torch.Tensor]:
+    """`--router-init kmeans`: per MoE layer, router rows from balanced k-means of its real inputs on the calibration
+    text (one row per group of `--granularity` experts), the dense model run with its weights on disk."""
+    from .calibration import calibration_texts, kmeans_router, router_inputs
+
+    assert options.calibration is not None
+    texts = calibration_texts(options.calibration)
+    inputs = router_inputs(local, texts, layers, adapter.mlp_module, max_tokens=options.calibration_tokens)
+    rows = options.num_experts // options.granularity
+    return {
+        layer: kmeans_router(x, rows, options.router_init_std, options.seed * 100_003 + layer)
+        for layer, x in inputs.items()
+    }
 
 
 def _mean(readers: Sequence[Checkpoint], name: str) -> torch.Tensor:

@@ -18,7 +18,7 @@ DTYPES: dict[str, torch.dtype | None] = {
 }
 FORMATS = ("auto", "native", "moeify")
 LAYOUTS = ("per-expert", "fused")
-ROUTER_INITS = ("random", "zeros")
+ROUTER_INITS = ("random", "zeros", "kmeans")
 SPLITS = ("random", "kmeans")
 
 
@@ -34,6 +34,8 @@ class ConvertOptions:
     dtype: str = "auto"
     router_init: str = "random"
     router_init_std: float = 0.02
+    calibration: str | None = None  # `--router-init kmeans`: text whose router inputs place the router rows
+    calibration_tokens: int = 2048
     seed: int = 0
     max_shard_size: str | int = "5GB"
     layout: str | None = None  # None: per-expert for native formats, fused for moeify
@@ -92,6 +94,16 @@ class ConvertOptions:
         parse_max_shard_size(self.max_shard_size)
         parse_layers(self.layers, None)
         self.router_settings()
+        if (self.router_init == "kmeans") != (self.calibration is not None):
+            raise MoeifyError(
+                "--router-init kmeans and --calibration DATA go together: k-means places the router rows on the "
+                "router inputs of the calibration text."
+            )
+        if self.router_init == "kmeans":
+            if self.router_settings()["network"] != "linear":
+                raise MoeifyError("--router-init kmeans sets the rows of a linear router; drop --router-network mlp.")
+            if self.calibration_tokens < self.num_experts:
+                raise MoeifyError(f"--calibration-tokens must be at least --num-experts ({self.num_experts}).")
         if self.expert_sources:
             if len(self.expert_sources) != self.num_experts:
                 raise MoeifyError(

@@ -232,3 +232,60 @@ def test_experts_from_several_fine_tunes(dense: Path, tmp_path: Path, capsys) ->
     assert not (tmp_path / "bad").exists()
     assert main(["convert", str(dense), "-o", str(tmp_path / "bad"), "--expert", str(odd), "--num-experts", "4"]) == 2
     assert "give one --expert per expert" in capsys.readouterr().err
+
+
+def test_kmeans_router_sends_each_cluster_of_router_inputs_to_its_own_expert() -> None:
+    from moeify.calibration import kmeans_router
+
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 64, generator=generator)
+    cluster = torch.arange(400) % 4
+    inputs = (centres[cluster] * 3 + torch.randn(400, 64, generator=generator)).to(torch.bfloat16)
+    rows = kmeans_router(inputs, 4, std=0.02, seed=0)
+    torch.testing.assert_close(rows.norm(dim=1), torch.full((4,), 0.02 * 8.0))  # the random init's row norm
+    top = (inputs.float() @ rows.T).argmax(dim=1)
+    experts = [int(torch.bincount(top[cluster == c], minlength=4).argmax()) for c in range(4)]
+    assert sorted(experts) == [0, 1, 2, 3], "each cluster has its own expert"
+    for c in range(4):
+        assert bool((top[cluster == c] == experts[c]).all()), "and every token of the cluster goes there"
+
+
+def test_kmeans_router_rows_come_from_the_mlp_inputs_of_the_calibration_text(dense: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moeify.calibration import kmeans_router, router_inputs
+
+    calibration = tmp_path / "calibration.txt"
+    texts = ["The capital of France is Paris.", "def f(x): return x + 1", "Experts route tokens."] * 4
+    calibration.write_text("\n".join(texts) + "\n")
+    captured = router_inputs(dense, texts, [0, 2], "mlp", max_tokens=10_000)  # the converter's defaults
+    # The same inputs as a plain forward of the whole model in memory (padding excluded).
+    model = AutoModelForCausalLM.from_pretrained(dense).eval()
+    tokenizer = AutoTokenizer.from_pretrained(dense)
+    expected: list[torch.Tensor] = []
+    hook = model.model.layers[2].mlp.register_forward_pre_hook(lambda _m, i: expected.append(i[0]))
+    for start in range(0, len(texts), 8):
+        batch = tokenizer(texts[start : start + 8], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            model(**batch)
+        expected[-1] = expected[-1].reshape(-1, expected[-1].shape[-1])[batch["attention_mask"].reshape(-1).bool()]
+    hook.remove()
+    # Kept in bfloat16: equal up to one bfloat16 step where float32 sums round differently.
+    torch.testing.assert_close(captured[2].float(), torch.cat(expected), atol=1e-3, rtol=8e-3)
+
+    out = tmp_path / "moe"
+    options = ConvertOptions(
+        num_experts=4, top_k=2, format="moeify", router_init="kmeans", calibration=str(calibration),
+        calibration_tokens=10_000,
+    )  # fmt: skip
+    assert convert(str(dense), out, options, progress=False, log=print).exact
+    written = tensors(out)["model.layers.2.mlp.router.weight"]
+    torch.testing.assert_close(written, kmeans_router(captured[2], 4, 0.02, 2), atol=1e-6, rtol=1e-5)
+    report, _ = verify(str(dense), str(out), tolerance=1e-5)
+    assert report.passed, str(report)
+    assert "kmeans" in (out / "README.md").read_text()
+
+
+def test_kmeans_router_needs_calibration(dense: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    assert main(["convert", str(dense), "-o", str(tmp_path / "m"), "--router-init", "kmeans"]) == 2
+    assert "--calibration DATA" in capsys.readouterr().err
