@@ -44,9 +44,11 @@ def router_inputs(
     max_tokens: int = 2048,
     max_length: int = 256,
     batch_size: int = 8,
+    lengths: list[int] | None = None,
 ) -> dict[int, torch.Tensor]:
     """Per layer in `layers`, the inputs of its MLP `(tokens, H)` (bfloat16, padding left out) for the first
-    `max_tokens` tokens of `texts` (each truncated to `max_length`), with the model's weights read from disk."""
+    `max_tokens` tokens of `texts` (each truncated to `max_length`), with the model's weights read from disk.
+    `lengths`, if given, receives each text's number of tokens (in order)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -80,6 +82,8 @@ def router_inputs(
                     max_length=max_length,
                 )
                 keep.append(batch["attention_mask"].reshape(-1).bool())
+                if lengths is not None:
+                    lengths.extend(int(n) for n in batch["attention_mask"].sum(dim=1))
                 model(**batch)
                 seen += int(keep[-1].sum())
                 if seen >= max_tokens:
@@ -103,3 +107,58 @@ def kmeans_router(inputs: torch.Tensor, num_rows: int, std: float, seed: int) ->
     centroids = torch.stack([points[labels == c].mean(dim=0) for c in range(num_rows)])
     centroids = centroids / centroids.norm(dim=1, keepdim=True).clamp(min=1e-12)
     return centroids * (std * math.sqrt(points.shape[1]))
+
+
+def read_expert_prompts(path: Path, num_experts: int) -> list[dict[str, list[str]]]:
+    """`--expert-prompts FILE.yaml`: one entry per expert, `positive` prompts and optional `negative` ones::
+
+    experts:
+      - positive: ["def parse(text):", "import numpy as np"]
+        negative: ["Once upon a time"]
+      - positive: ["The French Revolution began in"]
+    """
+    import yaml
+
+    try:
+        entries = (yaml.safe_load(Path(path).read_text()) or {}).get("experts")
+    except (OSError, yaml.YAMLError, AttributeError) as error:
+        raise MoeifyError(f"--expert-prompts {path}: cannot read it ({error}).") from None
+    if not isinstance(entries, list) or len(entries) != num_experts:
+        count = len(entries) if isinstance(entries, list) else 0
+        raise MoeifyError(
+            f"--expert-prompts {path}: needs an `experts:` list with one entry per expert ({num_experts}), found "
+            f"{count}."
+        )
+    prompts = []
+    for index, entry in enumerate(entries):
+        positive = entry.get("positive") if isinstance(entry, dict) else None
+        negative = entry.get("negative", []) if isinstance(entry, dict) else []
+        if not positive or not all(isinstance(p, str) for p in [*positive, *negative]):
+            raise MoeifyError(f"--expert-prompts {path}: expert {index} needs a `positive` list of prompts.")
+        prompts.append({"positive": list(positive), "negative": list(negative)})
+    return prompts
+
+
+def prompt_router(
+    folder: Path, prompts: list[dict[str, list[str]]], layers: list[int], mlp_module: str, std: float
+) -> dict[int, torch.Tensor]:
+    """mergekit-style router rows: per expert, the mean router input over its positive prompts' tokens minus the
+    mean over its negative ones, unit-normalised and scaled like `kmeans_router`'s. Read at the router's real input
+    (the FFN's normalised input), not at the residual stream entering the decoder layer as mergekit does."""
+    texts = [text for entry in prompts for kind in ("positive", "negative") for text in entry[kind]]
+    lengths: list[int] = []
+    inputs = router_inputs(folder, texts, layers, mlp_module, max_tokens=10**9, lengths=lengths)
+    rows = {}
+    for layer, hidden in inputs.items():
+        segments = list(torch.split(hidden.float(), lengths))
+        vectors, cursor = [], 0
+        for entry in prompts:
+            positive = torch.cat(segments[cursor : cursor + len(entry["positive"])]).mean(dim=0)
+            cursor += len(entry["positive"])
+            vector = positive
+            if entry["negative"]:
+                vector = positive - torch.cat(segments[cursor : cursor + len(entry["negative"])]).mean(dim=0)
+                cursor += len(entry["negative"])
+            vectors.append(vector / vector.norm().clamp(min=1e-12))
+        rows[layer] = torch.stack(vectors) * (std * math.sqrt(hidden.shape[1]))
+    return rows

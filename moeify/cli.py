@@ -44,8 +44,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--router-init",
         default="random",
-        choices=["random", "zeros", "kmeans"],
-        help="router weights: random (default), zeros, or kmeans centroids of the router inputs on --calibration",
+        choices=["random", "zeros", "kmeans", "prompts"],
+        help="router weights: random (default), zeros, kmeans centroids of the router inputs on --calibration, or "
+        "prompts (--expert-prompts)",
     )
     p.add_argument(
         "--calibration",
@@ -54,6 +55,11 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         "builtin:python-docstrings)",
     )
     p.add_argument("--calibration-tokens", type=int, default=2048, metavar="N", help="calibration tokens (2048)")
+    p.add_argument(
+        "--expert-prompts",
+        metavar="FILE.yaml",
+        help="with --router-init prompts: per expert, positive (and negative) prompts (mergekit style)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random router (default 0)")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest output shard (default 5GB)")
     p.add_argument(
@@ -345,6 +351,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         router_init=args.router_init,
         calibration=args.calibration,
         calibration_tokens=args.calibration_tokens,
+        expert_prompts=args.expert_prompts,
         seed=args.seed,
         max_shard_size=args.max_shard_size,
         layout=args.layout,

@@ -429,7 +429,14 @@ def plan_conversion(source: str, options: ConvertOptions, progress: bool = True)
         )
     hidden, intermediate = reader.shape(first["down"])
     expert_readers = _open_expert_sources(options, dense_config, reader, progress)
-    router_rows = _calibrated_router_rows(local, adapter, moe_layers, options) if options.calibration else None
+    router_rows = None
+    if options.calibration:
+        router_rows = _calibrated_router_rows(local, adapter, moe_layers, options)
+    elif options.expert_prompts:
+        from .calibration import prompt_router, read_expert_prompts
+
+        prompts = read_expert_prompts(Path(options.expert_prompts), options.num_experts)
+        router_rows = prompt_router(local, prompts, moe_layers, adapter.mlp_module, options.router_init_std)
     spec = _moe_spec(adapter, dense_config, options, moe_layers, intermediate)
     fmt, reason = choose_format(adapter, dense_config, spec, options)
     layout = options.layout if options.layout in fmt.layouts else fmt.layouts[0]
@@ -609,7 +616,8 @@ def _write_metadata(plan: ConversionPlan, folder: Path) -> None:
             ]
         ),
         "router init": f"{options.router_init} (seed {options.seed})"
-        + (f", on {options.calibration_tokens} tokens of {options.calibration}" if options.calibration else ""),
+        + (f", on {options.calibration_tokens} tokens of {options.calibration}" if options.calibration else "")
+        + (f", from {Path(options.expert_prompts).name}" if options.expert_prompts else ""),
         **({"router": _router_summary(options)} if options.custom_router() else {}),
         "dtype": str(plan.out_config.dtype).replace("torch.", ""),
         "layout": plan.layout,

@@ -18,7 +18,7 @@ DTYPES: dict[str, torch.dtype | None] = {
 }
 FORMATS = ("auto", "native", "moeify")
 LAYOUTS = ("per-expert", "fused")
-ROUTER_INITS = ("random", "zeros", "kmeans")
+ROUTER_INITS = ("random", "zeros", "kmeans", "prompts")
 SPLITS = ("random", "kmeans")
 
 
@@ -36,6 +36,7 @@ class ConvertOptions:
     router_init_std: float = 0.02
     calibration: str | None = None  # `--router-init kmeans`: text whose router inputs place the router rows
     calibration_tokens: int = 2048
+    expert_prompts: str | None = None  # `--router-init prompts`: YAML of per-expert positive / negative prompts
     seed: int = 0
     max_shard_size: str | int = "5GB"
     layout: str | None = None  # None: per-expert for native formats, fused for moeify
@@ -99,6 +100,14 @@ class ConvertOptions:
                 "--router-init kmeans and --calibration DATA go together: k-means places the router rows on the "
                 "router inputs of the calibration text."
             )
+        if (self.router_init == "prompts") != (self.expert_prompts is not None):
+            raise MoeifyError(
+                "--router-init prompts and --expert-prompts FILE.yaml go together (one positive / negative prompt "
+                "list per expert)."
+            )
+        if self.router_init == "prompts" and (self.granularity > 1 or self.router_settings()["network"] != "linear"):
+            raise MoeifyError("--router-init prompts sets one linear router row per expert; drop --granularity / "
+                              "--router-network mlp.")  # fmt: skip
         if self.router_init == "kmeans":
             if self.router_settings()["network"] != "linear":
                 raise MoeifyError("--router-init kmeans sets the rows of a linear router; drop --router-network mlp.")

@@ -289,3 +289,40 @@ def test_kmeans_router_rows_come_from_the_mlp_inputs_of_the_calibration_text(den
 def test_kmeans_router_needs_calibration(dense: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
     assert main(["convert", str(dense), "-o", str(tmp_path / "m"), "--router-init", "kmeans"]) == 2
     assert "--calibration DATA" in capsys.readouterr().err
+
+
+def test_prompt_router_rows_are_positive_minus_negative_mean_router_inputs(dense: Path, tmp_path: Path) -> None:
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    experts = [
+        {"positive": ["def f(x): return x", "import os"], "negative": ["Once upon a time"]},
+        {"positive": ["The capital of France is"]},
+        {"positive": ["1, 1, 2, 3, 5, 8"], "negative": ["def g(): pass"]},
+        {"positive": ["Photosynthesis converts light", "Energy flows"]},
+    ]
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(yaml.safe_dump({"experts": experts}))
+    out = tmp_path / "moe"
+    args = ["convert", str(dense), "-o", str(out), "--num-experts", "4", "--router-init", "prompts"]
+    assert main([*args, "--expert-prompts", str(prompts), "--quiet", "--format", "moeify"]) == 0
+    written = tensors(out)["model.layers.1.mlp.router.weight"]
+
+    model = AutoModelForCausalLM.from_pretrained(dense).eval()
+    tokenizer = AutoTokenizer.from_pretrained(dense)
+
+    def mean_input(texts: list[str]) -> torch.Tensor:
+        seen: list[torch.Tensor] = []
+        hook = model.model.layers[1].mlp.register_forward_pre_hook(lambda _m, i: seen.append(i[0][0]))
+        with torch.no_grad():
+            for text in texts:
+                model(**tokenizer(text, return_tensors="pt"))
+        hook.remove()
+        return torch.cat(seen).mean(dim=0)
+
+    for e, entry in enumerate(experts):
+        vector = mean_input(entry["positive"]) - (mean_input(entry["negative"]) if "negative" in entry else 0)
+        expected = vector / vector.norm() * 0.02 * 8.0  # hidden size 64: the random init's row norm
+        torch.testing.assert_close(written[e], expected, atol=2e-3, rtol=2e-2)  # router inputs kept in bfloat16
+    prompts.write_text(yaml.safe_dump({"experts": experts[:3]}))
+    assert main([*args, "--expert-prompts", str(prompts), "-o", str(tmp_path / "bad")]) == 2
