@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ from common import gib, machine_summary, run_measured  # noqa: E402
 
 METHODS: dict[str, list[str]] = {
     "copy (random router)": ["--top-k", "2"],
-    "copy, kmeans router": ["--top-k", "2", "--router-init", "kmeans", "--calibration", "CALIBRATION"],
+    "copy + kmeans router": ["--top-k", "2", "--router-init", "kmeans", "--calibration", "CALIBRATION"],
     "granularity 4": ["--top-k", "4", "--granularity", "4"],
     "drop-upcycling 0.5": ["--top-k", "2", "--drop-upcycling", "0.5"],
     "split kmeans": ["--top-k", "2", "--split", "kmeans"],
@@ -51,7 +52,7 @@ else:  # the same forward, the whole model in memory
         for start in range(0, len(texts), 8):
             chunk = texts[start:start + 8]
             batch = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=256)
-            model(**batch)
+            model(**batch, logits_to_keep=1)
             seen += int(batch["attention_mask"].sum())
             if seen >= tokens:
                 break
@@ -83,7 +84,7 @@ def main() -> None:
     results = {}
     for name in args.methods.split(","):
         flags = [str(calibration) if f == "CALIBRATION" else f for f in METHODS[name]]
-        out = work / name.replace(" ", "-").replace(",", "").replace("(", "").replace(")", "")
+        out = work / name.replace(" ", "-").replace("+", "").replace("(", "").replace(")", "")
         cmd = ["moeify", "convert", dense, "-o", out, "--num-experts", "8", "--overwrite", "--quiet", *flags]
         if "--calibration" in flags:
             cmd += ["--calibration-tokens", str(args.calibration_tokens)]
@@ -102,6 +103,7 @@ def main() -> None:
         ).stdout  # fmt: skip
         layers = json.loads(stats)["layers"]
         cv = sum(layer["load_cv"] for layer in layers) / len(layers)
+        shutil.rmtree(out)  # 3 GB each: the disk holds one at a time
         results[name] = {"seconds": measured.wall_s, "peak_rss": measured.peak_rss_bytes, "diff": diff, "cv": cv}
         print(
             f"| {name} | {measured.wall_s:.1f} | {gib(measured.peak_rss_bytes):.2f} GiB | {diff:.2e} | {agreement} | "

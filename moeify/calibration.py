@@ -84,7 +84,7 @@ def router_inputs(
                 keep.append(batch["attention_mask"].reshape(-1).bool())
                 if lengths is not None:
                     lengths.extend(int(n) for n in batch["attention_mask"].sum(dim=1))
-                model(**batch)
+                model(**batch, logits_to_keep=1)  # the LM head's full logits would outweigh a layer
                 seen += int(keep[-1].sum())
                 if seen >= max_tokens:
                     break
