@@ -356,3 +356,24 @@ def test_inference_neutral_features_keep_copied_experts_exact(settings: dict) ->
         dense = (moe.experts.act_fn(gate) * up) @ moe.experts.down_proj[0].T
         dense += torch.sigmoid(moe.shared_expert_gate(x)) * moe.shared_experts(x)
         torch.testing.assert_close(moe(x), dense, atol=1e-5, rtol=1e-5)
+
+
+def test_bias_balancing_in_a_plain_accelerate_loop() -> None:
+    from accelerate import Accelerator
+
+    from moeify import update_routing_bias
+
+    model = tiny(bias_update_rate=0.01).train()
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    for _ in range(3):
+        ids = torch.randint(0, 96, (2, 12))
+        accelerator.backward(model(ids, labels=ids).loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        assert update_routing_bias(model) == 3  # every MoE layer's router
+    for layer in range(3):
+        bias = block(model, layer).router.e_score_correction_bias
+        assert torch.count_nonzero(bias) > 0 and bias.abs().max() <= 0.03 + 1e-6
+        assert block(model, layer).router.load is None, "the count restarts after each update"
