@@ -54,6 +54,13 @@ METHODS: dict[str, list[str]] = {
 }
 
 
+def _convert(dense: str, out: Path, flags: list[str]) -> None:
+    cmd = ["moeify", "convert", dense, "-o", str(out), "--quiet", *flags]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"moeify convert {' '.join(flags)} failed:\n{done.stderr[-3000:]}")
+
+
 def _write_calibration(path: Path) -> None:
     """The docstrings as a jsonl file (the k-means router's calibration text; it overlaps the held-out blocks, which
     only places router rows: the experts stay copies)."""
@@ -175,17 +182,13 @@ def main() -> None:
             flags = [str(work / "calibration.jsonl") if f == "CALIBRATION" else f for f in flags]
             if "CALIBRATION" in METHODS[method]:
                 _write_calibration(work / "calibration.jsonl")
-            subprocess.run(["moeify", "convert", dense, "-o", str(moe), *flags], check=True, capture_output=True)
+            _convert(dense, moe, flags)
         models["moe" if method == "copy" else f"moe-{method}"] = (str(moe), False)
 
     # Trainable parameters matched to the copy MoE with rank-`--expert-rank` expert LoRA.
     copy_moe = work / "moe"
     if not (copy_moe / "config.json").exists():
-        subprocess.run(
-            ["moeify", "convert", dense, "-o", str(copy_moe), *METHODS["copy"], "--shared-experts", "1"],
-            check=True,
-            capture_output=True,
-        )
+        _convert(dense, copy_moe, [*METHODS["copy"], "--shared-experts", "1"])
     target = trainable(str(copy_moe), False, args, args.held_out, work, args.expert_rank)
     ranks, counts = {}, {}
     for name, (path, is_dense) in models.items():
