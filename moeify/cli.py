@@ -455,14 +455,15 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_eval(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate, format_report
+def _evaluate(args: argparse.Namespace, baseline: str | None = None) -> dict[str, Any]:
+    """`moeify.evaluation.evaluate` with the arguments `eval` and `route-stats` share."""
+    from .evaluation import evaluate
 
-    result = evaluate(
+    return evaluate(
         args.model,
         args.data,
         adapter=args.adapter,
-        baseline=args.baseline,
+        baseline=baseline,
         text_field=args.text_field,
         max_length=args.max_length,
         max_blocks=args.max_blocks,
@@ -471,26 +472,20 @@ def _run_eval(args: argparse.Namespace) -> int:
         held_out=args.held_out,
         seed=args.seed,
     )
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .evaluation import format_report
+
+    result = _evaluate(args, baseline=args.baseline)
     print(json.dumps(result) if args.json else format_report(result))
     return 0
 
 
 def _run_route_stats(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate
     from .router_stats import format_table, plot_heatmap
 
-    result = evaluate(
-        args.model,
-        args.data,
-        adapter=args.adapter,
-        text_field=args.text_field,
-        max_length=args.max_length,
-        max_blocks=args.max_blocks,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        held_out=args.held_out,
-        seed=args.seed,
-    )["model"]
+    result = _evaluate(args)["model"]
     if "layers" not in result:
         raise MoeifyError(f"{args.model} has no MoE layers (no router was found): nothing to show.")
     print(json.dumps(result) if args.json else format_table(result["layers"]))

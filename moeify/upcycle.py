@@ -137,26 +137,9 @@ def fine_grained_upcycle(ffn: DenseFFN, ctx: LayerContext) -> MoELayerWeights:
     size = routed.intermediate_size // g
     slices = []
     for index in range(g):
-        rows = slice(index * size, (index + 1) * size)
-        slices.append(
-            ExpertFFN(
-                routed.gate[rows],
-                routed.up[rows],
-                routed.down[:, rows] * g,
-                None if routed.gate_bias is None else routed.gate_bias[rows],
-                None if routed.up_bias is None else routed.up_bias[rows],
-                routed.down_bias,
-            )
-        )
+        slices.append(neurons(routed, torch.arange(index * size, (index + 1) * size), g))
     experts = [slices[e % g] for e in range(ctx.num_experts)]  # the same objects: converted once per slice
-    if ctx.shared_experts == 0:
-        return MoELayerWeights(router=router, experts=experts)
-    return MoELayerWeights(
-        router=router,
-        experts=experts,
-        shared=stack_shared(ffn, ctx.shared_experts),
-        shared_gate=torch.zeros(1, ffn.gate.shape[1]),
-    )
+    return _with_shared(ffn, ctx, router, experts)
 
 
 def split_upcycle(ffn: DenseFFN, ctx: LayerContext) -> MoELayerWeights:
@@ -181,20 +164,28 @@ def split_upcycle(ffn: DenseFFN, ctx: LayerContext) -> MoELayerWeights:
     else:
         generator = torch.Generator().manual_seed(ctx.seed * 100_003 + ctx.layer)
         groups = list(torch.randperm(size, generator=generator).reshape(ctx.num_experts, -1))
-    experts = []
-    for rows in groups:
-        rows = rows.sort().values
-        experts.append(
-            ExpertFFN(
-                routed.gate[rows],
-                routed.up[rows],
-                routed.down[:, rows] * ctx.num_experts,
-                None if routed.gate_bias is None else routed.gate_bias[rows],
-                None if routed.up_bias is None else routed.up_bias[rows],
-                routed.down_bias,
-            )
-        )
-    router = init_router(ctx, ffn.gate.shape[1])
+    experts = [neurons(routed, rows.sort().values, ctx.num_experts) for rows in groups]
+    return _with_shared(ffn, ctx, init_router(ctx, ffn.gate.shape[1]), experts)
+
+
+def neurons(ffn: ExpertFFN, rows: torch.Tensor, down_scale: float) -> ExpertFFN:
+    """The MLP made of `ffn`'s intermediate neurons `rows` (rows of gate and up, columns of down), its down
+    projection multiplied by `down_scale`; down's bias is kept whole."""
+    return ExpertFFN(
+        ffn.gate[rows],
+        ffn.up[rows],
+        ffn.down[:, rows] * down_scale,
+        None if ffn.gate_bias is None else ffn.gate_bias[rows],
+        None if ffn.up_bias is None else ffn.up_bias[rows],
+        ffn.down_bias,
+    )
+
+
+def _with_shared(
+    ffn: DenseFFN, ctx: LayerContext, router: torch.Tensor, experts: Sequence[ExpertFFN]
+) -> MoELayerWeights:
+    """The layer, with `ctx.shared_experts` full copies of `ffn` behind a zero gate (the routed side already
+    halved by the caller), as `copy_upcycle` builds them."""
     if ctx.shared_experts == 0:
         return MoELayerWeights(router=router, experts=experts)
     return MoELayerWeights(
