@@ -19,7 +19,10 @@ and on the experts. Each variant runs in a fresh process:
 
 Reported: anonymous resident memory (RssAnon: heap and tensors, not the memory-mapped checkpoint's pages) before
 the first step, its peak during step 1 (sampled every 2 ms), and the median time of the steps after the first.
-Ratios are against (b) for memory and (a) for time.
+Then one more, untimed step under `torch.profiler` with memory profiling gives the peak of live tensor bytes
+(parameters, mapped or not, optimizer state, activations, temporaries): the CPU counterpart of CUDA's
+`torch.cuda.max_memory_allocated`, free of what the C allocator keeps after a free. Ratios are against (b) for
+memory and (a) for time. `--max-dequantized-mib` sets moeify's dequantization budget (`ExpertQuantization`).
 """
 
 from __future__ import annotations
@@ -99,7 +102,29 @@ class PeakRss:
         return self.peak
 
 
-def run_variant(variant: str, folder: Path, steps: int, seq: int, checkpointing: bool) -> dict:
+def tensor_peak(step) -> tuple[int, dict[str, int]]:
+    """Run `step()` under the profiler; return the peak of live CPU tensor bytes and its split by category."""
+    import torch
+    from torch.profiler._memory_profiler import _CATEGORY_TO_INDEX, MemoryProfileTimeline
+
+    # torch's memory timeline (what `export_memory_timeline` draws) is the one place that tracks every tensor,
+    # including those that existed before the step; there is no CPU `max_memory_allocated`.
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+    ) as prof:
+        step()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+    peak = max(sizes, key=sum)
+    names = ["unknown"] + [c.name.lower() if c is not None else "unknown" for c in _CATEGORY_TO_INDEX]
+    split: dict[str, int] = {}
+    for name, size in zip(names, peak, strict=True):
+        split[name] = split.get(name, 0) + size
+    return sum(peak), split
+
+
+def run_variant(
+    variant: str, folder: Path, steps: int, seq: int, checkpointing: bool, max_dequantized_mib: int | None = None
+) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -119,12 +144,18 @@ def run_variant(variant: str, folder: Path, steps: int, seq: int, checkpointing:
         else None
     )
     experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    from moeify.quant import ExpertQuantization
+
+    quantization = ExpertQuantization()
+    if max_dequantized_mib is not None:
+        quantization = ExpertQuantization(max_dequantized_bytes=max_dequantized_mib << 20)
     if variant in ("d", "e"):
         from moeify.quant import ExpertLora, load_for_training
 
         lora = LoraConfig(r=16, lora_alpha=32, target_modules=ATTENTION)
         model = load_for_training(
             folder,
+            quantization=quantization,
             lora=ExpertLora(r=16, alpha=32),
             attention_lora=lora,
             gradient_checkpointing=checkpointing,
@@ -138,7 +169,7 @@ def run_variant(variant: str, folder: Path, steps: int, seq: int, checkpointing:
         from moeify.quant import ExpertLora, quantize_experts
         from moeify.quant.lora import add_expert_lora
 
-        quantize_experts(model)
+        quantize_experts(model, quantization)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=ATTENTION))
         add_expert_lora(model, ExpertLora(r=16, alpha=32))
     else:
@@ -162,10 +193,8 @@ def run_variant(variant: str, folder: Path, steps: int, seq: int, checkpointing:
     meter = PeakRss()
     before = anonymous_rss()
     times, peak = [], 0
-    for step in range(steps):
-        if step == 0:
-            meter.start()
-        started = time.perf_counter()
+
+    def train_step() -> torch.Tensor:
         if variant == "e":
             from moeify.train import causal_lm_loss
 
@@ -175,15 +204,25 @@ def run_variant(variant: str, folder: Path, steps: int, seq: int, checkpointing:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    for step in range(steps):
+        if step == 0:
+            meter.start()
+        started = time.perf_counter()
+        loss = train_step()
         times.append(time.perf_counter() - started)
         if step == 0:
             peak = meter.stop()
+    tensors, split = tensor_peak(train_step)
     return {
         "variant": variant,
         "peak_load": peak_load,
         "rss_before": before,
         "peak_step1": peak,
         "step_times": times,
+        "tensor_peak": tensors,
+        "tensor_split": split,
         "trainable": sum(p.numel() for p in trainable),
         "loss": float(loss),
     }
@@ -197,11 +236,16 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/moeify-bench/qlora"))
     parser.add_argument("--no-checkpointing", action="store_true", help="train without gradient checkpointing")
     parser.add_argument("--variants", default="".join(VARIANTS), help="which variants to run (default: all)")
+    parser.add_argument(
+        "--max-dequantized-mib", type=int, help="moeify's budget of dequantized expert weights (default: 1024)"
+    )
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = parser.parse_args()
     folder = args.work / ("mixtral-small" if args.small else "mixtral")
     if args.variant:
-        result = run_variant(args.variant, folder, args.steps, args.seq, not args.no_checkpointing)
+        result = run_variant(
+            args.variant, folder, args.steps, args.seq, not args.no_checkpointing, args.max_dequantized_mib
+        )
         print("RESULT " + json.dumps(result), flush=True)
         return
     build(folder, args.small)
@@ -220,6 +264,8 @@ def main() -> None:
             str(args.work),
         ] + (["--small"] if args.small else [])
         cmd += ["--no-checkpointing"] if args.no_checkpointing else []
+        if args.max_dequantized_mib is not None:
+            cmd += ["--max-dequantized-mib", str(args.max_dequantized_mib)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not lines:
@@ -229,27 +275,34 @@ def main() -> None:
     gib = 2**30
     print(f"\ngradient checkpointing: {'off' if args.no_checkpointing else 'on'}")
     print(
-        f"\n| variant | peak while loading | RssAnon before step 1 | peak in step 1 "
+        f"\n| variant | peak while loading | RssAnon before step 1 | peak in step 1 | live tensors, peak of a step "
         f"| step time (median of {max(args.steps - 1, 1)}) | trainable params |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for variant, r in results.items():
         later = r["step_times"][1:] or r["step_times"]
         r["time"] = statistics.median(later)
         print(
             f"| {variant}. {VARIANTS[variant]} | {r['peak_load'] / gib:.2f} GiB | {r['rss_before'] / gib:.2f} GiB "
-            f"| {r['peak_step1'] / gib:.2f} GiB | {r['time']:.2f} s | {r['trainable']:,} |"
+            f"| {r['peak_step1'] / gib:.2f} GiB | {r['tensor_peak'] / gib:.2f} GiB | {r['time']:.2f} s "
+            f"| {r['trainable']:,} |"
         )
+    print("\nlive tensors at their peak, by kind:")
+    for variant, r in results.items():
+        split = ", ".join(f"{k} {v / gib:.2f}" for k, v in r["tensor_split"].items() if v >= gib / 100)
+        print(f"  {variant}: {split} GiB")
     if {"a", "b", "c"} <= set(results):
         a, b, c = results["a"], results["b"], results["c"]
         print(
-            f"\nmoeify / BitsAndBytesConfig: peak in step 1 {c['peak_step1'] / b['peak_step1']:.2f}x; "
+            f"\nmoeify / BitsAndBytesConfig: peak in step 1 {c['peak_step1'] / b['peak_step1']:.2f}x, "
+            f"live tensors {c['tensor_peak'] / b['tensor_peak']:.2f}x; "
             f"moeify / bf16: step time {c['time'] / a['time']:.2f}x, peak {c['peak_step1'] / a['peak_step1']:.2f}x"
         )
     if {"a", "b", "e"} <= set(results):
         a, b, e = results["a"], results["b"], results["e"]
         print(
-            f"moeify's whole path (e) / BitsAndBytesConfig: peak in step 1 {e['peak_step1'] / b['peak_step1']:.2f}x; "
+            f"moeify's whole path (e) / BitsAndBytesConfig: peak in step 1 {e['peak_step1'] / b['peak_step1']:.2f}x, "
+            f"live tensors {e['tensor_peak'] / b['tensor_peak']:.2f}x; "
             f"(e) / bf16: step time {e['time'] / a['time']:.2f}x"
         )
     if {"c", "d"} <= set(results):
