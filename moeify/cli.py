@@ -87,6 +87,15 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         metavar="G",
         help="fine-grained experts: each is 1/G of the FFN, E/G replicas of the G slices (E, K multiples of G; exact)",
     )
+    p.add_argument(
+        "--method",
+        choices=["copy", "lora-experts"],
+        default="copy",
+        help="copy: each expert a full copy of the FFN (default); lora-experts: the experts share the frozen FFN and "
+        "each adds its own LoRA delta, B = 0 (MixLoRA; exact; moeify format)",
+    )
+    p.add_argument("--expert-lora-rank", type=int, default=16, metavar="R", help="lora-experts: delta rank (16)")
+    p.add_argument("--expert-lora-alpha", type=float, metavar="A", help="lora-experts: LoRA alpha (default 2 * R)")
     x = p.add_argument_group("experts from several models (Branch-Train-MiX / FrankenMoE; not exact)")
     x.add_argument(
         "--expert",
@@ -361,6 +370,9 @@ def _run_convert(args: argparse.Namespace) -> int:
         revision=args.revision,
         router=router_options(args),
         granularity=args.granularity,
+        method=args.method,
+        expert_lora_rank=args.expert_lora_rank,
+        expert_lora_alpha=args.expert_lora_alpha,
         split=args.split,
         expert_sources=args.expert_sources,
         merge_non_ffn=args.merge_non_ffn,

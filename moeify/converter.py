@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, GenerationConfig, PreTrainedConfig
@@ -254,7 +255,9 @@ def _moe_layer_specs(
         else:
             out.append(zeros_spec(prefix + name, dtype, extra.shape))
     fused_names = names.saved_fused if layout == "per-expert" and names.saved_fused else names.fused
-    if layout == "fused" or names.saved_fused:
+    if spec.expert_lora_rank:
+        out += _lora_experts_specs(prefix, names, spec, hidden, dtype, produce, random_uniform=seed * 100_003 + layer)
+    elif layout == "fused" or names.saved_fused:
         out.append(
             TensorSpec(
                 prefix + fused_names["gate_up"], dtype, (E, 2 * I, H), produce(lambda w: _fused_gate_up(w.experts))
@@ -314,6 +317,45 @@ def _moe_layer_specs(
         neutral = {names.shared["gate"]: (n, H), names.shared["up"]: (n, H), names.shared["down"]: (H, n)}
         neutral[names.shared_gate] = (1, H)
         out += [zeros_spec(prefix + name, dtype, shape) for name, shape in neutral.items()]
+    return out
+
+
+def _lora_experts_specs(
+    prefix: str,
+    names: MoETensorNames,
+    spec: MoESpec,
+    hidden: int,
+    dtype: torch.dtype,
+    produce: Callable[[Callable[[MoELayerWeights], Any]], Callable[[], Iterator[torch.Tensor]]],
+    random_uniform: int,
+) -> list[TensorSpec]:
+    """lora-experts (MixLoRA): the experts' one FFN, written once (every expert is the same copy), and each expert's
+    LoRA delta: A ~ U(+-1/sqrt(in)) as peft initialises LoRA (seeded by seed and layer), B = 0 (exact at step 0)."""
+    E, I, H, r = spec.num_experts, spec.intermediate_size, hidden, spec.expert_lora_rank  # noqa: E741
+
+    def base(weights: MoELayerWeights) -> Any:
+        return weights.experts[0]
+
+    out = [
+        TensorSpec(prefix + names.fused["gate_up"], dtype, (2 * I, H), produce(lambda w: _fused_gate_up([base(w)]))),
+        TensorSpec(prefix + names.fused["down"], dtype, (H, I), produce(lambda w: [base(w).down])),
+    ]
+    if spec.mlp_bias:
+        out.append(
+            TensorSpec(
+                prefix + names.fused["gate_up_bias"], dtype, (2 * I,), produce(lambda w: _fused_gate_up_bias([base(w)]))
+            )
+        )
+        out.append(TensorSpec(prefix + names.fused["down_bias"], dtype, (H,), produce(lambda w: [base(w).down_bias])))
+    for salt, (projection, inputs, outputs) in enumerate((("gate_up", H, 2 * I), ("down", I, H))):
+
+        def lora_a(shape: tuple[int, int] = (E * r, inputs), salt: int = salt) -> Iterator[torch.Tensor]:
+            generator = torch.Generator().manual_seed(random_uniform * 31 + salt)
+            bound = shape[1] ** -0.5
+            yield ((torch.rand(shape, generator=generator) * 2 - 1) * bound).to(dtype)
+
+        out.append(TensorSpec(prefix + names.expert_deltas[f"{projection}_A"], dtype, (E * r, inputs), lora_a))
+        out.append(zeros_spec(prefix + names.expert_deltas[f"{projection}_B"], dtype, (outputs, E * r)))
     return out
 
 
@@ -390,6 +432,8 @@ def _moe_spec(
         mlp_bias=adapter.mlp_bias(dense_config),
         activation=adapter.activation(dense_config),
         router=options.router_settings(),
+        expert_lora_rank=options.expert_lora_rank if options.method == "lora-experts" else 0,
+        expert_lora_alpha=options.expert_lora_alpha,
     )
 
 
@@ -607,7 +651,13 @@ def _write_metadata(plan: ConversionPlan, folder: Path) -> None:
         "MoE layers": f"{len(spec.moe_layers)} of {spec.num_layers} ({options.layers})",
         "upcycling": " + ".join(
             [
-                options.method,
+                options.method
+                + (
+                    f" (one shared FFN per layer, per-expert LoRA rank {spec.expert_lora_rank}, alpha "
+                    f"{spec.expert_lora_alpha or 2 * spec.expert_lora_rank:g}, B = 0)"
+                    if spec.expert_lora_rank
+                    else ""
+                ),
                 *([f"fine-grained, granularity {options.granularity}"] if options.granularity > 1 else []),
                 *([f"neuron split ({options.split})"] if options.split else []),
                 *([f"experts from {', '.join(options.expert_sources)}"] if options.expert_sources else []),

@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, field
 
 _EXPERT = re.compile(r"(?:^|\.)experts\.")
+# lora-experts (MixLoRA): the experts' one shared FFN runs for every token; only the per-expert deltas are routed.
+_SHARED_BY_EXPERTS = re.compile(r"(?:^|\.)experts\.(?:gate_up_proj|down_proj)(?:_bias)?$")
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
@@ -56,7 +58,8 @@ def summarize(shapes: dict[str, tuple[int, ...]], config) -> ParamSummary:
     for name, shape in counted_shapes(shapes, config).items():
         count = math.prod(shape)
         total += count
-        if num_experts and _EXPERT.search(name):
+        lora_base = getattr(config, "expert_lora_rank", 0) and _SHARED_BY_EXPERTS.search(name)
+        if num_experts and _EXPERT.search(name) and not lora_base:
             routed += count
             layer = _LAYER.search(name)
             if layer:

@@ -20,6 +20,7 @@ FORMATS = ("auto", "native", "moeify")
 LAYOUTS = ("per-expert", "fused")
 ROUTER_INITS = ("random", "zeros", "kmeans", "prompts")
 SPLITS = ("random", "kmeans")
+METHOD_CHOICES = ("copy", "lora-experts")
 
 
 @dataclass
@@ -40,7 +41,9 @@ class ConvertOptions:
     seed: int = 0
     max_shard_size: str | int = "5GB"
     layout: str | None = None  # None: per-expert for native formats, fused for moeify
-    method: str = "copy"
+    method: str = "copy"  # "copy", or "lora-experts" (MixLoRA: one shared FFN, a LoRA delta per expert)
+    expert_lora_rank: int = 16  # --method lora-experts: rank of each expert's delta
+    expert_lora_alpha: float | None = None  # its LoRA alpha (scale alpha / r); None: 2 * rank
     overwrite: bool = False
     trust_remote_code: bool = False
     allow_pickle: bool = False
@@ -122,6 +125,19 @@ class ConvertOptions:
             if self.split or self.granularity > 1:
                 raise MoeifyError("--expert takes whole FFNs from each source; it does not combine with --split or "
                                   "--granularity.")  # fmt: skip
+        if self.method not in METHOD_CHOICES:
+            raise MoeifyError(f"--method must be one of {', '.join(METHOD_CHOICES)} (got '{self.method}').")
+        if self.method == "lora-experts":
+            if self.expert_lora_rank < 1:
+                raise MoeifyError(f"--expert-lora-rank must be at least 1 (got {self.expert_lora_rank}).")
+            other = [flag for flag, on in (("--granularity", self.granularity > 1), ("--split", self.split),
+                     ("--drop-upcycling", self.drop_upcycling is not None), ("--expert-noise", self.expert_noise),
+                     ("--expert", self.expert_sources)) if on]  # fmt: skip
+            if other:
+                raise MoeifyError(
+                    f"--method lora-experts shares one FFN between the experts, so it does not combine with "
+                    f"{', '.join(other)} (they make the experts' FFNs differ); drop them."
+                )
         if self.merge_non_ffn not in ("base", "average"):
             raise MoeifyError(f"--merge-non-ffn must be base or average (got '{self.merge_non_ffn}').")
         if self.merge_non_ffn == "average" and not self.expert_sources:

@@ -289,8 +289,10 @@ METHODS: dict[str, Callable[[DenseFFN, LayerContext], MoELayerWeights]] = {
     "copy": copy_upcycle,
     "fine-grained": fine_grained_upcycle,
     "split": split_upcycle,
+    # MixLoRA: the experts are copies of the FFN, which the format writes once with each expert's zero-B LoRA delta.
+    "lora-experts": copy_upcycle,
 }
-EXACT_METHODS = {"copy", "fine-grained"}
+EXACT_METHODS = {"copy", "fine-grained", "lora-experts"}
 
 
 def get_method(name: str) -> Callable[[DenseFFN, LayerContext], MoELayerWeights]:

@@ -33,6 +33,9 @@ class MoETensorNames:
     # neutral shared expert of this many all-zero neurons behind a zero gate. Its output is exactly 0 and, with
     # every weight zero, so are its gradients: it stays neutral through training.
     neutral_shared_size: int = 0
+    # lora-experts: `fused` names the one shared FFN (`gate_up` `(2I, H)`, `down` `(H, I)`), these each expert's
+    # LoRA delta in peft's `target_parameters` layout (`gate_up_A` `(E r, H)`, `gate_up_B` `(2I, E r)`, ...).
+    expert_deltas: dict[str, str] = field(default_factory=dict)
 
     def router_name(self, layout: str) -> str:
         """The router's name in `layout` (Mixtral's per-expert files keep the legacy `block_sparse_moe`)."""
@@ -53,6 +56,8 @@ class MoESpec:
     activation: str
     router: dict = field(default_factory=dict)  # the whole router section (`RouterConfig.to_dict()`)
     shared_intermediate_size: int = 0  # one shared expert's neurons (0: `intermediate_size`; the dense FFN's)
+    expert_lora_rank: int = 0  # > 0: lora-experts (one shared FFN + a rank-r LoRA delta per expert)
+    expert_lora_alpha: float | None = None
 
     def __post_init__(self) -> None:
         if not self.shared_intermediate_size:

@@ -40,6 +40,8 @@ class MoeifyFormat(OutputFormat):
             mlp_activation=spec.activation,
             mlp_bias=spec.mlp_bias,
             mlp_module_name=adapter.mlp_module,
+            expert_lora_rank=spec.expert_lora_rank,
+            expert_lora_alpha=spec.expert_lora_alpha,
             architectures=["MoeifyForCausalLM"],
         )
 
@@ -50,8 +52,15 @@ class MoeifyFormat(OutputFormat):
         if spec.mlp_bias:
             fused.update(gate_up_bias=f"{mlp}.experts.gate_up_proj_bias", down_bias=f"{mlp}.experts.down_proj_bias")
             shared.update({f"{role}_bias": f"{mlp}.shared_experts.{role}_proj.bias" for role in ("gate", "up", "down")})
+        deltas = {}
+        if spec.expert_lora_rank:  # MoeifyExpertDeltas
+            deltas = {f"{p}_{f}": f"{mlp}.experts.deltas.{p}_lora_{f}" for p in ("gate_up", "down") for f in "AB"}
         return MoETensorNames(
-            router=f"{mlp}.router.weight", fused=fused, shared=shared, shared_gate=f"{mlp}.shared_expert_gate.weight"
+            router=f"{mlp}.router.weight",
+            fused=fused,
+            shared=shared,
+            shared_gate=f"{mlp}.shared_expert_gate.weight",
+            expert_deltas=deltas,
         )
 
     def router_tensors(self, adapter: ArchitectureAdapter, spec: MoESpec, hidden: int) -> dict[str, RouterTensor]:

@@ -63,6 +63,8 @@ class NativeFormat(OutputFormat):
     ) -> str | None:
         if adapter.model_type not in self.dense_types:
             return f"{self.name} cannot represent a {adapter.display_name} model exactly"
+        if spec.expert_lora_rank:
+            return f"{self.name} has no LoRA experts (--method lora-experts): its experts are full FFNs"
         if spec.mlp_bias:
             return f"{self.name} experts have no biases and this model's MLP has (mlp_bias=True)"
         if spec.activation != getattr(dense_config, "hidden_act", spec.activation):

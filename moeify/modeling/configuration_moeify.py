@@ -149,6 +149,12 @@ class MoeifyConfig(PreTrainedConfig):
             Whether the expert projections carry biases (dense `mlp_bias=True`).
         mlp_module_name (`str`, defaults to `"mlp"`):
             Attribute of a dense decoder layer that holds its MLP.
+        expert_lora_rank (`int`, defaults to 0):
+            0: every routed expert has its own weights. `r > 0` (`moeify convert --method lora-experts`, MixLoRA):
+            the routed experts share one frozen FFN per layer and each adds its own rank-`r` LoRA delta to
+            `gate_up` and `down` (`MoeifyLoraExperts`); `moe_intermediate_size` is that FFN's.
+        expert_lora_alpha (`float`, *optional*):
+            LoRA scaling numerator of the expert deltas (`scale = alpha / r`); defaults to `2 * expert_lora_rank`.
     """
 
     model_type = "moeify"
@@ -170,6 +176,8 @@ class MoeifyConfig(PreTrainedConfig):
     mlp_activation: str = "silu"
     mlp_bias: bool = False
     mlp_module_name: str = "mlp"
+    expert_lora_rank: int = 0
+    expert_lora_alpha: float | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
@@ -191,6 +199,8 @@ class MoeifyConfig(PreTrainedConfig):
         if self.shared_expert_intermediate_size is None:
             self.shared_expert_intermediate_size = self.moe_intermediate_size
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        if self.expert_lora_rank and self.expert_lora_alpha is None:
+            self.expert_lora_alpha = 2.0 * self.expert_lora_rank
         self.validate_moe()
 
     def get_text_config(self, *args: Any, **kwargs: Any) -> MoeifyConfig:
@@ -248,6 +258,8 @@ class MoeifyConfig(PreTrainedConfig):
             )
         if self.num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be >= 0, got {self.num_shared_experts}.")
+        if self.expert_lora_rank < 0:
+            raise ValueError(f"expert_lora_rank must be >= 0 (0: full experts), got {self.expert_lora_rank}.")
         num_layers = self.text_config.num_hidden_layers
         bad = [i for i in self.moe_layers if not 0 <= i < num_layers]
         if bad:

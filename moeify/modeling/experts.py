@@ -5,12 +5,16 @@
 `eager`, ... chosen with `from_pretrained(experts_implementation=...)`. The eager forward below is the
 reference the others must match.
 
+`MoeifyLoraExperts` (MixLoRA, `moeify convert --method lora-experts`) instead holds one FFN shared by every
+expert, `gate_up_proj` `(2 * I, H)` and `down_proj` `(H, I)`, plus each expert's LoRA delta (`deltas`).
+
 Copied next to the weights for `trust_remote_code=True`: imports torch and transformers only.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
@@ -74,6 +78,82 @@ class MoeifyExpertsWithBias(MoeifyExpertsBase):
         super().__init__(config, bias=True)
 
 
-def build_experts(config: MoeifyConfig) -> MoeifyExpertsBase:
-    """The experts module that matches `config.mlp_bias`."""
+def grouped_linear(inputs: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`inputs` rows grouped by `offsets` (cumulative row counts, int32), group g times `weight[g]` `(out, in)`."""
+    weight_t = weight.transpose(-2, -1)
+    # grouped_mm needs rows of a multiple of 16 bytes (its backward too): a LoRA rank of 2 in float32 is not.
+    aligned = all(size * weight.element_size() % 16 == 0 for size in weight.shape[-2:])
+    if hasattr(F, "grouped_mm") and aligned:
+        return F.grouped_mm(inputs.to(weight.dtype), weight_t, offs=offsets)
+    # Otherwise one matmul per group (still no per-token weight copies).
+    starts = torch.cat([offsets.new_zeros(1), offsets[:-1]]).tolist()
+    parts = [inputs[s:e] @ weight_t[g] for g, (s, e) in enumerate(zip(starts, offsets.tolist(), strict=True))]
+    return torch.cat(parts) if parts else inputs.new_zeros(0, weight.shape[-2])
+
+
+class MoeifyExpertDeltas(nn.Module):
+    """Each routed expert's LoRA on the shared FFN, in peft's `target_parameters` layout: `{p}_lora_A` `(E * r, in)`
+    and `{p}_lora_B` `(out, E * r)` for p in `gate_up`, `down`; expert e's delta is `scale * B_e A_e` with
+    `A_e = A.view(E, r, in)[e]`, `B_e = B.view(out, r, E)[..., e]`. B starts at zero, so an upcycled model is
+    exact at step 0."""
+
+    def __init__(self, config: MoeifyConfig) -> None:
+        super().__init__()
+        self.num_experts, self.rank = config.num_experts, config.expert_lora_rank
+        self.scale = config.expert_lora_alpha / config.expert_lora_rank
+        hidden, inner, n = config.text_config.hidden_size, config.moe_intermediate_size, self.num_experts * self.rank
+        self.gate_up_lora_A = nn.Parameter(torch.empty(n, hidden))
+        self.gate_up_lora_B = nn.Parameter(torch.zeros(2 * inner, n))
+        self.down_lora_A = nn.Parameter(torch.empty(n, inner))
+        self.down_lora_B = nn.Parameter(torch.zeros(hidden, n))
+
+    def forward(self, inputs: torch.Tensor, offsets: torch.Tensor, projection: str) -> torch.Tensor:
+        """`inputs` `(rows, in)` sorted by expert (`offsets`: cumulative counts) -> each row's delta `(rows, out)`."""
+        lora_a, lora_b = getattr(self, f"{projection}_lora_A"), getattr(self, f"{projection}_lora_B")
+        a = lora_a.view(self.num_experts, self.rank, -1)
+        b = lora_b.view(-1, self.rank, self.num_experts).permute(2, 0, 1).contiguous()  # (E, out, r)
+        return self.scale * grouped_linear(grouped_linear(inputs, a, offsets), b, offsets)
+
+
+class MoeifyLoraExperts(nn.Module):
+    """MixLoRA experts: every routed expert is the layer's one FFN plus its own LoRA delta.
+
+    `expert_e(x) = (W_d + dW_d,e) (act(gate) * up)`, `[gate; up] = (W_gu + dW_gu,e) x`. The shared `W_gu x` runs
+    once per token, the deltas and `W_d` once per (token, expert) pair sorted by expert (grouped GEMMs).
+    """
+
+    def __init__(self, config: MoeifyConfig) -> None:
+        super().__init__()
+        self.num_experts = config.num_experts
+        hidden, inner = config.text_config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(2 * inner, hidden))
+        self.down_proj = nn.Parameter(torch.empty(hidden, inner))
+        self.has_bias = bool(config.mlp_bias)
+        if self.has_bias:
+            self.gate_up_proj_bias = nn.Parameter(torch.zeros(2 * inner))
+            self.down_proj_bias = nn.Parameter(torch.zeros(hidden))
+        self.deltas = MoeifyExpertDeltas(config)
+        self.act_fn = ACT2FN[config.mlp_activation]
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """`hidden_states` `(T, H)`, `top_k_index` / `top_k_weights` `(T, k)` -> weighted sum `(T, H)`."""
+        expert_ids = top_k_index.reshape(-1)
+        order = torch.argsort(expert_ids, stable=True)
+        offsets = torch.cumsum(torch.bincount(expert_ids, minlength=self.num_experts), 0, dtype=torch.int32)
+        tokens = order // top_k_index.shape[-1]
+        gate_up_bias = self.gate_up_proj_bias if self.has_bias else None
+        shared = F.linear(hidden_states, self.gate_up_proj, gate_up_bias)  # once per token
+        gate, up = (shared[tokens] + self.deltas(hidden_states[tokens], offsets, "gate_up")).chunk(2, dim=-1)
+        inner = self.act_fn(gate) * up
+        out = F.linear(inner, self.down_proj, self.down_proj_bias if self.has_bias else None)
+        out = (out + self.deltas(inner, offsets, "down")) * top_k_weights.reshape(-1)[order, None].to(out.dtype)
+        return torch.zeros_like(hidden_states).index_add_(0, tokens, out.to(hidden_states.dtype))
+
+
+def build_experts(config: MoeifyConfig) -> nn.Module:
+    """The experts module that matches the config: LoRA experts, or full experts with or without biases."""
+    if config.expert_lora_rank:
+        return MoeifyLoraExperts(config)
     return MoeifyExpertsWithBias(config) if config.mlp_bias else MoeifyExperts(config)

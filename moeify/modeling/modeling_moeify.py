@@ -23,7 +23,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
 from .configuration_moeify import MoeifyConfig
-from .experts import MoeifyExpertsBase, build_experts
+from .experts import MoeifyExpertDeltas, MoeifyExpertsBase, MoeifyLoraExperts, build_experts
 from .router import MoeifyTopKRouter, RoutingState, load_balancing_loss, router_z_loss
 
 
@@ -153,12 +153,18 @@ def _refuse_engines_without_null_experts(config: MoeifyConfig) -> None:
 @torch.no_grad()
 def init_moe_weights(module: nn.Module, std: float) -> None:
     """Random initialisation of the MoE modules (conversion overwrites it with the upcycled weights)."""
-    if isinstance(module, MoeifyExpertsBase):
+    if isinstance(module, MoeifyExpertsBase | MoeifyLoraExperts):
         nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
         nn.init.normal_(module.down_proj, mean=0.0, std=std)
         if hasattr(module, "gate_up_proj_bias"):
             nn.init.zeros_(module.gate_up_proj_bias)
             nn.init.zeros_(module.down_proj_bias)
+    elif isinstance(module, MoeifyExpertDeltas):  # peft's LoRA init: A ~ U(+-1/sqrt(in)), B = 0
+        for projection in ("gate_up", "down"):
+            lora_a = getattr(module, f"{projection}_lora_A")
+            bound = lora_a.shape[1] ** -0.5
+            nn.init.uniform_(lora_a, -bound, bound)
+            nn.init.zeros_(getattr(module, f"{projection}_lora_B"))
     elif isinstance(module, MoeifyTopKRouter):
         nn.init.normal_(module.weight, mean=0.0, std=std)
         if module.input_proj is not None:

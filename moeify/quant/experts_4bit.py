@@ -26,27 +26,14 @@ from typing import Any, NamedTuple
 
 import bitsandbytes.functional as bnb_functional
 import torch
-import torch.nn.functional as F
 from bitsandbytes.functional import QuantState
 from torch import nn
 
+from ..modeling.experts import grouped_linear
 from .config import ExpertQuantization
 
 PROJECTIONS = ("gate_up", "down")
 _NESTED_BLOCKSIZE = 256  # bitsandbytes' blocksize for the scales of double quantization
-
-
-def grouped_linear(inputs: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """`inputs` rows grouped by `offsets` (cumulative row counts), group g times `weight[g]` `(out, in)`."""
-    weight_t = weight.transpose(-2, -1)
-    # grouped_mm needs rows of a multiple of 16 bytes (its backward too): a LoRA rank of 2 in float32 is not.
-    aligned = all(size * weight.element_size() % 16 == 0 for size in weight.shape[-2:])
-    if hasattr(F, "grouped_mm") and aligned:
-        return F.grouped_mm(inputs.to(weight.dtype), weight_t, offs=offsets)
-    # Otherwise one matmul per group (still no per-token weight copies).
-    starts = torch.cat([offsets.new_zeros(1), offsets[:-1]]).tolist()
-    parts = [inputs[s:e] @ weight_t[g] for g, (s, e) in enumerate(zip(starts, offsets.tolist(), strict=True))]
-    return torch.cat(parts) if parts else inputs.new_zeros(0, weight.shape[-2])
 
 
 class Experts4bit(nn.Module):
@@ -384,6 +371,7 @@ def fused_experts(model: nn.Module) -> dict[str, nn.Module]:
         if name.rpartition(".")[2] == "experts"
         and getattr(module, "gate_up_proj", None) is not None
         and getattr(module, "down_proj", None) is not None
+        and module.gate_up_proj.dim() == 3  # not lora-experts' one shared FFN
     }
 
 

@@ -78,7 +78,11 @@ def estimate(recipe: Recipe) -> Estimate:
         seen.update(id(p) for p in params)
         own = sum(p.numel() for p in params)
         total += own
-        if leaf == "experts" and getattr(module, "gate_up_proj", None) is not None:
+        if leaf == "deltas" and parent == "experts":  # lora-experts: each expert's LoRA delta, trained as it is
+            weights += own * compute
+            if lora is None or "experts" in lora.targets:
+                trainable += own
+        elif leaf == "experts" and getattr(module, "gate_up_proj", None) is not None and module.gate_up_proj.dim() == 3:
             weights += own * compute if q.experts == "none" else _four_bit_bytes(own, q.blocksize, q.double_quant)
             if lora is not None and "experts" in lora.targets:
                 experts, two_i, hidden = module.gate_up_proj.shape

@@ -175,6 +175,12 @@ def load_model(recipe: Recipe, path: str) -> torch.nn.Module:
     if lora is not None and "attention" not in lora.targets:
         raise MoeifyError("lora.targets without `attention` is not built yet; keep attention in the targets.")
     shared = "frozen" if lora is None or "shared_experts" not in lora.targets else "lora"
+    lora_experts = bool(getattr(_read_config(path), "expert_lora_rank", 0))
+    if lora_experts and q.experts != "none":
+        raise MoeifyError(
+            "this is a lora-experts model (`moeify convert --method lora-experts`): its experts share one "
+            "full-precision FFN per layer and train their own LoRA deltas; set quantization.experts: none."
+        )
     if lora is not None and q.experts != "none":
         if "experts" not in lora.targets:
             raise MoeifyError(
@@ -210,17 +216,31 @@ def load_model(recipe: Recipe, path: str) -> torch.nn.Module:
     if "experts" not in lora.targets:
         targets = []
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    to_save = [m for m in ROUTER_MODULES if m in present] if lora.train_router and not dense else []
+    if lora_experts and "experts" in lora.targets:
+        # The experts' LoRA deltas are the model's own parameters (`MoeifyExpertDeltas`): they train whole, saved in
+        # the adapter as `modules_to_save`, while the FFN they share stays frozen.
+        to_save.append("deltas")
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=[*modules, *targets] if dense else modules,
         target_parameters=None if dense else targets or None,
-        modules_to_save=[m for m in ROUTER_MODULES if m in present] if lora.train_router and not dense else None,
+        modules_to_save=to_save or None,
         rank_pattern=dict.fromkeys(targets, lora.expert_r or lora.r),
         alpha_pattern=dict.fromkeys(targets, _expert_alpha(lora)),
     )
     return get_peft_model(model, config)
+
+
+def _read_config(path: str) -> Any:
+    """The config of a folder (a `save_4bit` checkpoint's too) or a Hub id."""
+    from transformers import AutoConfig
+
+    from ..quant.loading import read_config
+
+    return read_config(Path(path))[0] if Path(path).is_dir() else AutoConfig.from_pretrained(path)
 
 
 def _expert_alpha(lora: LoraRecipe) -> float:
