@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
@@ -182,6 +183,7 @@ class _Plan:
     specs: list[TensorSpec]
     from_4bit: str | None
     adapter_config: dict
+    config_updates: dict = field(default_factory=dict)  # written over the base's config.json
 
 
 def _plan(base: Path, adapter: Path, dtype: torch.dtype | None) -> _Plan:
@@ -196,10 +198,16 @@ def _plan(base: Path, adapter: Path, dtype: torch.dtype | None) -> _Plan:
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     params = dict(model.named_parameters())
+    # lora-experts (MixLoRA): one FFN shared by the experts plus their LoRA deltas, merged into full experts.
+    lora_experts = {
+        name for name, module in model.named_modules() if name.endswith(".experts") and hasattr(module, "deltas")
+    }
     experts = {
         name: module
         for name, module in model.named_modules()
-        if name.endswith(".experts") and all(isinstance(getattr(module, p, None), nn.Parameter) for p in EXPERT_PARAMS)
+        if name.endswith(".experts")
+        and name not in lora_experts
+        and all(isinstance(getattr(module, p, None), nn.Parameter) for p in EXPERT_PARAMS)
     }
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
     loras, replaced = _read_adapter(adapter, adapter_config, params, experts)
@@ -222,14 +230,19 @@ def _plan(base: Path, adapter: Path, dtype: torch.dtype | None) -> _Plan:
         targets = _linear_targets(loras, replaced, names, model_type, base)
         for name in reader:
             out_dtype = _out_dtype(reader.dtype(name), dtype)
-            if name in pieces:
+            owner = next((m for m in lora_experts if name.startswith(f"{m}.")), None)
+            if owner is not None:
+                if ".deltas." not in name:  # the deltas are folded into the experts
+                    specs.append(_lora_experts_spec(name, out_dtype, reader, owner, replaced, config))
+            elif name in pieces:
                 lora = loras.get(f"{owners[name]}.{pieces[name].param}")
                 specs.append(_expert_spec(name, out_dtype, reader, pieces[name], lora))
             else:
                 specs.append(_module_spec(name, out_dtype, reader, *targets.get(name, (None, None))))
     else:
         specs = _specs_from_4bit(reader, model, experts, loras, replaced, quantization, dtype, base)
-    return _Plan(config.to_dict(), model_type, loras, replaced, specs, from_4bit, adapter_config)
+    updates = {"expert_lora_rank": 0, "expert_lora_alpha": None} if lora_experts else {}
+    return _Plan(config.to_dict(), model_type, loras, replaced, specs, from_4bit, adapter_config, updates)
 
 
 def _quant_method(quantization: object) -> str:
@@ -399,6 +412,32 @@ def _expert_spec(
     return TensorSpec(name, dtype, reader.shape(name), produce)
 
 
+def _lora_experts_spec(
+    name: str, dtype: torch.dtype, reader: Checkpoint, owner: str, replaced: dict[str, torch.Tensor], config: Any
+) -> TensorSpec:
+    """A lora-experts module's shared tensor `name` as full experts: expert e's weight `W + scale * B_e A_e` (the
+    adapter's trained deltas, else the base's), one expert at a time; a bias repeats per expert."""
+    E, rank = config.num_experts, config.expert_lora_rank  # noqa: N806
+    scale = config.expert_lora_alpha / rank
+    projection = name.rpartition(".")[2].removesuffix("_proj")
+
+    def factor(which: str) -> torch.Tensor:
+        key = f"{owner}.deltas.{projection}_lora_{which}"
+        return (replaced[key] if key in replaced else reader.get(key)).float()
+
+    def produce() -> Iterator[torch.Tensor]:
+        weight = reader.get(name)
+        if name.endswith("_bias"):
+            yield from [weight] * E
+            return
+        a = factor("A").view(E, rank, -1)
+        b = factor("B").view(-1, rank, E)
+        for e in range(E):
+            yield weight.float() + scale * b[..., e] @ a[e]
+
+    return TensorSpec(name, dtype, (E, *reader.shape(name)), produce)
+
+
 def _specs_from_4bit(
     reader: Checkpoint,
     model: nn.Module,
@@ -488,6 +527,7 @@ def _write_metadata(plan: _Plan, base: Path, folder: Path) -> None:
             shutil.copy2(path, folder / path.name)
     config = json.loads((base / "config.json").read_text())
     config.pop("quantization_config", None)
+    config.update(plan.config_updates)
     if "moeify_model_type" in config:  # a save_4bit checkpoint's: the real model type (and remote code) again
         config["model_type"] = config.pop("moeify_model_type")
         if "moeify_auto_map" in config:

@@ -182,7 +182,7 @@ def test_trained_lora_experts_survive_save_load_without_moeify_and_generate_with
     assert torch.equal(generated, tokens)
 
 
-def test_moeify_train_trains_the_deltas_and_router_and_keeps_the_shared_ffn_frozen(
+def test_moeify_train_trains_the_deltas_and_router_then_merge_writes_full_experts(
     root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from peft import PeftModel
@@ -241,3 +241,17 @@ def test_moeify_train_trains_the_deltas_and_router_and_keeps_the_shared_ffn_froz
         ).named_parameters() if p.requires_grad
     )  # fmt: skip
     assert estimate(load_recipe(path)).trainable_params == trained
+
+    # `moeify merge` folds the trained deltas into an ordinary MoE with full experts (W + s B_e A_e per expert).
+    assert main(["merge", str(moe), str(tmp_path / "run"), "-o", str(tmp_path / "merged"), "--dtype", "float32"]) == 0
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["expert_lora_rank"] == 0 and config["expert_lora_alpha"] is None
+    saved = load_file(tmp_path / "merged" / "model.safetensors")
+    assert not any(".deltas." in name for name in saved)
+    gate_up = saved["model.layers.0.mlp.experts.gate_up_proj"]
+    assert gate_up.shape[0] == E and not torch.equal(gate_up[0], gate_up[1])  # the experts differ now
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert type(merged.model.layers[0].mlp.experts).__name__ != "MoeifyLoraExperts"
+    ids = torch.randint(0, merged.config.vocab_size, (2, 12))
+    expected = model.eval()(ids).logits
+    torch.testing.assert_close(merged(ids).logits, expected, atol=1e-4 * float(expected.abs().max()), rtol=0)
