@@ -96,6 +96,14 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--expert-lora-rank", type=int, default=16, metavar="R", help="lora-experts: delta rank (16)")
     p.add_argument("--expert-lora-alpha", type=float, metavar="A", help="lora-experts: LoRA alpha (default 2 * R)")
+    p.add_argument(
+        "--lora-expert",
+        dest="lora_expert_sources",
+        action="append",
+        default=[],
+        metavar="ADAPTER",
+        help="lora-experts, repeat: expert e's delta starts as the e-th peft LoRA adapter's FFN LoRA (same base)",
+    )
     x = p.add_argument_group("experts from several models (Branch-Train-MiX / FrankenMoE; not exact)")
     x.add_argument(
         "--expert",
@@ -373,6 +381,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         method=args.method,
         expert_lora_rank=args.expert_lora_rank,
         expert_lora_alpha=args.expert_lora_alpha,
+        lora_expert_sources=args.lora_expert_sources,
         split=args.split,
         expert_sources=args.expert_sources,
         merge_non_ffn=args.merge_non_ffn,

@@ -28,6 +28,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .errors import MoeifyError
 from .formats import MoESpec, MoETensorNames, OutputFormat, choose_format
 from .formats.base import RouterTensor
+from .lora_experts import LoraExpertSeeds
 from .model_card import render_model_card, source_license
 from .params import ParamSummary, summarize
 from .plan import ConvertOptions, parse_layers, parse_max_shard_size
@@ -104,6 +105,7 @@ class _LayerBuilder:
         router_rows: dict[int, torch.Tensor] | None = None,
     ) -> None:
         self.router_rows = router_rows or {}  # `--router-init kmeans`: one row per group of experts, per layer
+        self.lora_seeds: LoraExpertSeeds | None = None  # `--lora-expert`: adapters that seed the experts' deltas
         self.reader = reader
         self.expert_readers = list(expert_readers)  # `--expert`: one checkpoint per expert
         self.gated_shared = gated_shared
@@ -256,7 +258,8 @@ def _moe_layer_specs(
             out.append(zeros_spec(prefix + name, dtype, extra.shape))
     fused_names = names.saved_fused if layout == "per-expert" and names.saved_fused else names.fused
     if spec.expert_lora_rank:
-        out += _lora_experts_specs(prefix, names, spec, hidden, dtype, produce, random_uniform=seed * 100_003 + layer)
+        seeds = builder.lora_seeds if builder is not None else None
+        out += _lora_experts_specs(prefix, names, spec, hidden, dtype, produce, seed * 100_003 + layer, layer, seeds)
     elif layout == "fused" or names.saved_fused:
         out.append(
             TensorSpec(
@@ -328,9 +331,12 @@ def _lora_experts_specs(
     dtype: torch.dtype,
     produce: Callable[[Callable[[MoELayerWeights], Any]], Callable[[], Iterator[torch.Tensor]]],
     random_uniform: int,
+    layer: int,
+    seeds: LoraExpertSeeds | None,
 ) -> list[TensorSpec]:
     """lora-experts (MixLoRA): the experts' one FFN, written once (every expert is the same copy), and each expert's
-    LoRA delta: A ~ U(+-1/sqrt(in)) as peft initialises LoRA (seeded by seed and layer), B = 0 (exact at step 0)."""
+    LoRA delta: A ~ U(+-1/sqrt(in)) as peft initialises LoRA (seeded by seed and layer), B = 0 (exact at step 0);
+    with `--lora-expert` adapters, the first experts' factors come from them (`moeify.lora_experts`)."""
     E, I, H, r = spec.num_experts, spec.intermediate_size, hidden, spec.expert_lora_rank  # noqa: E741
 
     def base(weights: MoELayerWeights) -> Any:
@@ -349,13 +355,20 @@ def _lora_experts_specs(
         out.append(TensorSpec(prefix + names.fused["down_bias"], dtype, (H,), produce(lambda w: [base(w).down_bias])))
     for salt, (projection, inputs, outputs) in enumerate((("gate_up", H, 2 * I), ("down", I, H))):
 
-        def lora_a(shape: tuple[int, int] = (E * r, inputs), salt: int = salt) -> Iterator[torch.Tensor]:
+        def factors(projection: str = projection, inputs: int = inputs, outputs: int = outputs, salt: int = salt):  # noqa: ANN202
             generator = torch.Generator().manual_seed(random_uniform * 31 + salt)
-            bound = shape[1] ** -0.5
-            yield ((torch.rand(shape, generator=generator) * 2 - 1) * bound).to(dtype)
+            lora_a = (torch.rand((E * r, inputs), generator=generator) * 2 - 1) * inputs**-0.5
+            lora_b = torch.zeros(outputs, E * r)
+            if seeds is not None:
+                seeds.seed(layer, projection, lora_a, lora_b)
+            return lora_a.to(dtype), lora_b.to(dtype)
 
-        out.append(TensorSpec(prefix + names.expert_deltas[f"{projection}_A"], dtype, (E * r, inputs), lora_a))
-        out.append(zeros_spec(prefix + names.expert_deltas[f"{projection}_B"], dtype, (outputs, E * r)))
+        a_name, b_name = (prefix + names.expert_deltas[f"{projection}_{f}"] for f in "AB")
+        out.append(TensorSpec(a_name, dtype, (E * r, inputs), lambda factors=factors: iter([factors()[0]])))
+        if seeds is None:
+            out.append(zeros_spec(b_name, dtype, (outputs, E * r)))
+        else:
+            out.append(TensorSpec(b_name, dtype, (outputs, E * r), lambda factors=factors: iter([factors()[1]])))
     return out
 
 
@@ -510,6 +523,17 @@ def plan_conversion(source: str, options: ConvertOptions, progress: bool = True)
         expert_readers=expert_readers,
         router_rows=router_rows,
     )
+    if options.lora_expert_sources:
+        from .merge import adapter_folder
+
+        builder.lora_seeds = LoraExpertSeeds(
+            [adapter_folder(source) for source in options.lora_expert_sources],
+            lambda layer: adapter.ffn_tensor_names(layer, dense_config),
+            spec.expert_lora_rank,
+            spec.expert_lora_alpha or 2.0 * spec.expert_lora_rank,
+            0.5 if options.shared_experts else 1.0,
+            lambda message: print(message, file=sys.stderr),
+        )
 
     # Every output tensor in layer order (so the builder holds one layer at a time), plus the same list in
     # the fused layout, which is how the output class names its parameters in memory.
@@ -661,6 +685,11 @@ def _write_metadata(plan: ConversionPlan, folder: Path) -> None:
                 *([f"fine-grained, granularity {options.granularity}"] if options.granularity > 1 else []),
                 *([f"neuron split ({options.split})"] if options.split else []),
                 *([f"experts from {', '.join(options.expert_sources)}"] if options.expert_sources else []),
+                *(
+                    [f"expert deltas seeded from {', '.join(options.lora_expert_sources)}"]
+                    if options.lora_expert_sources
+                    else []
+                ),
                 *(["non-FFN weights averaged"] if options.merge_non_ffn == "average" else []),
                 *(f"{name.replace('_', '-')} {settings}" for name, settings in options.expert_transforms().items()),
             ]
@@ -743,6 +772,9 @@ def _not_exact(options: ConvertOptions) -> str | None:
         why.append(f"the experts are the FFNs of {len(options.expert_sources)} other models (--expert)")
         if options.merge_non_ffn == "average":
             why.append("the other weights are their average")
+    if options.lora_expert_sources:
+        n = len(options.lora_expert_sources)
+        why.append(f"the first {n} experts' LoRA deltas come from trained adapters (--lora-expert)")
     if options.split:
         why.append(f"the FFN's neurons were split ({options.split}) into {options.num_experts} disjoint experts")
     transforms = options.expert_transforms()

@@ -44,6 +44,8 @@ class ConvertOptions:
     method: str = "copy"  # "copy", or "lora-experts" (MixLoRA: one shared FFN, a LoRA delta per expert)
     expert_lora_rank: int = 16  # --method lora-experts: rank of each expert's delta
     expert_lora_alpha: float | None = None  # its LoRA alpha (scale alpha / r); None: 2 * rank
+    lora_expert_sources: list[str] = field(default_factory=list)  # peft LoRA adapters of the dense model: expert e's
+    # delta starts as adapter e's FFN LoRA
     overwrite: bool = False
     trust_remote_code: bool = False
     allow_pickle: bool = False
@@ -127,6 +129,13 @@ class ConvertOptions:
                                   "--granularity.")  # fmt: skip
         if self.method not in METHOD_CHOICES:
             raise MoeifyError(f"--method must be one of {', '.join(METHOD_CHOICES)} (got '{self.method}').")
+        if self.lora_expert_sources and self.method != "lora-experts":
+            raise MoeifyError("--lora-expert seeds the deltas of --method lora-experts; add that flag.")
+        if len(self.lora_expert_sources) > self.num_experts:
+            raise MoeifyError(
+                f"{len(self.lora_expert_sources)} --lora-expert adapters for --num-experts {self.num_experts}: at most "
+                "one adapter per expert."
+            )
         if self.method == "lora-experts":
             if self.expert_lora_rank < 1:
                 raise MoeifyError(f"--expert-lora-rank must be at least 1 (got {self.expert_lora_rank}).")

@@ -255,3 +255,66 @@ def test_moeify_train_trains_the_deltas_and_router_then_merge_writes_full_expert
     ids = torch.randint(0, merged.config.vocab_size, (2, 12))
     expected = model.eval()(ids).logits
     torch.testing.assert_close(merged(ids).logits, expected, atol=1e-4 * float(expected.abs().max()), rtol=0)
+
+
+def _adapter(dense: Path, out: Path, seed: int, targets: list[str], r: int = 4) -> Path:
+    """A peft LoRA adapter of the dense model with trained-looking (non-zero) B."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32),
+        LoraConfig(r=r, lora_alpha=3 * r, target_modules=targets),
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize(("arch", "shared"), [("llama", 0), ("llama", 1), ("phi3", 0)])
+def test_lora_expert_adapters_seed_experts_that_compute_the_fine_tuned_ffns(
+    root: Path, tmp_path: Path, arch: str, shared: int
+) -> None:
+    from peft import PeftModel
+
+    dense = dense_model(arch, root)
+    ffn = ["gate_up_proj", "down_proj"] if arch == "phi3" else ["gate_proj", "up_proj", "down_proj"]
+    adapters = [_adapter(dense, tmp_path / f"a{i}", i, [*ffn, "q_proj"]) for i in range(2)]
+    flags = ["--num-experts", str(E), "--top-k", str(K), "--shared-experts", str(shared), "--dtype", "float32"]
+    flags += ["--method", "lora-experts", "--expert-lora-rank", "8", "--quiet"]
+    flags += [f for a in adapters for f in ("--lora-expert", str(a))]
+    assert main(["convert", str(dense), "-o", str(tmp_path / "moe"), *flags]) == 0
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert "--lora-expert" in config["moeify_deviation"]
+    moe = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.float32)
+    x = torch.randn(6, moe.config.hidden_size)
+    for e in range(E):
+        experts = moe.model.layers[2].mlp.experts
+        got = experts(x, torch.full((6, 1), e), torch.ones(6, 1))
+        if e < len(adapters):  # the fine-tune's FFN (dense + its LoRA merged), halved beside shared experts
+            tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(dense), adapters[e])
+            want = tuned.merge_and_unload().model.layers[2].mlp(x)
+        else:  # a fresh expert: the dense FFN
+            want = AutoModelForCausalLM.from_pretrained(dense).model.layers[2].mlp(x)
+        torch.testing.assert_close(got, want * (0.5 if shared else 1.0), atol=1e-5, rtol=1e-4)
+
+
+def test_lora_expert_errors(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dense = dense_model("llama", root)
+    wide = _adapter(dense, tmp_path / "wide", 0, ["gate_proj", "up_proj"], r=4)
+    attention = _adapter(dense, tmp_path / "attention", 0, ["q_proj"])
+    out = str(tmp_path / "out")
+    base = ["convert", str(dense), "-o", out, "--num-experts", str(E), "--quiet"]
+    assert main([*base, "--lora-expert", str(wide)]) == 2
+    assert "--lora-expert seeds the deltas of --method lora-experts" in capsys.readouterr().err
+    lora = [*base, "--method", "lora-experts", "--expert-lora-rank", "6"]
+    assert main([*lora, "--lora-expert", str(wide)]) == 2
+    assert "needs rank 8 in one expert; raise --expert-lora-rank to at least that (it is 6)" in capsys.readouterr().err
+    assert main([*lora, "--lora-expert", str(attention)]) == 2
+    assert "has no LoRA on the FFN" in capsys.readouterr().err
+    assert main([*lora, "--lora-expert", str(tmp_path)]) == 2
+    assert "no adapter_config.json" in capsys.readouterr().err
+    assert not Path(out).exists()
