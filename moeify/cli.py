@@ -88,6 +88,13 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         help="fine-grained experts: each is 1/G of the FFN, E/G replicas of the G slices (E, K multiples of G; exact)",
     )
     p.add_argument(
+        "--shared-expert-size",
+        type=int,
+        metavar="N",
+        help="each shared expert is the FFN's first N neurons and the routed experts share the rest (exact; default: "
+        "shared experts are full copies and the routed output is halved)",
+    )
+    p.add_argument(
         "--method",
         choices=["copy", "lora-experts"],
         default="copy",
@@ -378,6 +385,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         revision=args.revision,
         router=router_options(args),
         granularity=args.granularity,
+        shared_expert_size=args.shared_expert_size,
         method=args.method,
         expert_lora_rank=args.expert_lora_rank,
         expert_lora_alpha=args.expert_lora_alpha,

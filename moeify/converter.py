@@ -148,6 +148,7 @@ class _LayerBuilder:
                 self.options.expert_transforms(),
                 self.options.granularity,
                 self.options.split,
+                self.options.shared_expert_size or 0,
             )
             # Methods run in the output dtype, so no float32 copy of the layer is held: the copy method only
             # scales by exact factors, and torch computes bf16/fp16 element-wise ops in float32 internally.
@@ -431,17 +432,25 @@ def _moe_spec(
 ) -> MoESpec:
     """The MoE to write; `intermediate` is the dense FFN's size (a fine-grained expert gets 1/granularity of it)."""
     parts, flag = (options.num_experts, "--split") if options.split else (options.granularity, "--granularity")
-    if intermediate % parts:
+    shared = options.shared_expert_size or 0  # neurons the shared experts take out of the routed ones
+    if shared >= intermediate:
+        raise MoeifyError(
+            f"--shared-expert-size {shared} leaves no neurons for the routed experts: the FFN has {intermediate}."
+        )
+    if (intermediate - shared) % parts:
         what = f"--num-experts {parts}" if options.split else f"--granularity {parts}"
-        raise MoeifyError(f"{flag}: {what} must divide the FFN's {intermediate} neurons; choose a divisor.")
+        rest = f"the {intermediate - shared} neurons left after --shared-expert-size" if shared else "the FFN's"
+        raise MoeifyError(
+            f"{flag}: {what} must divide {rest} {'' if shared else f'{intermediate} '}neurons; choose a divisor."
+        )
     return MoESpec(
         num_experts=options.num_experts,
         top_k=options.top_k,
         shared_experts=options.shared_experts,
         moe_layers=moe_layers,
         num_layers=dense_config.num_hidden_layers,
-        intermediate_size=intermediate // parts,
-        shared_intermediate_size=intermediate,
+        intermediate_size=(intermediate - shared) // parts,
+        shared_intermediate_size=shared or intermediate,
         mlp_bias=adapter.mlp_bias(dense_config),
         activation=adapter.activation(dense_config),
         router=options.router_settings(),
@@ -671,7 +680,8 @@ def _write_metadata(plan: ConversionPlan, folder: Path) -> None:
     settings = {
         "experts": options.num_experts,
         "top-k": options.top_k,
-        "shared experts": options.shared_experts,
+        "shared experts": f"{options.shared_experts}"
+        + (f" of {options.shared_expert_size} neurons (the FFN's first)" if options.shared_expert_size else ""),
         "MoE layers": f"{len(spec.moe_layers)} of {spec.num_layers} ({options.layers})",
         "upcycling": " + ".join(
             [

@@ -35,7 +35,8 @@ def moe_settings(config) -> tuple[int, int, int]:
             config, "shared_intermediate_size", 0
         )
         moe_size = getattr(config, "moe_intermediate_size", 0) or getattr(config, "intermediate_size", 0)
-        shared = shared_size // moe_size if shared_size and moe_size else 0
+        # In routed-expert units where the size is a multiple of an expert's, else one shared MLP of that size.
+        shared = (shared_size // moe_size if shared_size % moe_size == 0 else 1) if shared_size and moe_size else 0
     return int(num_experts), int(top_k), int(shared)
 
 

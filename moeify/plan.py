@@ -56,6 +56,7 @@ class ConvertOptions:
     # Per-expert transforms after the method (not exact at step 0): Drop-Upcycling's re-initialised share of each
     # expert's neurons (the same set in gate, up and down unless `drop_independent`), relative Gaussian noise.
     granularity: int = 1  # fine-grained experts: each is 1/G of the FFN (E and K multiples of G)
+    shared_expert_size: int | None = None  # neurons of each shared expert (None: a full copy of the FFN)
     split: str | None = None  # neuron splitting into E disjoint experts: "random" or "kmeans"
     # Branch-Train-MiX / "FrankenMoE": expert e's FFN from `expert_sources[e]` (fine-tunes of the base); the other
     # weights from the base (SOURCE) or, with `merge_non_ffn="average"`, their mean over the expert sources.
@@ -146,6 +147,16 @@ class ConvertOptions:
                 raise MoeifyError(
                     f"--method lora-experts shares one FFN between the experts, so it does not combine with "
                     f"{', '.join(other)} (they make the experts' FFNs differ); drop them."
+                )
+        if self.shared_expert_size is not None:
+            if self.shared_experts < 1:
+                raise MoeifyError("--shared-expert-size sizes the shared experts; add --shared-experts 1 (or more).")
+            if self.shared_expert_size < 1:
+                raise MoeifyError(f"--shared-expert-size must be at least 1 neuron (got {self.shared_expert_size}).")
+            if self.split or self.expert_sources or self.method != "copy":
+                raise MoeifyError(
+                    "--shared-expert-size takes the shared experts' neurons out of the routed experts; it combines "
+                    "with the copy method and --granularity only (not --split, --expert or --method lora-experts)."
                 )
         if self.merge_non_ffn not in ("base", "average"):
             raise MoeifyError(f"--merge-non-ffn must be base or average (got '{self.merge_non_ffn}').")

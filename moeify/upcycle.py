@@ -61,6 +61,7 @@ class LayerContext:
     transforms: dict[str, dict[str, Any]] = field(default_factory=dict)
     granularity: int = 1
     split: str | None = None  # neuron splitting: "random" or "kmeans"
+    shared_size: int = 0  # neurons of each shared expert: 0 = a full copy of the FFN, else its first `shared_size`
 
 
 @dataclass
@@ -99,16 +100,38 @@ def stack_shared(ffn: ExpertFFN, count: int) -> ExpertFFN:
     )
 
 
+def partial_shared(ffn: DenseFFN, ctx: LayerContext) -> tuple[ExpertFFN, MoELayerWeights]:
+    """`--shared-expert-size S`: the FFN's neurons split in two, exactly. The shared experts take neurons `[0, S)`
+    (down doubled against their zero gate's 1/2, down's bias left to the routed side); the routed side is the MLP
+    of neurons `[S, I)`, returned for the method to copy or slice. Every neuron is counted once:
+    `FFN(x) = sum_{n < S} + sum_{n >= S}`."""
+    size = ffn.intermediate_size
+    shared = neurons(ffn, torch.arange(ctx.shared_size), 2.0)
+    if shared.down_bias is not None:
+        shared = replace(shared, down_bias=torch.zeros_like(shared.down_bias))
+    layer = MoELayerWeights(
+        router=init_router(ctx, ffn.gate.shape[1]),
+        experts=[],
+        shared=stack_shared(shared, ctx.shared_experts),
+        shared_gate=torch.zeros(1, ffn.gate.shape[1]),
+    )
+    return neurons(ffn, torch.arange(ctx.shared_size, size), 1.0), layer
+
+
 def copy_upcycle(ffn: DenseFFN, ctx: LayerContext) -> MoELayerWeights:
     """Sparse upcycling (Komatsuzaki et al. 2022): every expert is the dense FFN; exact at step 0.
 
     With renormalised top-k, `sum_k w_k FFN(x) = FFN(x)`. With shared experts, the routed experts' output
     is halved and the shared experts (copies too) sit behind a zero-initialised sigmoid gate (= 1/2):
-    `FFN/2 + FFN/2 = FFN`, bit-exact for powers of two.
+    `FFN/2 + FFN/2 = FFN`, bit-exact for powers of two. With `--shared-expert-size S` the shared experts are the
+    FFN's first S neurons and every routed expert a copy of the others (`partial_shared`).
     """
     router = init_router(ctx, ffn.gate.shape[1])
     if ctx.shared_experts == 0:
         return MoELayerWeights(router=router, experts=[ffn] * ctx.num_experts)
+    if ctx.shared_size:
+        routed, layer = partial_shared(ffn, ctx)
+        return replace(layer, experts=[routed] * ctx.num_experts)
     routed = ffn.scaled_output(0.5)
     return MoELayerWeights(
         router=router,
@@ -128,17 +151,21 @@ def fine_grained_upcycle(ffn: DenseFFN, ctx: LayerContext) -> MoELayerWeights:
     whole replicas. With renormalised weights each selected slice weighs 1/(m G):
     `sum over m replicas of sum_g 1/(m G) * (G down_g h_g + b) = sum_g down_g h_g + b = FFN(x)`. Scaling down is
     exact; scaling gate or up would not be (the activation is not homogeneous). With shared experts the routed part
-    is halved first, as in `copy_upcycle`.
+    is halved first, as in `copy_upcycle`; with `--shared-expert-size S` the shared experts are the FFN's first S
+    neurons and the G slices split the other I - S (`partial_shared`).
     """
     g = ctx.granularity
     groups = replace(ctx, num_experts=ctx.num_experts // g, top_k=ctx.top_k // g)  # one router row per replica
     router = init_router(groups, ffn.gate.shape[1]).repeat_interleave(g, dim=0)
-    routed = ffn.scaled_output(0.5) if ctx.shared_experts else ffn
+    partial = partial_shared(ffn, ctx) if ctx.shared_experts and ctx.shared_size else None
+    routed = partial[0] if partial else ffn.scaled_output(0.5) if ctx.shared_experts else ffn
     size = routed.intermediate_size // g
     slices = []
     for index in range(g):
         slices.append(neurons(routed, torch.arange(index * size, (index + 1) * size), g))
     experts = [slices[e % g] for e in range(ctx.num_experts)]  # the same objects: converted once per slice
+    if partial:
+        return replace(partial[1], router=router, experts=experts)
     return _with_shared(ffn, ctx, router, experts)
 
 

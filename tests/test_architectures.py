@@ -40,10 +40,16 @@ OPTIONS: dict[str, dict[str, object]] = {
     "g4": {"num_experts": 8, "top_k": 4, "granularity": 4},
     "g2shared": {"num_experts": 4, "top_k": 2, "granularity": 2, "shared_experts": 1},
     "g4shared": {"num_experts": 8, "top_k": 4, "granularity": 4, "shared_experts": 1},
+    # --shared-expert-size: the shared expert is the FFN's first 32 neurons, the routed experts share the rest.
+    "shared1size32": {"num_experts": 4, "top_k": 2, "shared_experts": 1, "shared_expert_size": 32},
+    "g4shared2size32": {"num_experts": 8, "top_k": 4, "granularity": 4, "shared_experts": 2, "shared_expert_size": 32},
 }
 
 MIXTRAL, QWEN2_MOE, QWEN3_MOE, GRANITE, MOEIFY = (
-    "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "GraniteMoeSharedForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "GraniteMoeSharedForCausalLM",
     "MoeifyForCausalLM",
 )
 # The stock class `--format native` must write for (architecture, options); None: it must refuse.
@@ -62,6 +68,7 @@ NATIVE: dict[str, dict[str, str | None]] = {
 for _classes in NATIVE.values():  # fine-grained experts fit the same stock classes as whole ones
     _classes.update(g2=_classes["e4k2"], g4=_classes["e4k2"])
     _classes.update(g2shared=_classes["shared1"], g4shared=_classes["shared1"])
+    _classes.update(shared1size32=_classes["shared1"], g4shared2size32=_classes["shared1"])
 assert set(NATIVE) == set(ARCHITECTURES)
 # Exact, but `--format auto` does not pick it: vLLM 0.32 builds GraniteMoe attention without biases.
 NOT_AUTOMATIC = {GRANITE}
@@ -90,8 +97,9 @@ def batch() -> dict[str, torch.Tensor]:
 def _run(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         logits = model(**batch).logits.float()
-        generated = model.generate(**batch, do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
-                                   min_new_tokens=MAX_NEW_TOKENS)
+        generated = model.generate(
+            **batch, do_sample=False, max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=MAX_NEW_TOKENS
+        )
     return logits, generated
 
 
@@ -149,9 +157,13 @@ def test_convert_matches_dense(arch: str, fmt: str, opt: str, converted, referen
         return
     assert isinstance(result, ConversionResult), f"conversion failed: {result}"
     assert result.output_class == expected_class
-    assert result.format == ("moeify" if fmt == "moeify" else {MIXTRAL: "mixtral", QWEN2_MOE: "qwen2_moe",
-                                                               QWEN3_MOE: "qwen3_moe",
-                                                               GRANITE: "granitemoeshared"}[expected_class])
+    assert result.format == (
+        "moeify"
+        if fmt == "moeify"
+        else {MIXTRAL: "mixtral", QWEN2_MOE: "qwen2_moe", QWEN3_MOE: "qwen3_moe", GRANITE: "granitemoeshared"}[
+            expected_class
+        ]
+    )
     assert result.exact
 
     model = AutoModelForCausalLM.from_pretrained(result.output, dtype=torch.float32).eval()
@@ -162,6 +174,8 @@ def test_convert_matches_dense(arch: str, fmt: str, opt: str, converted, referen
     shared = OPTIONS[opt].get("shared_experts", 0)
     if fmt == "native":  # stock configs hold the shared size only: counted in routed-expert units (G per FFN copy)
         shared *= OPTIONS[opt].get("granularity", 1)  # type: ignore[operator]
+        if "shared_expert_size" in OPTIONS[opt]:  # not a multiple of an expert's size: one shared MLP
+            shared = 1
     assert result.params.shared_experts == shared
 
     _, dense_logits, dense_tokens = reference(arch)
@@ -197,12 +211,16 @@ def test_fused_native_layout_matches_dense(converted, reference, batch) -> None:
 @pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
 def test_every_experts_implementation_matches_dense(impl: str, converted, reference, batch) -> None:
     """`from_pretrained(experts_implementation=...)` loads and stays exact (moeify experts with biases too)."""
-    for arch, fmt, opt in (("llama_mlp_bias", "moeify", "shared1"), ("gemma3", "moeify", "layers02"),
-                           ("qwen2", "native", "e4k2")):
+    for arch, fmt, opt in (
+        ("llama_mlp_bias", "moeify", "shared1"),
+        ("gemma3", "moeify", "layers02"),
+        ("qwen2", "native", "e4k2"),
+    ):
         result = converted(arch, fmt, opt)
         assert isinstance(result, ConversionResult)
-        model = AutoModelForCausalLM.from_pretrained(result.output, dtype=torch.float32,
-                                                     experts_implementation=impl).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            result.output, dtype=torch.float32, experts_implementation=impl
+        ).eval()
         assert model.config._experts_implementation == impl
         with torch.no_grad():
             logits = model(**batch).logits.float()
@@ -260,10 +278,16 @@ def test_outputs_load_without_moeify(converted, tmp_path: Path) -> None:
     payload = tmp_path / "expected.pt"
     torch.save({"input_ids": input_ids, "models": models}, payload)
 
-    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_VERBOSITY="error", PYTHONPATH="")
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(payload)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ,
+        HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        PYTHONPATH="",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(payload)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("REPORT "))[7:])
     assert set(report) == {m[0] for m in models}

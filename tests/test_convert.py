@@ -71,8 +71,12 @@ def _header(path: Path) -> bytes:
 
 
 def test_dtype_and_router_init(dense_llama: Path, tmp_path: Path) -> None:
-    bf16 = convert(str(dense_llama), tmp_path / "bf16", ConvertOptions(num_experts=4, top_k=2, dtype="bfloat16",
-                                                                        layout="fused"), progress=False)
+    bf16 = convert(
+        str(dense_llama),
+        tmp_path / "bf16",
+        ConvertOptions(num_experts=4, top_k=2, dtype="bfloat16", layout="fused"),
+        progress=False,
+    )
     weights = tensors(bf16.output)
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
     assert json.loads((bf16.output / "config.json").read_text())["dtype"] == "bfloat16"
@@ -92,8 +96,9 @@ def test_dtype_and_router_init(dense_llama: Path, tmp_path: Path) -> None:
 
 
 def test_fused_experts_are_copies_of_dense_mlp(dense_llama: Path, tmp_path: Path) -> None:
-    out = convert(str(dense_llama), tmp_path / "moe", ConvertOptions(num_experts=3, top_k=1, layout="fused"),
-                  progress=False).output
+    out = convert(
+        str(dense_llama), tmp_path / "moe", ConvertOptions(num_experts=3, top_k=1, layout="fused"), progress=False
+    ).output
     dense, moe = tensors(dense_llama), tensors(out)
     gate_up = moe["model.layers.1.mlp.experts.gate_up_proj"]
     expected = torch.cat([dense["model.layers.1.mlp.gate_proj.weight"], dense["model.layers.1.mlp.up_proj.weight"]])
@@ -149,8 +154,12 @@ def test_failure_midway_leaves_nothing(dense_llama: Path, tmp_path: Path, monkey
 
 
 def test_info_counts_match_loaded_model(dense_llama: Path, tmp_path: Path) -> None:
-    out = convert(str(dense_llama), tmp_path / "moe", ConvertOptions(num_experts=4, top_k=2, shared_experts=1,
-                                                                     layers="1-2"), progress=False).output
+    out = convert(
+        str(dense_llama),
+        tmp_path / "moe",
+        ConvertOptions(num_experts=4, top_k=2, shared_experts=1, layers="1-2"),
+        progress=False,
+    ).output
     info = model_info(str(out))
     model = AutoModelForCausalLM.from_pretrained(out)
     total = sum(p.numel() for p in model.parameters())

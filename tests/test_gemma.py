@@ -17,7 +17,7 @@ def test_verify_passes_and_generation_identical(gemma_gguf: Path, gemma_moe: Pat
     report, samples = verify(str(gemma_gguf), str(gemma_moe), tolerance=1e-4, dtype="float32", generate_tokens=16)
     assert report.passed, str(report)
     assert report.top1_agreement == 1.0
-    (prompt, dense_text, moe_text), = samples
+    ((prompt, dense_text, moe_text),) = samples
     assert dense_text == moe_text
     assert len(dense_text.strip()) > 0
 

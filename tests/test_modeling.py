@@ -11,14 +11,26 @@ from transformers import AutoConfig, AutoModelForCausalLM, Gemma3TextConfig, Lla
 import moeify  # noqa: F401
 from moeify import MoeifyConfig, MoeifyForCausalLM
 
-TEXT = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2)
+TEXT = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 
 def tiny(shared: int = 1, bias: bool = False, layers: list[int] | None = None) -> MoeifyForCausalLM:
     torch.manual_seed(0)
-    config = MoeifyConfig(text_config=LlamaConfig(**TEXT, mlp_bias=bias), num_experts=4, num_experts_per_tok=2,
-                          num_shared_experts=shared, moe_layers=layers, mlp_bias=bias)
+    config = MoeifyConfig(
+        text_config=LlamaConfig(**TEXT, mlp_bias=bias),
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_shared_experts=shared,
+        moe_layers=layers,
+        mlp_bias=bias,
+    )
     return MoeifyForCausalLM(config).eval()
 
 
@@ -121,16 +133,18 @@ def test_auto_model_is_the_decoder(tmp_path: Path) -> None:
     assert all(torch.isfinite(p).all() for p in fresh.parameters())
 
 
-@pytest.mark.parametrize(("hidden_act", "bias", "refused"), [("gelu_pytorch_tanh", False, True),
-                                                             ("gelu_pytorch_tanh", True, False),
-                                                             ("silu", False, False)])
+@pytest.mark.parametrize(
+    ("hidden_act", "bias", "refused"),
+    [("gelu_pytorch_tanh", False, True), ("gelu_pytorch_tanh", True, False), ("silu", False, False)],
+)
 def test_vllm_fused_experts_refused_for_non_silu(hidden_act: str, bias: bool, refused: bool) -> None:
     """vLLM's Transformers backend swaps 3-D experts for a SiLU-only kernel: building under its attention
     implementation must fail for unbiased non-SiLU experts instead of serving wrong tokens."""
     from moeify.modeling import MoeifySparseMoeBlock
 
-    config = MoeifyConfig(text_config=LlamaConfig(**TEXT, mlp_bias=bias), num_experts=4, mlp_activation=hidden_act,
-                          mlp_bias=bias)
+    config = MoeifyConfig(
+        text_config=LlamaConfig(**TEXT, mlp_bias=bias), num_experts=4, mlp_activation=hidden_act, mlp_bias=bias
+    )
     MoeifySparseMoeBlock(config)  # outside vLLM: always fine
     config._attn_implementation_internal = "vllm"
     if refused:

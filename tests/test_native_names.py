@@ -32,8 +32,15 @@ TARGETS = [
     ("llama_attn_bias", {"num_experts": 4, "top_k": 2}, "GraniteMoeSharedForCausalLM"),
     ("llama_attn_bias", {"num_experts": 4, "top_k": 2, "shared_experts": 1}, "GraniteMoeSharedForCausalLM"),
 ]
-IDS = ["llama-mixtral", "llama-qwen2moe-shared1", "qwen2-qwen2moe-layers02", "qwen3-qwen3moe",
-       "qwen3-qwen3moe-layers12", "llama-attn-bias-granite", "llama-attn-bias-granite-shared1"]
+IDS = [
+    "llama-mixtral",
+    "llama-qwen2moe-shared1",
+    "qwen2-qwen2moe-layers02",
+    "qwen3-qwen3moe",
+    "qwen3-qwen3moe-layers12",
+    "llama-attn-bias-granite",
+    "llama-attn-bias-granite-shared1",
+]
 
 
 def tensor_names(folder: Path) -> set[str]:
@@ -49,12 +56,14 @@ def tensor_names(folder: Path) -> set[str]:
 
 @pytest.mark.parametrize("layout", ["per-expert", "fused"])
 @pytest.mark.parametrize(("arch", "options", "stock_class"), TARGETS, ids=IDS)
-def test_native_names_equal_stock_save(arch: str, options: dict, stock_class: str, layout: str,
-                                       tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_native_names_equal_stock_save(
+    arch: str, options: dict, stock_class: str, layout: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     dense = dense_model(arch, tmp_path_factory.getbasetemp() / DENSE_FOLDER)
     out = tmp_path / "moe"
-    result = convert(str(dense), out, ConvertOptions(format="native", layout=layout, **options), progress=False,
-                     log=lambda _: None)
+    result = convert(
+        str(dense), out, ConvertOptions(format="native", layout=layout, **options), progress=False, log=lambda _: None
+    )
     assert result.output_class == stock_class
     assert result.layout == layout
 

@@ -40,8 +40,16 @@ torch.save(logits, sys.argv[4])
 @pytest.mark.parametrize("expert_rank", [4, 2])
 def test_adapter_loads_in_stock_peft_on_full_precision_experts(expert_rank: int, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    config = MixtralConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
     full = MixtralForCausalLM(config).eval()
     quantized = copy.deepcopy(full)
     names = quantize_experts(quantized)
@@ -77,7 +85,11 @@ def test_adapter_loads_in_stock_peft_on_full_precision_experts(expert_rank: int,
     result = tmp_path / "logits.pt"
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD, str(tmp_path / "base"), str(adapter), json.dumps(ids), str(result)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "unexpected" not in proc.stderr.lower() and "missing" not in proc.stderr.lower(), proc.stderr[-2000:]

@@ -20,7 +20,9 @@ def full_precision_experts(bias: bool = False, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     config = MoeifyConfig(
         text_config=LlamaConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=4),
-        num_experts=E, num_experts_per_tok=K, mlp_bias=bias,
+        num_experts=E,
+        num_experts_per_tok=K,
+        mlp_bias=bias,
     )
     experts = build_experts(config)
     with torch.no_grad():
@@ -119,8 +121,10 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
     results = []
     for checkpointed in (False, True):
         x, logits = routing()
-        out = torch.utils.checkpoint.checkpoint(block, x, logits, use_reentrant=False) if checkpointed else block(
-            x, logits
+        out = (
+            torch.utils.checkpoint.checkpoint(block, x, logits, use_reentrant=False)
+            if checkpointed
+            else block(x, logits)
         )
         out.square().sum().backward()
         results.append((out.detach(), x.grad, logits.grad, module.lora_A["default"].weight.grad.clone()))
@@ -179,12 +183,25 @@ def test_lora_starts_as_the_quantized_model_and_trains_only_lora() -> None:
 def test_quantized_model_swaps_every_experts_module_and_stays_close() -> None:
     torch.manual_seed(0)
     moeify_model = MoeifyForCausalLM(
-        MoeifyConfig(text_config=LlamaConfig(vocab_size=96, hidden_size=H, intermediate_size=I, num_hidden_layers=2,
-                                             num_attention_heads=4), num_experts=E, num_experts_per_tok=K)
+        MoeifyConfig(
+            text_config=LlamaConfig(
+                vocab_size=96, hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=4
+            ),
+            num_experts=E,
+            num_experts_per_tok=K,
+        )
     ).eval()
     mixtral = MixtralForCausalLM(
-        MixtralConfig(vocab_size=96, hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, num_local_experts=E, num_experts_per_tok=K)
+        MixtralConfig(
+            vocab_size=96,
+            hidden_size=H,
+            intermediate_size=I,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=E,
+            num_experts_per_tok=K,
+        )
     ).eval()
     ids = torch.randint(0, 96, (2, 9))
     for model in (moeify_model, mixtral):
@@ -236,8 +253,16 @@ def test_bad_settings_and_non_moe_models_fail_clearly() -> None:
 def tiny_mixtral() -> MixtralForCausalLM:
     torch.manual_seed(0)
     return MixtralForCausalLM(
-        MixtralConfig(vocab_size=96, hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, num_local_experts=E, num_experts_per_tok=K)
+        MixtralConfig(
+            vocab_size=96,
+            hidden_size=H,
+            intermediate_size=I,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=E,
+            num_experts_per_tok=K,
+        )
     )
 
 
@@ -294,17 +319,32 @@ def _native(name: str) -> nn.Module:
     )
 
     torch.manual_seed(0)
-    common = dict(vocab_size=96, hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2)
+    common = dict(
+        vocab_size=96,
+        hidden_size=H,
+        intermediate_size=I,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     if name == "qwen2_moe":
-        return Qwen2MoeForCausalLM(Qwen2MoeConfig(**common, moe_intermediate_size=I, shared_expert_intermediate_size=I,
-                                                  num_experts=E, num_experts_per_tok=K))
+        return Qwen2MoeForCausalLM(
+            Qwen2MoeConfig(
+                **common,
+                moe_intermediate_size=I,
+                shared_expert_intermediate_size=I,
+                num_experts=E,
+                num_experts_per_tok=K,
+            )
+        )
     if name == "qwen3_moe":
-        return Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, moe_intermediate_size=I, num_experts=E,
-                                                  num_experts_per_tok=K))
+        return Qwen3MoeForCausalLM(
+            Qwen3MoeConfig(**common, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K)
+        )
     if name == "granitemoeshared":
-        return GraniteMoeSharedForCausalLM(GraniteMoeSharedConfig(**common, shared_intermediate_size=I,
-                                                                  num_local_experts=E, num_experts_per_tok=K))
+        return GraniteMoeSharedForCausalLM(
+            GraniteMoeSharedConfig(**common, shared_intermediate_size=I, num_local_experts=E, num_experts_per_tok=K)
+        )
     return tiny_mixtral()
 
 

@@ -34,8 +34,16 @@ def _run(rank: int, port: int, out: str) -> None:
     from moeify.quant import ExpertLora, Experts4bit, add_expert_lora, quantize_experts
 
     torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    config = MixtralConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
     model = MixtralForCausalLM(config)
     quantize_experts(model)
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
@@ -58,9 +66,14 @@ def _run(rank: int, port: int, out: str) -> None:
     lora_grads = [p.grad for n, p in model.named_parameters() if "experts" in n and "lora_" in n]
     torch.save(
         {
-            "packed": (type(experts.gate_up_packed).__name__, experts.gate_up_packed.dtype,
-                       tuple(experts.gate_up_packed.to_local().shape)),
-            "full_shape": tuple(next(m for m in reference.modules() if isinstance(m, Experts4bit)).gate_up_packed.shape),  # noqa: E501
+            "packed": (
+                type(experts.gate_up_packed).__name__,
+                experts.gate_up_packed.dtype,
+                tuple(experts.gate_up_packed.to_local().shape),
+            ),
+            "full_shape": tuple(
+                next(m for m in reference.modules() if isinstance(m, Experts4bit)).gate_up_packed.shape
+            ),  # noqa: E501
             "max_diff": float((logits - expected).abs().max()),
             "lora_grads": [g is not None and float(g.to_local().abs().sum()) > 0 for g in lora_grads],
         },

@@ -94,8 +94,13 @@ def test_4bit_checkpoint_reloads_without_quantizing_again(
     model = load_for_training(out, dtype=torch.float32, gradient_checkpointing=False).eval()
     saved = save_4bit(model, tmp_path / "4bit")
     config = json.loads((saved / "config.json").read_text())["quantization_config"]
-    assert config == {"quant_method": "moeify_experts_4bit", "quant_type": "nf4", "blocksize": 64,
-                      "double_quant": True, "storage_dtype": "bfloat16"}
+    assert config == {
+        "quant_method": "moeify_experts_4bit",
+        "quant_type": "nf4",
+        "blocksize": 64,
+        "double_quant": True,
+        "storage_dtype": "bfloat16",
+    }
 
     for remote in (False, True):  # plain transformers refuses, loads no garbage
         with pytest.raises(ValueError, match="moeify_4bit_experts"):
@@ -137,8 +142,11 @@ def test_save_4bit_needs_4bit_experts(tmp_path: Path, tmp_path_factory: pytest.T
         ({"quantization": "quant_type"}, "quant_type 'int3' is not one of nf4, fp4"),
         ({"quantization": "blocksize"}, "blocksize 4096 does not divide the expert sizes"),
         ({"lora": "rank"}, "LoRA rank r must be >= 1"),
-        ({"attention_lora": "qkv_proj"}, "LoRA target 'qkv_proj' matches no linear module of MixtralForCausalLM; "
-         "its linear modules are: k_proj, o_proj, q_proj, v_proj"),
+        (
+            {"attention_lora": "qkv_proj"},
+            "LoRA target 'qkv_proj' matches no linear module of MixtralForCausalLM; "
+            "its linear modules are: k_proj, o_proj, q_proj, v_proj",
+        ),
     ],
 )
 def test_bad_settings_fail_before_loading_with_what_to_change(
@@ -150,12 +158,14 @@ def test_bad_settings_fail_before_loading_with_what_to_change(
 
     out = converted("llama", E4K2, tmp_path_factory)
     kwargs = {
-        "quantization": {"quant_type": ExpertQuantization(quant_type="int3"),  # type: ignore[arg-type]
-                         "blocksize": ExpertQuantization(blocksize=4096)},
+        "quantization": {
+            "quant_type": ExpertQuantization(quant_type="int3"),  # type: ignore[arg-type]
+            "blocksize": ExpertQuantization(blocksize=4096),
+        },
         "lora": {"rank": ExpertLora(r=0)},
         "attention_lora": {"qkv_proj": LoraConfig(target_modules=["q_proj", "qkv_proj"])},
     }
-    (key, value), = settings.items()
+    ((key, value),) = settings.items()
 
     def no_loading(*args: object, **kwargs: object) -> None:
         raise AssertionError("weights were read before the settings were checked")
@@ -202,7 +212,10 @@ def test_shared_experts_train_in_full_or_stay_frozen(shared: str, tmp_path_facto
     trainable = [n for n, p in model.named_parameters() if p.requires_grad and ".shared_expert." in n]
     if shared == "full":
         assert sorted(n.split("modules_to_save.default.")[-1] for n in trainable if ".layers.0." in n) == [
-            "down_proj.weight", "gate_proj.weight", "up_proj.weight"]
+            "down_proj.weight",
+            "gate_proj.weight",
+            "up_proj.weight",
+        ]
     else:
         assert trainable == []
     with pytest.raises(MoeifyError, match="shared_experts must be"):

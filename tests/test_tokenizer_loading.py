@@ -41,7 +41,12 @@ def load_tokenizer_in_plain_transformers(out: Path, kwargs: dict, tmp_path: Path
     env.pop("TRANSFORMERS_VERBOSITY", None)
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD, str(out), json.dumps(kwargs), json.dumps(PROMPTS)],
-        cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     lines = proc.stdout.splitlines()
     ids = [json.loads(line[4:]) for line in lines if line.startswith("IDS ")]

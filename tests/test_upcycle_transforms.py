@@ -151,6 +151,24 @@ def test_fine_grained_experts_are_slices_with_tied_router_rows(dense: Path, tmp_
         (["--granularity", "2", "--num-experts", "6", "--top-k", "3"], "multiples of 2"),
         (["--granularity", "2", "--router-init", "zeros"], "--router-init zeros"),
         (["--granularity", "0"], "--granularity must be 1 or more"),
+        (["--shared-expert-size", "32"], "add --shared-experts 1"),
+        (["--shared-experts", "1", "--shared-expert-size", "128"], "leaves no neurons for the routed experts"),
+        (
+            [
+                "--shared-experts",
+                "1",
+                "--shared-expert-size",
+                "30",
+                "--granularity",
+                "4",
+                "--num-experts",
+                "8",
+                "--top-k",
+                "4",
+            ],
+            "--granularity 4 must divide the 98 neurons left after --shared-expert-size",
+        ),  # fmt: skip
+        (["--shared-experts", "1", "--shared-expert-size", "32", "--split", "random"], "combines with the copy"),
     ):
         assert main(["convert", str(dense), "-o", str(tmp_path / "bad"), *flags]) == 2
         assert message in capsys.readouterr().err

@@ -50,10 +50,20 @@ CASES = [
     # vLLM 0.32 builds GraniteMoe attention without biases, so `--format auto` writes the moeify format for a Llama
     # with attention biases; `--format native` still writes GraniteMoeShared, which vLLM serves wrongly.
     ("llama-attn-bias-auto", "llama_attn_bias", E4K2, "MoeifyForCausalLM", "serve"),
-    ("llama-attn-bias-granite", "llama_attn_bias", {**E4K2, "format": "native"}, "GraniteMoeSharedForCausalLM",
-     "differs"),
-    ("llama-attn-bias-granite-shared1", "llama_attn_bias", {**E4K2, "shared_experts": 1, "format": "native"},
-     "GraniteMoeSharedForCausalLM", "differs"),
+    (
+        "llama-attn-bias-granite",
+        "llama_attn_bias",
+        {**E4K2, "format": "native"},
+        "GraniteMoeSharedForCausalLM",
+        "differs",
+    ),
+    (
+        "llama-attn-bias-granite-shared1",
+        "llama_attn_bias",
+        {**E4K2, "shared_experts": 1, "format": "native"},
+        "GraniteMoeSharedForCausalLM",
+        "differs",
+    ),
     ("llama-moeify", "llama", {**E4K2, "format": "moeify"}, "MoeifyForCausalLM", "serve"),
     ("phi3-moeify-shared1", "phi3", {**E4K2, "shared_experts": 1}, "MoeifyForCausalLM", "serve"),
     ("phi3-moeify-layers02", "phi3", {**E4K2, "layers": "0,2"}, "MoeifyForCausalLM", "serve"),
@@ -115,8 +125,13 @@ def test_vllm_serves_like_transformers(
     served = json.loads(lines[-1][len("RESULT ") :])
     expected = transformers_tokens(out)
     _TABLE.append(
-        {"case": case, "class": expected_class, "impl": impl, "served": f"vLLM {served['vllm']}",
-         "equal": served["tokens"] == expected}
+        {
+            "case": case,
+            "class": expected_class,
+            "impl": impl,
+            "served": f"vLLM {served['vllm']}",
+            "equal": served["tokens"] == expected,
+        }
     )
     if expect == "differs":  # fails once vLLM fixes it: then let `--format auto` pick the class again
         assert served["tokens"] != expected, f"{case}: vLLM now serves this correctly"
