@@ -33,7 +33,12 @@ METHODS: dict[str, list[str]] = {
     "granularity 4": ["--top-k", "4", "--granularity", "4"],
     "drop-upcycling 0.5": ["--top-k", "2", "--drop-upcycling", "0.5"],
     "split kmeans": ["--top-k", "2", "--split", "kmeans"],
-}
+    "expert noise 0.01": ["--top-k", "2", "--expert-noise", "0.01"],
+    "granularity 4 + 512-neuron shared expert": [
+        "--top-k", "4", "--granularity", "4", "--shared-experts", "1", "--shared-expert-size", "512",
+    ],
+    "lora-experts r16": ["--top-k", "2", "--method", "lora-experts", "--expert-lora-rank", "16"],
+}  # fmt: skip
 
 _CALIBRATE = r"""
 import sys, torch
@@ -64,6 +69,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("bench-work/upcycle-methods"))
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated names of METHODS")
     parser.add_argument("--calibration-tokens", type=int, default=2048)
+    parser.add_argument("--skip-calibration", action="store_true", help="no calibration memory table")
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -111,6 +117,9 @@ def main() -> None:
             flush=True,
         )
 
+    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if args.skip_calibration:
+        return
     print(f"\ncalibration forward over {args.calibration_tokens} tokens (peak RSS of its own process)")
     print("| weights | wall s | peak RSS |")
     print("|---|---:|---:|")

@@ -29,6 +29,7 @@ CASES = [
     ("gemma3", {"num_experts": 4, "top_k": 2, "shared_experts": 1}),
     ("phi3", {"num_experts": 4, "top_k": 2, "layers": "0,2"}),
     ("llama_mlp_bias", {"num_experts": 4, "top_k": 2, "shared_experts": 1}),
+    ("llama", {"num_experts": 4, "top_k": 2, "method": "lora-experts", "expert_lora_rank": 4}),  # MoeifyLoraExperts
     (  # every router feature that adds weights or changes the forward
         "qwen2",
         {
@@ -88,6 +89,12 @@ def moeify_outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
         out = root / f"{arch}-moe"
         convert(str(dense), out, ConvertOptions(format="moeify", **options), progress=False, log=lambda _: None)
         model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        if options.get("method") == "lora-experts":  # trained-looking deltas (B starts at 0), saved as training would
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+            model.save_pretrained(out)
         with torch.no_grad():
             logits = model(input_ids=INPUT_IDS, attention_mask=ATTENTION_MASK).logits
             tokens = model.generate(INPUT_IDS[:1], max_new_tokens=NEW_TOKENS, do_sample=False)
