@@ -35,17 +35,27 @@ def tiny(shared: int = 1, bias: bool = False, layers: list[int] | None = None) -
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_experts_implementations_agree(bias: bool) -> None:
+def test_experts_implementations_agree_with_eager_in_outputs_and_gradients(bias: bool) -> None:
+    """Every experts implementation computes the eager reference's logits and every parameter's and the input
+    embeddings' gradients, within 1e-5 in float32."""
     model = tiny(bias=bias)
     ids = torch.randint(0, 96, (2, 10))
-    outputs = {}
+    outputs, grads = {}, {}
     for implementation in ("eager", "grouped_mm", "batched_mm"):
         model.set_experts_implementation(implementation)
         assert model.config._experts_implementation == implementation
-        outputs[implementation] = model(ids).logits
-    torch.testing.assert_close(outputs["grouped_mm"], outputs["eager"], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(outputs["batched_mm"], outputs["eager"], atol=1e-5, rtol=1e-5)
+        model.zero_grad(set_to_none=True)
+        logits = model(ids).logits
+        (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        outputs[implementation] = logits.detach()
+        grads[implementation] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert outputs["eager"].abs().max() > 0
+    assert any("experts.gate_up_proj" in n for n in grads["eager"]) and any("router" in n for n in grads["eager"])
+    for implementation in ("grouped_mm", "batched_mm"):
+        torch.testing.assert_close(outputs[implementation], outputs["eager"], atol=1e-5, rtol=1e-5)
+        assert grads[implementation].keys() == grads["eager"].keys()
+        for name, grad in grads["eager"].items():
+            torch.testing.assert_close(grads[implementation][name], grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_generate_with_cache_equals_full_forward() -> None:

@@ -1,0 +1,273 @@
+"""One MoE block, forward + backward: transformers' Mixtral block against moeify's, every implementation, side by side.
+
+    python benchmarks/moe_block.py [--grid cpu|full] [--shapes H,I,E,K,T ...] [--dtype float32|bfloat16]
+                                   [--reps 3] [--variants ...] [--memory]
+
+For each shape (hidden H, expert intermediate I, experts E, top-k K, tokens T), one run per variant of
+`y = block(x); (y * g).sum().backward()` with a fixed random `g`, after one warm-up run; the median of `--reps`
+runs. Variants:
+
+  tf-eager, tf-grouped_mm   transformers' `MixtralSparseMoeBlock`, `experts_implementation` eager / grouped_mm
+  moeify-<impl>             moeify's `MoeifySparseMoeBlock` with transformers' experts implementation <impl>
+                            (eager, grouped_mm, batched_mm: the same fused weights, dispatched by transformers)
+  moeify-nf4                moeify's block with its 4-bit experts (`Experts4bit`, NF4, double quant)
+  tf-grouped_mm+peft-lora   peft `target_parameters` LoRA (r16) on the transformers block's experts (peft forms
+                            `W + delta` for every expert every forward)
+  moeify-nf4+lora           moeify's 4-bit experts with per-expert LoRA (r16) inside the grouped dispatch
+  ideal                     the compute floor: T*K rows through one dense FFN of the expert's shape (two matmuls
+                            forward and their backward), no routing, no dispatch
+
+Every variant routes with its own router (a linear layer, softmax top-k) and trains what its setting trains: all
+weights for the full-precision blocks, the LoRA factors (and input) with LoRA, the input and router for 4-bit.
+Printed: time per fwd+bwd, its ratio to tf-grouped_mm and to ideal, the max |output difference| from tf-eager (the
+same function: float noise for the full-precision variants, quantization error for 4-bit, 0 for LoRA at init; not
+applicable to ideal); with `--memory`, the peak of live tensor bytes
+during one more run (`torch.cuda.max_memory_allocated` on CUDA; the profiler's memory timeline on CPU).
+The cpu grid is the issue's grid cut to what 2 cores finish in minutes (H 1024); `--grid full` is the issue's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_summary  # noqa: E402
+
+LORA_RANK = 16
+ALL_VARIANTS = (
+    "tf-eager",
+    "tf-grouped_mm",
+    "moeify-eager",
+    "moeify-grouped_mm",
+    "moeify-batched_mm",
+    "moeify-nf4",
+    "tf-grouped_mm+peft-lora",
+    "moeify-nf4+lora",
+    "ideal",
+)
+
+
+def grid(name: str) -> list[tuple[int, int, int, int, int]]:
+    """(H, I, E, K, T) shapes; I is Mixtral's ratio (3.5 H) and the fine-grained quarter of it."""
+    hidden = [1024] if name == "cpu" else [1024, 2048, 4096]
+    shapes = []
+    for h, fine, e, k, t in itertools.product(hidden, (False, True), (8, 64), (2, 8), (256, 4096)):
+        shapes.append((h, int(3.5 * h) // (4 if fine else 1), e, k, t))
+    return shapes
+
+
+def mixtral_block(h: int, i: int, e: int, k: int, impl: str, dtype: torch.dtype, device: str) -> nn.Module:
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    config = MixtralConfig(hidden_size=h, intermediate_size=i, num_local_experts=e, num_experts_per_tok=k)
+    config._experts_implementation = impl
+    block = MixtralSparseMoeBlock(config)
+    for p in block.parameters():
+        nn.init.normal_(p, std=0.02)
+    return block.to(device=device, dtype=dtype)
+
+
+def moeify_block(reference: nn.Module, impl: str) -> nn.Module:
+    """moeify's block with `reference`'s router and expert weights (the same function as the Mixtral block)."""
+    from transformers import LlamaConfig
+
+    from moeify.modeling import MoeifyConfig
+    from moeify.modeling.modeling_moeify import MoeifySparseMoeBlock
+
+    experts = reference.experts
+    e, two_i, h = experts.gate_up_proj.shape
+    text = LlamaConfig(hidden_size=h, intermediate_size=two_i // 2, num_hidden_layers=1, num_attention_heads=8)
+    config = MoeifyConfig(text_config=text, num_experts=e, num_experts_per_tok=reference.top_k)
+    config._experts_implementation = impl
+    block = MoeifySparseMoeBlock(config).to(device=experts.gate_up_proj.device, dtype=experts.gate_up_proj.dtype)
+    with torch.no_grad():
+        block.router.weight.copy_(reference.gate.weight)
+        block.experts.gate_up_proj.copy_(experts.gate_up_proj)
+        block.experts.down_proj.copy_(experts.down_proj)
+    return block
+
+
+class _FourBitBlock(nn.Module):
+    """moeify's router and 4-bit experts, optionally with per-expert LoRA factors handed to the dispatch."""
+
+    def __init__(self, full: nn.Module, lora: bool) -> None:
+        super().__init__()
+        from moeify.quant import Experts4bit
+        from moeify.quant.experts_4bit import LoraFactors
+
+        self.router = full.router
+        self.router.requires_grad_(not lora)
+        self.experts = Experts4bit.from_experts(full.experts)
+        self.factors: dict[str, LoraFactors] = {}
+        if lora:
+            e = self.experts.num_experts
+            for name, (out_dim, in_dim) in self.experts.shapes.items():
+                a = nn.Parameter(torch.randn(e * LORA_RANK, in_dim, device=full.router.weight.device) * in_dim**-0.5)
+                b = nn.Parameter(torch.zeros(out_dim, e * LORA_RANK, device=a.device))
+                self.register_parameter(f"{name}_lora_A", a)
+                self.register_parameter(f"{name}_lora_B", b)
+                self.factors[name] = LoraFactors(a, b, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        _, weights, index = self.router(flat)
+        factors = {
+            n: f._replace(lora_A=f.lora_A.to(x.dtype), lora_B=f.lora_B.to(x.dtype)) for n, f in self.factors.items()
+        }
+        return self.experts(flat, index, weights, factors).view_as(x)
+
+
+class _PeftLoraBlock(nn.Module):
+    """peft's `target_parameters` LoRA on a transformers block: only the LoRA factors train."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        holder = nn.Module()
+        holder.block = block
+        config = LoraConfig(
+            r=LORA_RANK,
+            lora_alpha=2 * LORA_RANK,
+            target_modules=[],
+            target_parameters=["block.experts.gate_up_proj", "block.experts.down_proj"],
+        )
+        self.model = get_peft_model(holder, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.base_model.model.block(x)
+
+
+class _Ideal(nn.Module):
+    """T*K rows through one dense FFN of an expert's shape: what the experts compute, without routing."""
+
+    def __init__(self, h: int, i: int, k: int, dtype: torch.dtype, device: str) -> None:
+        super().__init__()
+        self.k = k
+        self.gate_up = nn.Parameter(torch.randn(2 * i, h, dtype=dtype, device=device) * 0.02)
+        self.down = nn.Parameter(torch.randn(h, i, dtype=dtype, device=device) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).repeat_interleave(self.k, dim=0)
+        gate, up = (rows @ self.gate_up.T).chunk(2, dim=-1)
+        return ((nn.functional.silu(gate) * up) @ self.down.T).view(*x.shape[:-1], self.k, -1).sum(-2)
+
+
+def build(variant: str, reference: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, device: str) -> nn.Module:
+    h, i, e, k, _ = shape
+    if variant.startswith("tf-"):
+        impl = variant.removeprefix("tf-").removesuffix("+peft-lora")
+        block = copy.deepcopy(reference)
+        block.experts.config = copy.copy(block.experts.config)
+        block.experts.config._experts_implementation = impl
+        return _PeftLoraBlock(block) if variant.endswith("+peft-lora") else block
+    if variant == "ideal":
+        return _Ideal(h, i, k, dtype, device)
+    if variant.startswith("moeify-nf4"):
+        return _FourBitBlock(moeify_block(reference, "grouped_mm"), lora=variant.endswith("+lora"))
+    return moeify_block(reference, variant.removeprefix("moeify-"))
+
+
+def output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    y = module(x)
+    return y[0] if isinstance(y, tuple) else y
+
+
+def time_fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, reps: int, sync: Callable[[], None]) -> float:
+    times = []
+    for rep in range(reps + 1):  # the first is a warm-up
+        sync()
+        start = time.perf_counter()
+        output(module, x).backward(grad)
+        sync()
+        if rep:
+            times.append(time.perf_counter() - start)
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+    return statistics.median(times)
+
+
+def peak_bytes(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> int:
+    """Live tensor bytes at the peak of one fwd+bwd (parameters included)."""
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        output(module, x).backward(grad)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    # The profiler's memory timeline is the CPU's only account of every live tensor (no max_memory_allocated).
+    with torch.profiler.profile(profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        output(module, x).backward(grad)
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+    return max(sum(s) for s in sizes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", choices=["cpu", "full"], default=None, help="default: cpu without a GPU, else full")
+    parser.add_argument("--shapes", nargs="*", help="explicit shapes H,I,E,K,T (replace the grid)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: fp32 CPU, bf16 GPU")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--variants", default=",".join(ALL_VARIANTS))
+    parser.add_argument("--memory", action="store_true", help="also the peak of live tensor bytes")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    shapes = (
+        [tuple(int(v) for v in s.split(",")) for s in args.shapes]
+        if args.shapes
+        else grid(args.grid or ("full" if device == "cuda" else "cpu"))
+    )
+    variants = args.variants.split(",")
+    print(machine_summary(), f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, {dtype}")
+    memory = " | peak MiB" if args.memory else ""
+    print(f"\n| H | I | E | K | T | variant | fwd+bwd ms | / tf-grouped_mm | / ideal | max diff{memory} |")
+    print("|---|---|---|---|---|---|---:|---:|---:|---:|" + ("---:|" if args.memory else ""))
+    for shape in shapes:
+        h, i, e, k, t = shape
+        torch.manual_seed(args.seed)
+        reference = mixtral_block(h, i, e, k, "grouped_mm", dtype, device)
+        x = torch.randn(1, t, h, dtype=dtype, device=device, requires_grad=True)
+        grad = torch.randn(1, t, h, dtype=dtype, device=device)
+        with torch.no_grad():
+            expected = output(build("tf-eager", reference, shape, dtype, device), x)
+        results: dict[str, tuple[float, int | None, float]] = {}
+        for variant in variants:
+            try:
+                module = build(variant, reference, shape, dtype, device)
+            except Exception as err:  # noqa: BLE001 (a variant this shape or device cannot build: say so, go on)
+                print(f"| {h} | {i} | {e} | {k} | {t} | {variant} | n/a: {type(err).__name__}: {err} | | |")
+                continue
+            with torch.no_grad():
+                diff = float((output(module, x) - expected).abs().max()) if variant != "ideal" else float("nan")
+            seconds = time_fwd_bwd(module, x, grad, args.reps, sync)
+            results[variant] = (seconds, peak_bytes(module, x, grad) if args.memory else None, diff)
+            del module
+        base = results["tf-grouped_mm"][0] if "tf-grouped_mm" in results else float("nan")
+        ideal = results["ideal"][0] if "ideal" in results else float("nan")
+        for variant, (seconds, peak, diff) in results.items():
+            extra = f" | {peak / 2**20:.0f}" if peak is not None else ""
+            print(
+                f"| {h} | {i} | {e} | {k} | {t} | {variant} | {seconds * 1e3:.1f} | {seconds / base:.2f}x "
+                f"| {seconds / ideal:.2f}x | {diff:.1e}{extra} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
