@@ -14,6 +14,8 @@ runs. Variants:
   tf-grouped_mm+peft-lora   peft `target_parameters` LoRA (r16) on the transformers block's experts (peft forms
                             `W + delta` for every expert every forward)
   moeify-nf4+lora           moeify's 4-bit experts with per-expert LoRA (r16) inside the grouped dispatch
+  moeify-frozen+lora        moeify's full-precision frozen experts (`ExpertsFrozen`) with the same in-dispatch LoRA:
+                            the counterpart of tf-grouped_mm+peft-lora (same weights, same trainable factors)
   ideal                     the compute floor: T*K rows through one dense FFN of the expert's shape (two matmuls
                             forward and their backward), no routing, no dispatch
 
@@ -53,6 +55,7 @@ ALL_VARIANTS = (
     "moeify-nf4",
     "tf-grouped_mm+peft-lora",
     "moeify-nf4+lora",
+    "moeify-frozen+lora",
     "ideal",
 )
 
@@ -98,17 +101,18 @@ def moeify_block(reference: nn.Module, impl: str) -> nn.Module:
     return block
 
 
-class _FourBitBlock(nn.Module):
-    """moeify's router and 4-bit experts, optionally with per-expert LoRA factors handed to the dispatch."""
+class _DispatchBlock(nn.Module):
+    """moeify's router and 4-bit (or frozen full-precision) experts, optionally with per-expert LoRA factors handed
+    to the dispatch."""
 
-    def __init__(self, full: nn.Module, lora: bool) -> None:
+    def __init__(self, full: nn.Module, lora: bool, frozen: bool = False) -> None:
         super().__init__()
-        from moeify.quant import Experts4bit
+        from moeify.quant import Experts4bit, ExpertsFrozen
         from moeify.quant.experts_4bit import LoraFactors
 
         self.router = full.router
         self.router.requires_grad_(not lora)
-        self.experts = Experts4bit.from_experts(full.experts)
+        self.experts = ExpertsFrozen(full.experts) if frozen else Experts4bit.from_experts(full.experts)
         self.factors: dict[str, LoraFactors] = {}
         if lora:
             e = self.experts.num_experts
@@ -174,8 +178,9 @@ def build(variant: str, reference: nn.Module, shape: tuple[int, ...], dtype: tor
         return _PeftLoraBlock(block) if variant.endswith("+peft-lora") else block
     if variant == "ideal":
         return _Ideal(h, i, k, dtype, device)
-    if variant.startswith("moeify-nf4"):
-        return _FourBitBlock(moeify_block(reference, "grouped_mm"), lora=variant.endswith("+lora"))
+    if variant.startswith(("moeify-nf4", "moeify-frozen")):
+        full = moeify_block(reference, "grouped_mm")
+        return _DispatchBlock(full, lora=variant.endswith("+lora"), frozen=variant.startswith("moeify-frozen"))
     return moeify_block(reference, variant.removeprefix("moeify-"))
 
 

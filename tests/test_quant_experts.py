@@ -243,7 +243,7 @@ def test_bad_settings_and_non_moe_models_fail_clearly() -> None:
         Experts4bit.from_experts(experts, ExpertQuantization(blocksize=100))
     with pytest.raises(ValueError, match="LoRA rank r must be >= 1"):
         with_lora(Experts4bit.from_experts(experts), ExpertLora(r=0))
-    with pytest.raises(ValueError, match="no 4-bit experts: call moeify.quant.quantize_experts first"):
+    with pytest.raises(ValueError, match="no 4-bit or frozen experts: call moeify.quant.quantize_experts or freeze_"):
         add_expert_lora(nn.ModuleDict({"experts": experts}), ExpertLora())
     dense = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(ValueError, match="has no fused experts module"):

@@ -1,8 +1,9 @@
-"""4-bit experts and their per-expert LoRA, for fine-tuning MoEs (needs bitsandbytes and peft; not part of the
-remote code saved beside converted weights)."""
+"""4-bit (or frozen full-precision) experts and their per-expert LoRA, for fine-tuning MoEs (needs bitsandbytes
+and peft; not part of the remote code saved beside converted weights)."""
 
 from .config import ExpertLora, ExpertQuantization
 from .experts_4bit import Experts4bit, LoraFactors, quantize_experts
+from .experts_frozen import ExpertsFrozen, freeze_experts
 from .loading import load_for_training, save_4bit
 from .lora import ExpertsLora, add_expert_lora
 
@@ -10,9 +11,11 @@ __all__ = [
     "ExpertLora",
     "ExpertQuantization",
     "Experts4bit",
+    "ExpertsFrozen",
     "ExpertsLora",
     "LoraFactors",
     "add_expert_lora",
+    "freeze_experts",
     "load_for_training",
     "quantize_experts",
     "save_4bit",

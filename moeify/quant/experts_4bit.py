@@ -257,12 +257,7 @@ class Experts4bit(nn.Module):
         if self.has_bias:
             out = out + getattr(self, f"{name}_bias")[expanded].to(out.dtype)
         if lora is not None:
-            out_dim, in_dim = self.shapes[name]
-            r = lora.lora_A.shape[0] // self.num_experts
-            a = lora.lora_A.view(self.num_experts, r, in_dim)[experts].to(x.dtype)
-            b = lora.lora_B.view(out_dim, r, self.num_experts).permute(2, 0, 1)[experts].to(x.dtype)
-            low = grouped_linear(lora.dropout(x) if lora.dropout is not None else x, a, offsets)
-            out = out + lora.scale * grouped_linear(low, b, offsets)
+            out = out + lora_delta(x, lora, self.num_experts, self.shapes[name], offsets, experts)
         return out
 
     def extra_repr(self) -> str:
@@ -280,6 +275,25 @@ class LoraFactors(NamedTuple):
     lora_B: torch.Tensor  # (out, E * r)
     scale: float
     dropout: nn.Module | None = None
+
+
+def lora_delta(
+    x: torch.Tensor,
+    lora: LoraFactors,
+    num_experts: int,
+    shape: tuple[int, int],
+    offsets: torch.Tensor,
+    experts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each row's expert LoRA, `scale * B_e A_e x`, as two grouped GEMMs over rows sorted by expert (`offsets`);
+    `experts`: the experts the groups are (default: all, in order). Never forms `W + delta`."""
+    out_dim, in_dim = shape
+    r = lora.lora_A.shape[0] // num_experts
+    a = lora.lora_A.view(num_experts, r, in_dim)
+    b = lora.lora_B.view(out_dim, r, num_experts).permute(2, 0, 1)  # (E, out, r)
+    a, b = (a, b.contiguous()) if experts is None else (a[experts], b[experts])
+    low = grouped_linear(lora.dropout(x) if lora.dropout is not None else x, a.to(x.dtype), offsets)
+    return lora.scale * grouped_linear(low, b.to(x.dtype), offsets)
 
 
 class _Chunk:

@@ -20,6 +20,7 @@ from torch import nn
 
 from .config import ExpertLora
 from .experts_4bit import PROJECTIONS, Experts4bit, LoraFactors
+from .experts_frozen import ExpertsFrozen
 
 
 class ExpertsLora(nn.Module, BaseTunerLayer):
@@ -43,11 +44,11 @@ class ExpertsLora(nn.Module, BaseTunerLayer):
         self.update_layer(adapter_name, lora)
 
     @property
-    def experts(self) -> Experts4bit:
+    def experts(self) -> Experts4bit | ExpertsFrozen:
         module = self.base_layer
         while isinstance(module, ExpertsLora):
             module = module.base_layer
-        assert isinstance(module, Experts4bit)
+        assert isinstance(module, Experts4bit | ExpertsFrozen)
         return module
 
     def update_layer(self, adapter_name: str, lora: ExpertLora) -> None:
@@ -85,22 +86,26 @@ class ExpertsLora(nn.Module, BaseTunerLayer):
         return self.experts(hidden_states, top_k_index, top_k_weights, lora=self.factors())
 
     def merge(self, *args: object, **kwargs: object) -> None:
-        raise NotImplementedError("merging LoRA into 4-bit experts loses it: merge into full precision (moeify merge)")
+        raise NotImplementedError("expert LoRA is merged into full precision by `moeify merge` (4-bit would lose it)")
 
     def unmerge(self) -> None:
-        raise NotImplementedError("4-bit experts are never merged")
+        raise NotImplementedError("expert LoRA is never merged in place")
 
 
 def add_expert_lora(model: nn.Module, lora: ExpertLora, adapter_name: str = "default") -> list[str]:
-    """Give every `Experts4bit` of `model` per-expert LoRA on gate_up and down; returns the experts' names.
+    """Give every `Experts4bit` / `ExpertsFrozen` of `model` per-expert LoRA on gate_up and down; returns the
+    experts' names.
 
     With a `PeftModel` (e.g. from `get_peft_model` for attention LoRA), its config is extended so
     `save_pretrained` writes an adapter that stock peft loads with `target_parameters` onto the full-precision
     model; the experts may use another rank than the other targets (kept in peft's `rank_pattern`).
     """
-    names = [name for name, module in model.named_modules() if isinstance(module, Experts4bit)]
+    names = [name for name, module in model.named_modules() if isinstance(module, Experts4bit | ExpertsFrozen)]
     if not names:
-        raise ValueError(f"{type(model).__name__} has no 4-bit experts: call moeify.quant.quantize_experts first.")
+        raise ValueError(
+            f"{type(model).__name__} has no 4-bit or frozen experts: call moeify.quant.quantize_experts or "
+            "freeze_experts first."
+        )
     for name in names:
         parent, _, child = name.rpartition(".")
         holder = model.get_submodule(parent) if parent else model

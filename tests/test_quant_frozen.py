@@ -1,0 +1,134 @@
+"""Frozen full-precision experts with per-expert LoRA in the grouped dispatch (`moeify.quant.ExpertsFrozen`, issue
+12): the block equals the original experts with each expert's `W + s B_e A_e` folded in, in outputs and gradients;
+nothing is copied; the adapter loads in stock peft onto the untouched model with the same logits."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import LlamaConfig, MixtralConfig, MixtralForCausalLM
+
+from moeify.modeling import MoeifyConfig
+from moeify.modeling.experts import build_experts
+from moeify.quant import ExpertLora, ExpertsFrozen, add_expert_lora, freeze_experts
+
+H, I, E, K, T = 64, 128, 4, 2, 20  # noqa: E741
+
+
+def experts_module(bias: bool) -> nn.Module:
+    torch.manual_seed(0)
+    text = LlamaConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=4)
+    config = MoeifyConfig(text_config=text, num_experts=E, num_experts_per_tok=K, mlp_bias=bias)
+    config._experts_implementation = "eager"
+    experts = build_experts(config)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(std=0.1)
+    return experts
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rank", [4, 2])  # rank 2: rows too narrow for grouped_mm, the per-group fallback
+def test_frozen_experts_with_lora_equal_the_experts_with_the_deltas_folded_in(bias: bool, rank: int) -> None:
+    original = experts_module(bias)
+    reference = copy.deepcopy(original)
+    holder = nn.ModuleDict({"experts": ExpertsFrozen(original)})
+    add_expert_lora(holder, ExpertLora(r=rank, alpha=3.0 * rank))
+    lora = holder["experts"]
+    frozen = lora.experts
+    assert frozen.gate_up_proj is original.gate_up_proj and not frozen.gate_up_proj.requires_grad  # shared, frozen
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    factors = lora.factors()
+    with torch.no_grad():  # each expert's W + scale * B_e A_e, in the reference's own weights
+        for name in ("gate_up", "down"):
+            weight = getattr(reference, f"{name}_proj")
+            f = factors[name]
+            a = f.lora_A.view(E, rank, -1)
+            b = f.lora_B.view(weight.shape[1], rank, E)
+            for e in range(E):
+                weight[e] += f.scale * b[..., e] @ a[e]
+
+    x = torch.randn(T, H, requires_grad=True)
+    logits = torch.randn(T, E, requires_grad=True)
+    weights, index = torch.softmax(logits, -1).topk(K, dim=-1)
+    ours, want = lora(x, index, weights), reference(x, index, weights)
+    torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(ours)
+    got = torch.autograd.grad(ours, [x, logits], grad, retain_graph=True)
+    expected = torch.autograd.grad(want, [x, logits], grad)
+    for g, w in zip(got, expected, strict=True):
+        assert w.abs().max() > 0
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    # The LoRA factors get gradients, the frozen weights none.
+    (lora(x, index.detach(), weights.detach()) * grad).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for n, p in lora.named_parameters() if "lora_" in n)
+    assert original.gate_up_proj.grad is None and original.down_proj.grad is None
+
+
+_CHILD = r"""
+import json, sys
+sys.modules["moeify"] = None  # `import moeify` raises ImportError from here on
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+base = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+model = PeftModel.from_pretrained(base, sys.argv[2]).eval()
+with torch.no_grad():
+    torch.save(model(torch.tensor(json.loads(sys.argv[3]))).logits, sys.argv[4])
+"""
+
+
+def test_adapter_of_frozen_experts_loads_in_stock_peft_with_the_same_logits(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=96,
+        hidden_size=H,
+        intermediate_size=I,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=E,
+        num_experts_per_tok=K,
+    )
+    full = MixtralForCausalLM(config).eval()
+    full.save_pretrained(tmp_path / "base")
+    model = copy.deepcopy(full)
+    names = freeze_experts(model)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert add_expert_lora(model, ExpertLora(r=2, alpha=4.0)) == names
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    ids = [[5, 17, 42, 3, 77, 12, 9, 60], [1, 2, 3, 4, 5, 6, 7, 8]]
+    with torch.no_grad():
+        expected = model.eval()(torch.tensor(ids)).logits
+    model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    result = tmp_path / "logits.pt"
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(tmp_path / "base"), str(tmp_path / "adapter"), json.dumps(ids), str(result)],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH="", HF_HUB_OFFLINE="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.testing.assert_close(torch.load(result), expected, atol=1e-5, rtol=1e-5)
