@@ -146,9 +146,10 @@ def load_model(recipe: Recipe, path: str) -> torch.nn.Module:
     """The model to train, as the recipe stores and adapts it.
 
     - 4-bit experts + LoRA: `load_for_training` (experts quantized while loading, per-expert LoRA in the dispatch).
-    - full-precision experts + LoRA: `from_pretrained` (linears 4-bit through `BitsAndBytesConfig` if asked) and
-      peft's own `target_parameters` LoRA on the fused experts (peft forms `W + delta` per expert each forward:
-      correct, slower than moeify's 4-bit path).
+    - full-precision experts + LoRA: `from_pretrained` (linears 4-bit through `BitsAndBytesConfig` if asked), the
+      experts frozen in place (`ExpertsFrozen`) with per-expert LoRA inside the grouped dispatch; the adapter is in
+      peft's `target_parameters` layout, which stock peft loads (peft's own LoRA there forms `W + delta` for every
+      expert every forward: see benchmarks/moe_block.py).
     - `lora: null`: every weight trains (full fine-tuning), in the compute dtype.
     - a dense model (no experts; the baseline an upcycled MoE is compared with): LoRA through peft, where the
       `experts` target means the FFN's linears (`mlp.*`), at `expert_r` / `expert_alpha`.
@@ -156,7 +157,7 @@ def load_model(recipe: Recipe, path: str) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-    from ..quant import ExpertLora, ExpertQuantization, load_for_training
+    from ..quant import ExpertLora, ExpertQuantization, add_expert_lora, freeze_experts, load_for_training
     from ..quant.experts_4bit import fused_experts
     from ..quant.loading import ROUTER_MODULES, _default_targets, apply_router_settings
 
@@ -208,13 +209,13 @@ def load_model(recipe: Recipe, path: str) -> torch.nn.Module:
     if lora is None:
         return model  # every parameter trains
     modules = _default_targets(model, shared)
+    targets: list[str] = []
     if dense:  # the FFN is what upcycling turns into experts: peft LoRA on its linears
         ffn = {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear) and _in_ffn(n)}
-        targets = sorted(ffn)
-    else:
-        targets = [f"{name}.{p}" for name in fused_experts(model) for p in ("gate_up_proj", "down_proj")]
-    if "experts" not in lora.targets:
-        targets = []
+        targets = sorted(ffn) if "experts" in lora.targets else []
+    expert_lora = "experts" in lora.targets and not dense and bool(fused_experts(model))
+    if expert_lora:
+        freeze_experts(model)  # before peft wraps the model: the experts keep their names and tensors
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     to_save = [m for m in ROUTER_MODULES if m in present] if lora.train_router and not dense else []
     if lora_experts and "experts" in lora.targets:
@@ -226,12 +227,16 @@ def load_model(recipe: Recipe, path: str) -> torch.nn.Module:
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=[*modules, *targets] if dense else modules,
-        target_parameters=None if dense else targets or None,
         modules_to_save=to_save or None,
         rank_pattern=dict.fromkeys(targets, lora.expert_r or lora.r),
         alpha_pattern=dict.fromkeys(targets, _expert_alpha(lora)),
     )
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    if expert_lora:  # per-expert LoRA in the grouped dispatch, saved in peft's target_parameters layout
+        add_expert_lora(
+            peft_model, ExpertLora(r=lora.expert_r or lora.r, alpha=_expert_alpha(lora), dropout=lora.dropout)
+        )
+    return peft_model
 
 
 def _read_config(path: str) -> Any:
