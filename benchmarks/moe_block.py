@@ -1,7 +1,7 @@
 """One MoE block, forward + backward: transformers' Mixtral block against moeify's, every implementation, side by side.
 
     python benchmarks/moe_block.py [--grid cpu|full] [--shapes H,I,E,K,T ...] [--dtype float32|bfloat16]
-                                   [--reps 3] [--variants ...] [--memory]
+                                   [--reps 3] [--variants ...] [--memory] [--decode]
 
 For each shape (hidden H, expert intermediate I, experts E, top-k K, tokens T), one run per variant of
 `y = block(x); (y * g).sum().backward()` with a fixed random `g`, after one warm-up run; the median of `--reps`
@@ -26,6 +26,8 @@ same function: float noise for the full-precision variants, quantization error f
 applicable to ideal); with `--memory`, the peak of live tensor bytes
 during one more run (`torch.cuda.max_memory_allocated` on CUDA; the profiler's memory timeline on CPU).
 The cpu grid is the issue's grid cut to what 2 cores finish in minutes (H 1024); `--grid full` is the issue's.
+`--decode`: generation's case instead, forward only under `torch.no_grad()` for 1 and 4 tokens (the grid's T is
+ignored), timed over 20 calls per rep.
 """
 
 from __future__ import annotations
@@ -189,6 +191,21 @@ def output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y[0] if isinstance(y, tuple) else y
 
 
+def time_decode(module: nn.Module, x: torch.Tensor, reps: int, sync: Callable[[], None], calls: int = 20) -> float:
+    """Seconds per forward call without autograd, as generation runs the block."""
+    times = []
+    with torch.no_grad():
+        for rep in range(reps + 1):
+            sync()
+            start = time.perf_counter()
+            for _ in range(calls):
+                output(module, x)
+            sync()
+            if rep:
+                times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
+
+
 def time_fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, reps: int, sync: Callable[[], None]) -> float:
     times = []
     for rep in range(reps + 1):  # the first is a warm-up
@@ -229,6 +246,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(ALL_VARIANTS))
     parser.add_argument("--memory", action="store_true", help="also the peak of live tensor bytes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--decode", action="store_true", help="forward only, 1 and 4 tokens (generation)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
@@ -239,9 +257,13 @@ def main() -> None:
         else grid(args.grid or ("full" if device == "cuda" else "cpu"))
     )
     variants = args.variants.split(",")
+    if args.decode:  # generation: no LoRA training variants, T of 1 and 4
+        variants = [v for v in variants if "lora" not in v]
+        shapes = list(dict.fromkeys((h, i, e, k, t) for h, i, e, k, _ in shapes for t in (1, 4)))
     print(machine_summary(), f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, {dtype}")
     memory = " | peak MiB" if args.memory else ""
-    print(f"\n| H | I | E | K | T | variant | fwd+bwd ms | / tf-grouped_mm | / ideal | max diff{memory} |")
+    timed = "forward ms" if args.decode else "fwd+bwd ms"
+    print(f"\n| H | I | E | K | T | variant | {timed} | / tf-grouped_mm | / ideal | max diff{memory} |")
     print("|---|---|---|---|---|---|---:|---:|---:|---:|" + ("---:|" if args.memory else ""))
     for shape in shapes:
         h, i, e, k, t = shape
@@ -260,7 +282,10 @@ def main() -> None:
                 continue
             with torch.no_grad():
                 diff = float((output(module, x) - expected).abs().max()) if variant != "ideal" else float("nan")
-            seconds = time_fwd_bwd(module, x, grad, args.reps, sync)
+            if args.decode:
+                seconds = time_decode(module, x.detach(), args.reps, sync)
+            else:
+                seconds = time_fwd_bwd(module, x, grad, args.reps, sync)
             results[variant] = (seconds, peak_bytes(module, x, grad) if args.memory else None, diff)
             del module
         base = results["tf-grouped_mm"][0] if "tf-grouped_mm" in results else float("nan")
