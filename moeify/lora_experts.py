@@ -23,11 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from .errors import MoeifyError
 
-_PREFIX = "base_model.model."
 _ROLES = ("gate", "up", "gate_up", "down")
 
 
@@ -110,16 +108,12 @@ def _read(path: Path, log: Callable[[str], None]) -> dict[str, _Lora]:
     if not config_file.exists():
         raise MoeifyError(f"--lora-expert {path}: no adapter_config.json (give a peft LoRA adapter folder).")
     config = json.loads(config_file.read_text())
-    if config.get("peft_type") != "LORA":
-        raise MoeifyError(f"--lora-expert {path} is a {config.get('peft_type')} adapter; experts take LoRA adapters.")
-    unsupported = [k for k in ("use_dora", "lora_bias", "fan_in_fan_out", "target_parameters") if config.get(k)]
-    if unsupported:
-        raise MoeifyError(f"--lora-expert {path} uses {', '.join(unsupported)}, which cannot seed an expert.")
-    files = sorted(path.glob("adapter_model*.safetensors"))
-    if not files:
-        raise MoeifyError(f"--lora-expert {path} has no adapter_model.safetensors (pickled adapters are not read).")
-    tensors = {k.removeprefix(_PREFIX): v for f in files for k, v in load_file(f).items()}
     from peft.utils.other import get_pattern_key
+
+    from .merge import lora_adapter_tensors
+
+    unsupported = ("use_dora", "lora_bias", "fan_in_fan_out", "target_parameters")
+    tensors = lora_adapter_tensors(path, config, "--lora-expert", unsupported)
 
     ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     out: dict[str, _Lora] = {}

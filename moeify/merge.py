@@ -251,23 +251,29 @@ def _quant_method(quantization: object) -> str:
     return str(getattr(quantization, "quant_method", "unknown"))
 
 
+def lora_adapter_tensors(adapter: Path, config: dict, what: str, unsupported: tuple[str, ...]) -> dict:
+    """The tensors of a peft LoRA adapter folder, by parameter name without peft's `base_model.model.` prefix.
+
+    Raises `MoeifyError` naming `what` (the command or flag reading it) for another peft type, a setting in
+    `unsupported` that is on, or no safetensors file.
+    """
+    if config.get("peft_type") != "LORA":
+        raise MoeifyError(f"{adapter} is a {config.get('peft_type')} adapter; {what} takes LoRA adapters.")
+    on = [key for key in unsupported if config.get(key)]
+    if on:
+        raise MoeifyError(f"{adapter} uses {', '.join(on)}, which {what} does not support.")
+    files = sorted(adapter.glob("adapter_model*.safetensors"))
+    if not files:
+        raise MoeifyError(f"{adapter} has no adapter_model.safetensors (pickled adapters are not read).")
+    return {k.removeprefix(_PREFIX): v for f in files for k, v in load_file(f).items()}
+
+
 def _read_adapter(
     adapter: Path, config: dict, params: dict[str, nn.Parameter], experts: dict[str, nn.Module]
 ) -> tuple[dict[str, _Lora], dict[str, torch.Tensor]]:
     """The adapter's LoRA targets and trained modules, checked against the base's parameter shapes."""
-    if config.get("peft_type") != "LORA":
-        raise MoeifyError(f"{adapter} is a {config.get('peft_type')} adapter; moeify merge merges LoRA adapters.")
-    unsupported = [
-        key
-        for key in ("use_dora", "lora_bias", "fan_in_fan_out", "layer_replication", "trainable_token_indices")
-        if config.get(key)
-    ]
-    if unsupported:
-        raise MoeifyError(f"{adapter} uses {', '.join(unsupported)}, which moeify merge does not support.")
-    files = sorted(adapter.glob("adapter_model*.safetensors"))
-    if not files:
-        raise MoeifyError(f"{adapter} has no adapter_model.safetensors (pickled adapters are not read).")
-    tensors = {k.removeprefix(_PREFIX): v for f in files for k, v in load_file(f).items()}
+    unsupported = ("use_dora", "lora_bias", "fan_in_fan_out", "layer_replication", "trainable_token_indices")
+    tensors = lora_adapter_tensors(adapter, config, "moeify merge", unsupported)
     from peft.utils.other import get_pattern_key
 
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
