@@ -533,7 +533,7 @@ def plan_conversion(source: str, options: ConvertOptions, progress: bool = True)
         router_rows=router_rows,
     )
     if options.lora_expert_sources:
-        from .merge import adapter_folder
+        from .peft_adapter import adapter_folder
 
         builder.lora_seeds = LoraExpertSeeds(
             [adapter_folder(source) for source in options.lora_expert_sources],

@@ -75,7 +75,7 @@ def _load(folder: Path, adapter: str | None, dtype: str) -> torch.nn.Module:
     if adapter:
         from peft import PeftModel
 
-        from .merge import adapter_folder
+        from .peft_adapter import adapter_folder
 
         model = PeftModel.from_pretrained(model, adapter_folder(adapter))
     return model.eval()

@@ -110,7 +110,7 @@ def _read(path: Path, log: Callable[[str], None]) -> dict[str, _Lora]:
     config = json.loads(config_file.read_text())
     from peft.utils.other import get_pattern_key
 
-    from .merge import lora_adapter_tensors
+    from .peft_adapter import lora_adapter_tensors
 
     unsupported = ("use_dora", "lora_bias", "fan_in_fan_out", "target_parameters")
     tensors = lora_adapter_tensors(path, config, "--lora-expert", unsupported)

@@ -35,10 +35,10 @@ from .atomic import atomic_output, check_output_folder
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import MoeifyError
 from .layouts import EXPERT_PARAMS, ExpertPiece, checkpoint_name, expert_pieces, released_expert_pieces, released_name
+from .peft_adapter import adapter_folder, lora_adapter_tensors
 from .plan import DTYPES, parse_max_shard_size
 from .writer import TensorSpec, write_safetensors
 
-_PREFIX = "base_model.model."
 _WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "README.md")
 
 
@@ -157,23 +157,6 @@ def merge(
     )
 
 
-def adapter_folder(adapter: str | Path) -> Path:
-    """A local peft adapter folder for `adapter` (a folder, or a Hub id fetched with `snapshot_download`)."""
-    path = Path(adapter).expanduser()
-    if path.is_dir():
-        if not (path / "adapter_config.json").exists():
-            raise MoeifyError(f"ADAPTER folder {path} has no adapter_config.json: it is not a peft adapter.")
-        return path
-    from .source import is_hub_id
-
-    if is_hub_id(str(adapter)):
-        from huggingface_hub import snapshot_download
-
-        repo_id, _, revision = str(adapter).partition("@")
-        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=["adapter_*", "*.json"]))
-    raise MoeifyError(f"ADAPTER '{adapter}' does not exist: give a peft adapter folder or a Hub id.")
-
-
 @dataclass
 class _Plan:
     config: dict
@@ -249,23 +232,6 @@ def _quant_method(quantization: object) -> str:
     if isinstance(quantization, dict):
         return str(quantization.get("quant_method", "unknown"))
     return str(getattr(quantization, "quant_method", "unknown"))
-
-
-def lora_adapter_tensors(adapter: Path, config: dict, what: str, unsupported: tuple[str, ...]) -> dict:
-    """The tensors of a peft LoRA adapter folder, by parameter name without peft's `base_model.model.` prefix.
-
-    Raises `MoeifyError` naming `what` (the command or flag reading it) for another peft type, a setting in
-    `unsupported` that is on, or no safetensors file.
-    """
-    if config.get("peft_type") != "LORA":
-        raise MoeifyError(f"{adapter} is a {config.get('peft_type')} adapter; {what} takes LoRA adapters.")
-    on = [key for key in unsupported if config.get(key)]
-    if on:
-        raise MoeifyError(f"{adapter} uses {', '.join(on)}, which {what} does not support.")
-    files = sorted(adapter.glob("adapter_model*.safetensors"))
-    if not files:
-        raise MoeifyError(f"{adapter} has no adapter_model.safetensors (pickled adapters are not read).")
-    return {k.removeprefix(_PREFIX): v for f in files for k, v in load_file(f).items()}
 
 
 def _read_adapter(
