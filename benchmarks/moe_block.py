@@ -180,6 +180,9 @@ def build(variant: str, reference: nn.Module, shape: tuple[int, ...], dtype: tor
         return _PeftLoraBlock(block) if variant.endswith("+peft-lora") else block
     if variant == "ideal":
         return _Ideal(h, i, k, dtype, device)
+    per_token_weights = shape[4] * k * 3 * h * i * reference.experts.gate_up_proj.element_size()
+    if variant == "moeify-batched_mm" and per_token_weights > 4 << 30:
+        raise ValueError("batched_mm would materialise > 4 GiB of per-token expert weights (it is for decoding)")
     if variant.startswith(("moeify-nf4", "moeify-frozen")):
         full = moeify_block(reference, "grouped_mm")
         return _DispatchBlock(full, lora=variant.endswith("+lora"), frozen=variant.startswith("moeify-frozen"))
