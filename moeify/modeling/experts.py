@@ -112,7 +112,8 @@ class MoeifyExpertDeltas(nn.Module):
         lora_a, lora_b = getattr(self, f"{projection}_lora_A"), getattr(self, f"{projection}_lora_B")
         a = lora_a.view(self.num_experts, self.rank, -1)
         b = lora_b.view(-1, self.rank, self.num_experts).permute(2, 0, 1).contiguous()  # (E, out, r)
-        return self.scale * grouped_linear(grouped_linear(inputs, a, offsets), b, offsets)
+        # The scale multiplies the (rows, r) intermediate: r / out of the element-wise work of scaling the result.
+        return grouped_linear(grouped_linear(inputs, a, offsets) * self.scale, b, offsets)
 
 
 class MoeifyLoraExperts(nn.Module):

@@ -293,7 +293,8 @@ def lora_delta(
     b = lora.lora_B.view(out_dim, r, num_experts).permute(2, 0, 1)  # (E, out, r)
     a, b = (a, b.contiguous()) if experts is None else (a[experts], b[experts])
     low = grouped_linear(lora.dropout(x) if lora.dropout is not None else x, a.to(x.dtype), offsets)
-    return lora.scale * grouped_linear(low, b.to(x.dtype), offsets)
+    # The scale multiplies the (rows, r) intermediate, not the (rows, out) result: r / out of the element-wise work.
+    return grouped_linear(low * lora.scale, b.to(x.dtype), offsets)
 
 
 class _Chunk:
