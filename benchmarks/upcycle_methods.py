@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import gib, machine_summary, run_measured  # noqa: E402
 
@@ -38,6 +40,10 @@ METHODS: dict[str, list[str]] = {
         "--top-k", "4", "--granularity", "4", "--shared-experts", "1", "--shared-expert-size", "512",
     ],
     "lora-experts r16": ["--top-k", "2", "--method", "lora-experts", "--expert-lora-rank", "16"],
+    "copy + prompts router": ["--top-k", "2", "--router-init", "prompts", "--expert-prompts", "PROMPTS"],
+    # Branch-Train-MiX's cost: expert e read from the e-th of 8 sources (here 8 links to the dense folder, so the
+    # result is exact: it measures reading and checking 8 checkpoints, not what real fine-tunes would give).
+    "8 --expert sources": ["--top-k", "2", *[f for e in range(8) for f in ("--expert", f"SOURCE{e}")]],
 }  # fmt: skip
 
 _CALIBRATE = r"""
@@ -88,8 +94,21 @@ def main() -> None:
     print("\n| method | convert s | convert peak RSS | max abs logit diff | top-1 agreement | load CV (held-out) |")
     print("|---|---:|---:|---:|---:|---:|")
     results = {}
+    prompts = work / "expert-prompts.yaml"  # expert e: four docstrings of the e-th eighth of the calibration text
+    eighth = cut // 8
+    entries = [{"positive": [t[:400] for t in texts[e * eighth : e * eighth + 4]]} for e in range(8)]
+    prompts.write_text(yaml.safe_dump({"experts": entries}))
+    sources = []
+    for e in range(8):
+        link = work / f"source{e}"
+        if not link.exists():
+            link.symlink_to(dense, target_is_directory=True)
+        sources.append(str(link))
     for name in args.methods.split(","):
-        flags = [str(calibration) if f == "CALIBRATION" else f for f in METHODS[name]]
+        named = {"CALIBRATION": str(calibration), "PROMPTS": str(prompts)} | {
+            f"SOURCE{e}": s for e, s in enumerate(sources)
+        }
+        flags = [named.get(f, f) for f in METHODS[name]]
         out = work / name.replace(" ", "-").replace("+", "").replace("(", "").replace(")", "")
         cmd = ["moeify", "convert", dense, "-o", out, "--num-experts", "8", "--overwrite", "--quiet", *flags]
         if "--calibration" in flags:
