@@ -331,7 +331,7 @@ def _lora_experts_specs(
     hidden: int,
     dtype: torch.dtype,
     produce: Callable[[Callable[[MoELayerWeights], Any]], Callable[[], Iterator[torch.Tensor]]],
-    random_uniform: int,
+    layer_seed: int,
     layer: int,
     seeds: LoraExpertSeeds | None,
 ) -> list[TensorSpec]:
@@ -356,8 +356,10 @@ def _lora_experts_specs(
         out.append(TensorSpec(prefix + names.fused["down_bias"], dtype, (H,), produce(lambda w: [base(w).down_bias])))
     for salt, (projection, inputs, outputs) in enumerate((("gate_up", H, 2 * I), ("down", I, H))):
 
-        def factors(projection: str = projection, inputs: int = inputs, outputs: int = outputs, salt: int = salt):  # noqa: ANN202
-            generator = torch.Generator().manual_seed(random_uniform * 31 + salt)
+        def factors(
+            projection: str = projection, inputs: int = inputs, outputs: int = outputs, salt: int = salt
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            generator = torch.Generator().manual_seed(layer_seed * 31 + salt)
             lora_a = (torch.rand((E * r, inputs), generator=generator) * 2 - 1) * inputs**-0.5
             lora_b = torch.zeros(outputs, E * r)
             if seeds is not None:

@@ -6,6 +6,9 @@ import math
 import re
 from dataclasses import dataclass, field
 
+# Neurons of the all-zero shared expert Qwen2-MoE gets when none is asked for (see `formats.base.MoETensorNames`):
+# small, a multiple of every usual tensor-parallel size, and below any real expert size; counted as no shared expert.
+NEUTRAL_SHARED_SIZE = 16
 _EXPERT = re.compile(r"(?:^|\.)experts\.")
 # lora-experts (MixLoRA): the experts' one shared FFN runs for every token; only the per-expert deltas are routed.
 _SHARED_BY_EXPERTS = re.compile(r"(?:^|\.)experts\.(?:gate_up_proj|down_proj)(?:_bias)?$")
@@ -35,8 +38,12 @@ def moe_settings(config) -> tuple[int, int, int]:
             config, "shared_intermediate_size", 0
         )
         moe_size = getattr(config, "moe_intermediate_size", 0) or getattr(config, "intermediate_size", 0)
-        # In routed-expert units where the size is a multiple of an expert's, else one shared MLP of that size.
-        shared = (shared_size // moe_size if shared_size % moe_size == 0 else 1) if shared_size and moe_size else 0
+        # In routed-expert units where the size is a multiple of an expert's, else one shared MLP of that size
+        # (`--shared-expert-size`), except moeify's neutral one.
+        if not shared_size or not moe_size or shared_size <= NEUTRAL_SHARED_SIZE:
+            shared = 0
+        else:
+            shared = shared_size // moe_size if shared_size % moe_size == 0 else 1
     return int(num_experts), int(top_k), int(shared)
 
 

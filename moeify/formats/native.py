@@ -14,6 +14,7 @@ from transformers import GraniteMoeSharedConfig, MixtralConfig, PreTrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from ..adapters import ArchitectureAdapter
+from ..params import NEUTRAL_SHARED_SIZE
 from ..plan import ConvertOptions
 from .base import MoESpec, MoETensorNames, OutputFormat, dense_config_dict
 
@@ -23,10 +24,6 @@ _QWEN_EXPERT = {
     "down": "mlp.experts.{e}.down_proj.weight",
 }
 _FUSED = {"gate_up": "mlp.experts.gate_up_proj", "down": "mlp.experts.down_proj"}
-# Neurons of the all-zero shared expert Qwen2-MoE gets when none is asked for (see `MoETensorNames`): small, a
-# multiple of every usual tensor-parallel size, and below any real expert size, so `moeify info` counts no shared
-# expert.
-NEUTRAL_SHARED_SIZE = 16
 
 
 def _qwen_moe_values(dense_config: PreTrainedConfig, spec: MoESpec, class_name: str) -> dict:
