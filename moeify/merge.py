@@ -402,10 +402,11 @@ def _lora_experts_spec(
         if name.endswith("_bias"):
             yield from [weight] * E
             return
+        weight = weight.float()  # once, not per expert
         a = factor("A").view(E, rank, -1)
         b = factor("B").view(-1, rank, E)
         for e in range(E):
-            yield weight.float() + scale * b[..., e] @ a[e]
+            yield weight + scale * b[..., e] @ a[e]
 
     return TensorSpec(name, dtype, (E, *reader.shape(name)), produce)
 

@@ -91,6 +91,36 @@ def grouped_linear(inputs: torch.Tensor, weight: torch.Tensor, offsets: torch.Te
     return torch.cat(parts) if parts else inputs.new_zeros(0, weight.shape[-2])
 
 
+def sort_by_expert(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (token, k) assignments sorted by expert, once: their order in the flattened routing, the cumulative
+    count per expert (`offsets` for `grouped_linear`) and the token of each sorted row."""
+    expert_ids = top_k_index.reshape(-1)
+    order = torch.argsort(expert_ids, stable=True)
+    offsets = torch.cumsum(torch.bincount(expert_ids, minlength=num_experts), 0, dtype=torch.int32)
+    return order, offsets, order // top_k_index.shape[-1]
+
+
+def expert_lora(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    num_experts: int,
+    offsets: torch.Tensor,
+    experts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each sorted row's expert LoRA `scale * B_e A_e x`, as two grouped GEMMs (never `W + delta`). The factors are
+    in peft's `target_parameters` layout: A `(E * r, in)` with `A_e = A.view(E, r, in)[e]`, B `(out, E * r)` with
+    `B_e = B.view(out, r, E)[..., e]`; `experts`: the experts the groups are (default: all, in order)."""
+    r = lora_a.shape[0] // num_experts
+    a = lora_a.view(num_experts, r, -1)
+    b = lora_b.view(-1, r, num_experts).permute(2, 0, 1)  # (E, out, r)
+    a, b = (a, b.contiguous()) if experts is None else (a[experts], b[experts])
+    low = grouped_linear(x, a.to(x.dtype), offsets)
+    # The scale multiplies the (rows, r) intermediate, not the (rows, out) result: r / out of the element-wise work.
+    return grouped_linear(low * scale, b.to(x.dtype), offsets)
+
+
 class MoeifyExpertDeltas(nn.Module):
     """Each routed expert's LoRA on the shared FFN, in peft's `target_parameters` layout: `{p}_lora_A` `(E * r, in)`
     and `{p}_lora_B` `(out, E * r)` for p in `gate_up`, `down`; expert e's delta is `scale * B_e A_e` with
@@ -110,10 +140,7 @@ class MoeifyExpertDeltas(nn.Module):
     def forward(self, inputs: torch.Tensor, offsets: torch.Tensor, projection: str) -> torch.Tensor:
         """`inputs` `(rows, in)` sorted by expert (`offsets`: cumulative counts) -> each row's delta `(rows, out)`."""
         lora_a, lora_b = getattr(self, f"{projection}_lora_A"), getattr(self, f"{projection}_lora_B")
-        a = lora_a.view(self.num_experts, self.rank, -1)
-        b = lora_b.view(-1, self.rank, self.num_experts).permute(2, 0, 1).contiguous()  # (E, out, r)
-        # The scale multiplies the (rows, r) intermediate: r / out of the element-wise work of scaling the result.
-        return grouped_linear(grouped_linear(inputs, a, offsets) * self.scale, b, offsets)
+        return expert_lora(inputs, lora_a, lora_b, self.scale, self.num_experts, offsets)
 
 
 class MoeifyLoraExperts(nn.Module):
@@ -140,10 +167,7 @@ class MoeifyLoraExperts(nn.Module):
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         """`hidden_states` `(T, H)`, `top_k_index` / `top_k_weights` `(T, k)` -> weighted sum `(T, H)`."""
-        expert_ids = top_k_index.reshape(-1)
-        order = torch.argsort(expert_ids, stable=True)
-        offsets = torch.cumsum(torch.bincount(expert_ids, minlength=self.num_experts), 0, dtype=torch.int32)
-        tokens = order // top_k_index.shape[-1]
+        order, offsets, tokens = sort_by_expert(top_k_index, self.num_experts)
         gate_up_bias = self.gate_up_proj_bias if self.has_bias else None
         shared = F.linear(hidden_states, self.gate_up_proj, gate_up_bias)  # once per token
         gate, up = (shared[tokens] + self.deltas(hidden_states[tokens], offsets, "gate_up")).chunk(2, dim=-1)

@@ -29,7 +29,7 @@ import torch
 from bitsandbytes.functional import QuantState
 from torch import nn
 
-from ..modeling.experts import grouped_linear
+from ..modeling.experts import expert_lora, grouped_linear
 from .config import ExpertQuantization
 
 PROJECTIONS = ("gate_up", "down")
@@ -257,7 +257,7 @@ class Experts4bit(nn.Module):
         if self.has_bias:
             out = out + getattr(self, f"{name}_bias")[expanded].to(out.dtype)
         if lora is not None:
-            out = out + lora_delta(x, lora, self.num_experts, self.shapes[name], offsets, experts)
+            out = out + lora_delta(x, lora, self.num_experts, offsets, experts)
         return out
 
     def extra_repr(self) -> str:
@@ -281,20 +281,13 @@ def lora_delta(
     x: torch.Tensor,
     lora: LoraFactors,
     num_experts: int,
-    shape: tuple[int, int],
     offsets: torch.Tensor,
     experts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Each row's expert LoRA, `scale * B_e A_e x`, as two grouped GEMMs over rows sorted by expert (`offsets`);
-    `experts`: the experts the groups are (default: all, in order). Never forms `W + delta`."""
-    out_dim, in_dim = shape
-    r = lora.lora_A.shape[0] // num_experts
-    a = lora.lora_A.view(num_experts, r, in_dim)
-    b = lora.lora_B.view(out_dim, r, num_experts).permute(2, 0, 1)  # (E, out, r)
-    a, b = (a, b.contiguous()) if experts is None else (a[experts], b[experts])
-    low = grouped_linear(lora.dropout(x) if lora.dropout is not None else x, a.to(x.dtype), offsets)
-    # The scale multiplies the (rows, r) intermediate, not the (rows, out) result: r / out of the element-wise work.
-    return grouped_linear(low * lora.scale, b.to(x.dtype), offsets)
+    """Each row's expert LoRA (`moeify.modeling.experts.expert_lora`) after the factors' dropout, over rows sorted by
+    expert (`offsets`); `experts`: the experts the groups are (default: all, in order)."""
+    x = lora.dropout(x) if lora.dropout is not None else x
+    return expert_lora(x, lora.lora_A, lora.lora_B, lora.scale, num_experts, offsets, experts)
 
 
 class _Chunk:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..modeling.experts import grouped_linear
+from ..modeling.experts import grouped_linear, sort_by_expert
 from .experts_4bit import PROJECTIONS, LoraFactors, fused_experts, lora_delta
 
 
@@ -44,11 +44,8 @@ class ExpertsFrozen(nn.Module):
     ) -> torch.Tensor:
         """`hidden_states` `(T, H)`, `top_k_index` / `top_k_weights` `(T, k)` -> weighted sum `(T, H)`."""
         lora = lora or {}
-        expert_ids = top_k_index.reshape(-1)
-        order = torch.argsort(expert_ids, stable=True)
-        offsets = torch.cumsum(torch.bincount(expert_ids, minlength=self.num_experts), 0, dtype=torch.int32)
-        tokens = order // top_k_index.shape[-1]
-        sorted_ids = expert_ids[order]
+        order, offsets, tokens = sort_by_expert(top_k_index, self.num_experts)
+        sorted_ids = top_k_index.reshape(-1)[order]
         gate, up = self._project("gate_up", hidden_states[tokens], offsets, sorted_ids, lora).chunk(2, dim=-1)
         out = self._project("down", self.act_fn(gate) * up, offsets, sorted_ids, lora)
         out = out * top_k_weights.reshape(-1)[order, None].to(out.dtype)
@@ -66,7 +63,7 @@ class ExpertsFrozen(nn.Module):
         if self.has_bias:
             out = out + getattr(self, f"{name}_proj_bias")[sorted_ids].to(out.dtype)
         if name in lora:
-            out = out + lora_delta(x, lora[name], self.num_experts, self.shapes[name], offsets)
+            out = out + lora_delta(x, lora[name], self.num_experts, offsets)
         return out
 
     def extra_repr(self) -> str:
