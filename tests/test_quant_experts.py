@@ -133,6 +133,46 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         torch.testing.assert_close(checkpointed, plain, atol=0, rtol=0)
 
 
+def test_lora_dropout_masks_in_backward_are_the_forward_ones() -> None:
+    """Backward redraws the LoRA dropout masks from the saved RNG state: its gradients must be those of the forward
+    that ran. Reference: the same experts (the dequantized weights) and factors through ExpertsFrozen, plain autograd,
+    which draws the same masks in the same order from the same seed."""
+    from moeify.quant import ExpertsFrozen
+    from moeify.quant.experts_4bit import LoraFactors
+
+    quantized = Experts4bit.from_experts(full_precision_experts())
+    dequantized = full_precision_experts()
+    with torch.no_grad():
+        for name in ("gate_up", "down"):
+            weight = quantized.dequantize(name, torch.arange(E), torch.float32)
+            getattr(dequantized, f"{name}_proj").copy_(weight)
+    frozen = ExpertsFrozen(dequantized)
+    torch.manual_seed(3)
+    shapes = quantized.shapes
+    factors = [torch.randn(E * 4, shapes[n][1]) * 0.3 for n in shapes] + [
+        torch.randn(shapes[n][0], E * 4) for n in shapes
+    ]
+    results = []
+    for module in (quantized, frozen):
+        x, logits = routing()
+        weights, index = route(logits)
+        leaves = [f.clone().requires_grad_() for f in factors]
+        lora = {
+            n: LoraFactors(leaves[i], leaves[2 + i], 0.5, nn.Dropout(0.5)) for i, n in enumerate(("gate_up", "down"))
+        }
+        torch.manual_seed(7)
+        out = module(x, index, weights, lora)
+        out.square().sum().backward()
+        results.append((out.detach(), x.grad, logits.grad, *(leaf.grad for leaf in leaves)))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # The masks did drop something: without dropout the output differs.
+    x, logits = routing()
+    weights, index = route(logits)
+    plain = {n: LoraFactors(factors[i], factors[2 + i], 0.5) for i, n in enumerate(("gate_up", "down"))}
+    assert not torch.allclose(quantized(x, index, weights, plain), results[0][0], atol=1e-3)
+
+
 def test_only_experts_that_received_tokens_are_dequantized(monkeypatch: pytest.MonkeyPatch) -> None:
     module = Experts4bit.from_experts(full_precision_experts())
     calls: list[tuple[str, list[int]]] = []
@@ -147,7 +187,29 @@ def test_only_experts_that_received_tokens_are_dequantized(monkeypatch: pytest.M
     index = torch.tensor([[1, 3]] * T)  # every token uses experts 1 and 3 only
     weights = torch.full((T, K), 0.5, requires_grad=True)
     module(x, index, weights).sum().backward()
-    assert calls == [("gate_up", [1, 3]), ("down", [1, 3])] * 2  # forward, then backward's recomputation
+    # Forward, then backward's input gradients (which dequantize again, in reverse order).
+    assert calls == [("gate_up", [1, 3]), ("down", [1, 3]), ("down", [1, 3]), ("gate_up", [1, 3])]
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_dequantized_experts_are_bitsandbytes_own_round_trip(double_quant: bool) -> None:
+    """Any subset of experts, in any order, dequantizes to what bitsandbytes' own per-expert round trip gives, for
+    scales that fill whole nested blocks (gate_up: 256 blocks per expert, dequantized in one call) and not (down)."""
+    import bitsandbytes.functional as bnb_functional
+
+    experts = full_precision_experts()
+    module = Experts4bit.from_experts(experts, ExpertQuantization(double_quant=double_quant))
+    assert module.gate_up_absmax.shape[-1] == 256 and module.down_absmax.shape[-1] == 128
+    subset = torch.tensor([3, 1, 2])
+    for name, weight in (("gate_up", experts.gate_up_proj), ("down", experts.down_proj)):
+        expected = []
+        for e in subset.tolist():
+            data, state = bnb_functional.quantize_4bit(
+                weight[e].detach().contiguous(), compress_statistics=double_quant, quant_type="nf4"
+            )
+            expected.append(bnb_functional.dequantize_4bit(data, state))
+        got = module.dequantize(name, subset, torch.float32)
+        torch.testing.assert_close(got, torch.stack(expected), rtol=0, atol=0)
 
 
 def test_storage_is_under_three_tenths_of_bf16() -> None:

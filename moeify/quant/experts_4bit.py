@@ -11,8 +11,10 @@ frozen parameter viewed as a float dtype (FSDP shards float parameters); scales 
 Forward: tokens are sorted by expert once; only experts that received tokens are dequantized, in chunks of at
 most `max_dequantized_bytes`; each chunk runs as grouped GEMMs (`torch.nn.functional.grouped_mm`), LoRA as two
 more grouped GEMMs on the same sorted tokens (never `W + delta`). The dequantized weights are not kept: the
-autograd function saves the inputs, the routing and the RNG state, and backward dequantizes and recomputes each
-chunk to get the gradients of the input, the routing weights and the LoRA factors. The 4-bit base is frozen.
+autograd function saves the inputs, the routing, the RNG state and each chunk's activations (the gate_up output
+and the expert output, like any layer; gradient checkpointing discards and recomputes them), and backward
+dequantizes each chunk's weights again for the input gradient, redoing only the element-wise part and the LoRA
+branches (same dropout masks), never a GEMM with the base weights. The 4-bit base is frozen.
 
 LoRA factors (held by `moeify.quant.lora.ExpertsLora`, passed in at call time) use peft's `target_parameters`
 layout: `lora_A` is `(E * r, in)` (expert-major rows) and `lora_B` is `(out, E * r)` (expert index fastest in the
@@ -149,6 +151,17 @@ class Experts4bit(nn.Module):
         if not self.quantization.double_quant:
             return absmax
         nested, offset = getattr(self, f"{name}_nested_absmax"), getattr(self, f"{name}_offset")
+        if absmax.shape[-1] % _NESTED_BLOCKSIZE == 0:
+            # Each expert's scales fill whole nested blocks, so the experts' rows side by side are one tensor that
+            # bitsandbytes dequantizes in one call; each expert's offset is added after.
+            state = QuantState(
+                absmax=nested[experts].reshape(-1),
+                code=self.nested_code,
+                blocksize=_NESTED_BLOCKSIZE,
+                dtype=torch.float32,
+            )
+            scales = bnb_functional.dequantize_blockwise(absmax.reshape(-1), state).view_as(absmax)
+            return scales + offset[experts, None]
         rows = []
         for row, expert in zip(absmax, experts.tolist(), strict=True):
             state = QuantState(
@@ -226,39 +239,43 @@ class Experts4bit(nn.Module):
             row += len(rows)
             yield _Chunk(experts, chunk_counts, rows, rows // num_top_k)
 
-    def chunk_output(
+    def chunk_forward(
         self,
         chunk: _Chunk,
         hidden_states: torch.Tensor,
         flat_weights: torch.Tensor,
         lora: dict[str, LoraFactors],
-    ) -> torch.Tensor:
-        """The weighted expert outputs of the chunk's (token, expert) pairs, `(rows, H)`, in sorted order."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The chunk's (token, expert) pairs in sorted order: their weighted outputs `(rows, H)`, and what backward
+        needs besides the weights: the gate_up output `h` `(rows, 2I)` and the unweighted expert output `y`."""
         x = hidden_states[chunk.tokens]
-        offsets = torch.cumsum(chunk.counts, 0, dtype=torch.int32)
-        expanded = chunk.experts.repeat_interleave(chunk.counts)  # the expert of each row
-        h = self.projection("gate_up", x, chunk.experts, offsets, expanded, lora.get("gate_up"))
+        h = self.projection("gate_up", x, chunk, lora)
         gate, up = h.chunk(2, dim=-1)
-        y = self.projection("down", self.act_fn(gate) * up, chunk.experts, offsets, expanded, lora.get("down"))
-        return y * flat_weights[chunk.rows, None].to(y.dtype)
+        y = self.projection("down", self.act_fn(gate) * up, chunk, lora)
+        return y * flat_weights[chunk.rows, None].to(y.dtype), h, y
 
-    def projection(
-        self,
-        name: str,
-        x: torch.Tensor,
-        experts: torch.Tensor,
-        offsets: torch.Tensor,
-        expanded: torch.Tensor,
-        lora: LoraFactors | None,
-    ) -> torch.Tensor:
-        weight = self.dequantize(name, experts, x.dtype)
-        out = grouped_linear(x, weight, offsets)
+    def projection(self, name: str, x: torch.Tensor, chunk: _Chunk, lora: dict[str, LoraFactors]) -> torch.Tensor:
+        """`x` (the chunk's rows) through projection `name` of each row's expert, plus its LoRA."""
+        weight = self.dequantize(name, chunk.experts, x.dtype)
+        out = grouped_linear(x, weight, chunk.offsets)
         del weight  # never kept: backward dequantizes again
         if self.has_bias:
-            out = out + getattr(self, f"{name}_bias")[expanded].to(out.dtype)
-        if lora is not None:
-            out = out + lora_delta(x, lora, self.num_experts, offsets, experts)
-        return out
+            out = out + getattr(self, f"{name}_bias")[chunk.expanded].to(out.dtype)
+        delta = self.lora_branch(name, x, chunk, lora)
+        return out if delta is None else out + delta
+
+    def lora_branch(
+        self, name: str, x: torch.Tensor, chunk: _Chunk, lora: dict[str, LoraFactors]
+    ) -> torch.Tensor | None:
+        """Projection `name`'s LoRA delta for the chunk's rows `x`, or None without LoRA there."""
+        if name not in lora:
+            return None
+        return lora_delta(x, lora[name], self.num_experts, chunk.offsets, chunk.experts)
+
+    def input_grad(self, name: str, grad: torch.Tensor, chunk: _Chunk) -> torch.Tensor:
+        """The gradient of projection `name`'s input from its output's `grad`, through the frozen weights."""
+        weight = self.dequantize(name, chunk.experts, grad.dtype)
+        return grouped_linear(grad, weight.transpose(-2, -1), chunk.offsets)
 
     def extra_repr(self) -> str:
         q = self.quantization
@@ -295,10 +312,14 @@ class _Chunk:
 
     def __init__(self, experts: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> None:
         self.experts, self.counts, self.rows, self.tokens = experts, counts, rows, tokens
+        self.offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # grouped_linear's groups
+        self.expanded = experts.repeat_interleave(counts)  # the expert of each row
 
 
 class _Experts4bitFunction(torch.autograd.Function):
-    """Forward without keeping dequantized weights; backward dequantizes and recomputes chunk by chunk."""
+    """Forward without keeping dequantized weights; backward dequantizes each chunk's weights again for the input
+    gradients. The activations backward needs (each chunk's gate_up output and expert output) are saved like any
+    layer's (gradient checkpointing discards and recomputes them), so no GEMM with the base weights is rerun."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -310,35 +331,70 @@ class _Experts4bitFunction(torch.autograd.Function):
         spec: tuple[tuple[str, float, nn.Module | None], ...],
         *lora: torch.Tensor,
     ) -> torch.Tensor:
-        ctx.module, ctx.spec = module, spec
+        ctx.module, ctx.spec, ctx.num_lora = module, spec, len(lora)
         ctx.rng = _rng_state(hidden_states.device)  # LoRA dropout masks are redrawn identically in backward
-        ctx.save_for_backward(hidden_states, top_k_weights, top_k_index, *lora)
         output = torch.zeros_like(hidden_states)
         flat_weights = top_k_weights.reshape(-1)
         factors = _factors(spec, lora)
+        activations = []
         for chunk in module.chunks(top_k_index, hidden_states.dtype):
-            output.index_add_(0, chunk.tokens, module.chunk_output(chunk, hidden_states, flat_weights, factors))
+            out, h, y = module.chunk_forward(chunk, hidden_states, flat_weights, factors)
+            output.index_add_(0, chunk.tokens, out)
+            activations += [h, y]
+        ctx.save_for_backward(hidden_states, top_k_weights, top_k_index, *lora, *activations)
         return output
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        hidden_states, top_k_weights, top_k_index, *lora = ctx.saved_tensors
+        hidden_states, top_k_weights, top_k_index, *saved = ctx.saved_tensors
+        lora, activations = saved[: ctx.num_lora], saved[ctx.num_lora :]
         module: Experts4bit = ctx.module
         needs = ctx.needs_input_grad
-        hidden = hidden_states.detach().requires_grad_(needs[0])
-        weights = top_k_weights.detach().requires_grad_(needs[1])
         lora_leaves = tuple(t.detach().requires_grad_(need) for t, need in zip(lora, needs[5:], strict=True))
-        leaves = [t for t in (hidden, weights, *lora_leaves) if t.requires_grad]
-        if leaves:
-            grad_output = grad_output.contiguous()  # grouped_mm's backward rejects stride-0 gradients
-            with torch.enable_grad(), _restored_rng(hidden_states.device, ctx.rng):
-                flat_weights = weights.reshape(-1)
-                factors = _factors(ctx.spec, lora_leaves)
-                for chunk in module.chunks(top_k_index, hidden.dtype):
-                    out = module.chunk_output(chunk, hidden, flat_weights, factors)
-                    torch.autograd.backward(out, grad_output[chunk.tokens], inputs=leaves)
-        grads = [hidden.grad, weights.grad, None, None, None, *(t.grad for t in lora_leaves)]
-        return tuple(grads)
+        factors = _factors(ctx.spec, lora_leaves)
+        grad_hidden = torch.zeros_like(hidden_states) if needs[0] else None
+        grad_weights = torch.zeros_like(top_k_weights).reshape(-1) if needs[1] else None
+        if not (needs[0] or any(needs[5:])):
+            factors = {}  # only the routing weights' gradient is wanted: no LoRA graph needed
+        flat_weights = top_k_weights.reshape(-1)
+        chunks = module.chunks(top_k_index, hidden_states.dtype)
+        with torch.enable_grad(), _restored_rng(hidden_states.device, ctx.rng):
+            for chunk, h, y in zip(chunks, activations[0::2], activations[1::2], strict=True):
+                grad_rows = grad_output[chunk.tokens]
+                if grad_weights is not None:
+                    grad_weights[chunk.rows] = (grad_rows * y).sum(-1).to(grad_weights.dtype)
+                if grad_hidden is None and not factors:
+                    continue
+                grad_y = grad_rows * flat_weights[chunk.rows, None].to(grad_rows.dtype)
+                # Rebuild the element-wise graph and the LoRA branches in forward order (same dropout masks).
+                x = hidden_states[chunk.tokens].detach().requires_grad_("gate_up" in factors)
+                lora_gate_up = module.lora_branch("gate_up", x, chunk, factors)
+                h = h.detach().requires_grad_()
+                gate, up = h.chunk(2, dim=-1)
+                inner = module.act_fn(gate) * up
+                lora_down = module.lora_branch("down", inner, chunk, factors)
+                grad_inner = module.input_grad("down", grad_y, chunk)
+                _backward([inner, lora_down], [grad_inner, grad_y], [h, *_leaves(factors, "down")])
+                grad_x = module.input_grad("gate_up", h.grad, chunk) if grad_hidden is not None else None
+                if lora_gate_up is not None:
+                    _backward([lora_gate_up], [h.grad], [x, *_leaves(factors, "gate_up")])
+                    grad_x = grad_x + x.grad if grad_x is not None else None
+                if grad_hidden is not None:
+                    grad_hidden.index_add_(0, chunk.tokens, grad_x)
+        grad_weights = grad_weights.view_as(top_k_weights) if grad_weights is not None else None
+        return (grad_hidden, grad_weights, None, None, None, *(t.grad for t in lora_leaves))
+
+
+def _leaves(factors: dict[str, LoraFactors], name: str) -> list[torch.Tensor]:
+    return [factors[name].lora_A, factors[name].lora_B] if name in factors else []
+
+
+def _backward(outputs: list[torch.Tensor | None], grads: list[torch.Tensor], inputs: list[torch.Tensor]) -> None:
+    """`torch.autograd.backward` over the outputs that exist, into the inputs that want a gradient."""
+    pairs = [(o, g) for o, g in zip(outputs, grads, strict=True) if o is not None]
+    wanted = [t for t in inputs if t.requires_grad]
+    if pairs and wanted:
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs], inputs=wanted)
 
 
 def _factors(spec: tuple[tuple[str, float, nn.Module | None], ...], tensors: tuple[torch.Tensor, ...]) -> dict:
