@@ -260,9 +260,9 @@ class Experts4bit(nn.Module):
         out = grouped_linear(x, weight, chunk.offsets)
         del weight  # never kept: backward dequantizes again
         if self.has_bias:
-            out = out + getattr(self, f"{name}_bias")[chunk.expanded].to(out.dtype)
+            out.add_(getattr(self, f"{name}_bias")[chunk.expanded].to(out.dtype))
         delta = self.lora_branch(name, x, chunk, lora)
-        return out if delta is None else out + delta
+        return out if delta is None else out.add_(delta)  # in place: the autograd function's forward records nothing
 
     def lora_branch(
         self, name: str, x: torch.Tensor, chunk: _Chunk, lora: dict[str, LoraFactors]
@@ -361,11 +361,12 @@ class _Experts4bitFunction(torch.autograd.Function):
         with torch.enable_grad(), _restored_rng(hidden_states.device, ctx.rng):
             for chunk, h, y in zip(chunks, activations[0::2], activations[1::2], strict=True):
                 grad_rows = grad_output[chunk.tokens]
-                if grad_weights is not None:
-                    grad_weights[chunk.rows] = (grad_rows * y).sum(-1).to(grad_weights.dtype)
+                if grad_weights is not None:  # row-wise dot products, without a (rows, H) product in between
+                    dots = torch.bmm(grad_rows[:, None], y[:, :, None]).view(-1)
+                    grad_weights[chunk.rows] = dots.to(grad_weights.dtype)
                 if grad_hidden is None and not factors:
                     continue
-                grad_y = grad_rows * flat_weights[chunk.rows, None].to(grad_rows.dtype)
+                grad_y = grad_rows.mul_(flat_weights[chunk.rows, None].to(grad_rows.dtype))  # a fresh gather
                 # Rebuild the element-wise graph and the LoRA branches in forward order (same dropout masks).
                 x = hidden_states[chunk.tokens].detach().requires_grad_("gate_up" in factors)
                 lora_gate_up = module.lora_branch("gate_up", x, chunk, factors)
