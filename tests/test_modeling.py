@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,26 @@ def test_generate_with_cache_equals_full_forward() -> None:
         next_token = model(tokens, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
         tokens = torch.cat([tokens, next_token], dim=1)
     assert torch.equal(generated, tokens)
+
+
+def test_cache_under_either_name_without_deprecation_warnings() -> None:
+    """transformers 5.25 renamed `past_key_values` to `cache` (argument and output field): the model takes the cache
+    under either name, returns it under the installed version's, and generating raises no deprecation warning."""
+    from moeify.modeling.modeling_moeify import CACHE
+
+    model = tiny()
+    ids = torch.randint(0, 96, (1, 7))
+    full = model(ids, use_cache=False).logits[:, -1]
+    for name in dict.fromkeys(["past_key_values", CACHE]):
+        cache = getattr(model(ids[:, :-1], use_cache=True), CACHE)
+        assert cache is not None and cache.get_seq_length() == 6, name
+        step = model(ids[:, -1:], use_cache=True, **{name: cache}).logits[:, -1]
+        torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5, msg=name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.generate(ids, max_new_tokens=3, do_sample=False, use_cache=True)
+    renamed = [str(w.message) for w in caught if "past_key_values" in str(w.message)]
+    assert not renamed, renamed
 
 
 def test_save_load_round_trip_and_remote_code_files(tmp_path: Path) -> None:

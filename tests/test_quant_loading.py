@@ -220,3 +220,22 @@ def test_shared_experts_train_in_full_or_stay_frozen(shared: str, tmp_path_facto
         assert trainable == []
     with pytest.raises(MoeifyError, match="shared_experts must be"):
         load_for_training(out, shared_experts="lots")  # type: ignore[arg-type]
+
+
+def test_checkpointing_is_enabled_under_the_installed_name_without_warnings(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """transformers 5.25 renamed `gradient_checkpointing_enable` to `activation_checkpointing_enable` (the old name
+    warns); `load_for_training` enables non-reentrant checkpointing under whichever name exists, silently."""
+    import warnings
+
+    out = converted("llama", {**E4K2, "layout": "fused"}, tmp_path_factory)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_for_training(out, dtype=torch.float32)
+    base = model.get_base_model()
+    checkpointing = getattr(base, "is_activation_checkpointing", None)
+    assert checkpointing if checkpointing is not None else base.is_gradient_checkpointing
+    # (peft 0.21 itself still reads `is_gradient_checkpointing`, which warns on 5.25: not ours to change.)
+    deprecated = [str(w.message) for w in caught if "gradient_checkpointing_enable" in str(w.message)]
+    assert not deprecated, deprecated

@@ -215,3 +215,18 @@ def test_shipped_recipes_are_valid_and_the_qlora_one_fits_80_gb(
     assert 46e9 < total < 48e9  # 8 experts of Llama 3.1 8B's MLP: about 47B parameters
     estimate = float(re.search(r"peak memory estimate\s+([\d.]+) GiB", printed).group(1))
     assert estimate < 80, printed
+
+
+@pytest.mark.parametrize(
+    ("training", "expected"),
+    [
+        ({}, True),
+        ({"gradient_checkpointing": False}, False),
+        ({"activation_checkpointing": False}, False),  # the name transformers 5.25 gives it
+        ({"activation_checkpointing": True, "gradient_checkpointing": False}, True),  # the new name wins
+    ],
+)
+def test_checkpointing_key_under_either_name(training: dict, expected: bool) -> None:
+    from moeify.train.recipe import wants_checkpointing
+
+    assert wants_checkpointing(Recipe(training=training)) is expected

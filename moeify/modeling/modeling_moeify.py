@@ -26,6 +26,10 @@ from .configuration_moeify import MoeifyConfig
 from .experts import MoeifyExpertDeltas, MoeifyExpertsBase, MoeifyLoraExperts, build_experts
 from .router import MoeifyTopKRouter, RoutingState, load_balancing_loss, router_z_loss
 
+# transformers 5.25 renamed the key-value cache argument and output field `past_key_values` to `cache` (the old
+# name warns, and goes in 5.40); moeify's model passes and returns it under the name of the installed version.
+CACHE = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 class MoeifySharedExperts(nn.Module):
     """The shared experts: one gated MLP of `num_shared_experts * shared_expert_intermediate_size` neurons."""
@@ -218,7 +222,7 @@ class MoeifyPreTrainedModel(PreTrainedModel):
     config_class = MoeifyConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -290,6 +294,8 @@ class MoeifyForCausalLM(MoeifyPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> MoeifyCausalLMOutputWithPast:
+        cache = kwargs.pop("cache", None)  # transformers >= 5.25 passes `cache`, older ones `past_key_values`
+        cache = past_key_values if past_key_values is not None else cache
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
@@ -308,9 +314,9 @@ class MoeifyForCausalLM(MoeifyPreTrainedModel, GenerationMixin):
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 inputs_embeds=inputs_embeds,
                 use_cache=use_cache,
+                **{CACHE: cache},
                 **kwargs,
             )
         finally:
@@ -346,10 +352,10 @@ class MoeifyForCausalLM(MoeifyPreTrainedModel, GenerationMixin):
             aux_loss=aux_loss,
             z_loss=z_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=tuple(logits_ for _, logits_, _ in routing) if output_router_logits else None,
+            **{CACHE: getattr(outputs, CACHE)},
         )
 
 

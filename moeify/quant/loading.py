@@ -122,8 +122,7 @@ def load_for_training(
     if saved:
         attention_lora.modules_to_save = [*(attention_lora.modules_to_save or []), *(m for m in saved if m in present)]
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_checkpointing(model)
     peft_model = get_peft_model(model, attention_lora)
     add_expert_lora(peft_model, lora)
     return peft_model
@@ -358,3 +357,14 @@ model = load_for_training("THIS_FOLDER")  # no quantization runs again
 
 or merge a LoRA adapter trained on it into full-precision weights: `moeify merge THIS_FOLDER ADAPTER -o OUT`.
 """
+
+
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Non-reentrant activation checkpointing and input gradients (what peft's k-bit preparation would enable, without
+    its float32 upcast), under the installed transformers' name: 5.25 renamed `gradient_checkpointing_enable` to
+    `activation_checkpointing_enable` and the old one warns."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()

@@ -12,7 +12,7 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import PretrainedConfig
 
-from .recipe import Recipe
+from .recipe import Recipe, wants_checkpointing
 
 ROUTERS = ("gate", "router", "shared_expert_gate", "constant_experts")  # as moeify.quant.loading.ROUTER_MODULES
 SHARED = ("shared_expert", "shared_experts", "shared_mlp")
@@ -135,7 +135,7 @@ def _activations(recipe: Recipe, config: PretrainedConfig) -> int:
     text = config.get_text_config()
     tokens = int(recipe.training.get("per_device_train_batch_size", 8)) * recipe.data.max_length
     hidden = tokens * text.hidden_size * _DTYPE_BYTES[recipe.quantization.compute_dtype]
-    checkpointing = recipe.training.get("gradient_checkpointing", True)
+    checkpointing = wants_checkpointing(recipe)
     layers = text.num_hidden_layers
     return hidden * (layers + 16 if checkpointing else 16 * layers) + (32 << 20)
 

@@ -207,11 +207,12 @@ def check_recipe(recipe: Recipe) -> None:
     hints = typing.get_type_hints(TrainingArguments)
     names = [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
     for key, value in recipe.training.items():
-        if key not in names:
+        if key not in names and key not in CHECKPOINTING_KEYS:  # either name on any version (trainer_settings)
             raise MoeifyError(f"training.{key}: not a TrainingArguments field{_suggest(key, names)}.")
         if key == "output_dir":
             raise MoeifyError("training.output_dir: set output.dir instead.")
         hint = bool | str | None if key == "resume_from_checkpoint" else hints.get(key, Any)  # true: the last one
+        hint = bool if key in CHECKPOINTING_KEYS else hint
         recipe.training[key] = value = _coerce(value, hint)
         _check_type(value, hint, f"training.{key}")
     try:  # what only TrainingArguments itself checks (enum values, combinations)
@@ -223,6 +224,24 @@ def check_recipe(recipe: Recipe) -> None:
         raise MoeifyError(f"training.{culprit}: {first}" if culprit else f"training: {first}") from None
 
 
+# The recipe's `training` keys for activation checkpointing: transformers 5.25 renamed `gradient_checkpointing`.
+CHECKPOINTING_KEYS = ("activation_checkpointing", "gradient_checkpointing")
+
+
+def wants_checkpointing(recipe: Recipe) -> bool:
+    """Whether the recipe trains with activation checkpointing (either key; on by default)."""
+    values = [recipe.training[key] for key in CHECKPOINTING_KEYS if recipe.training.get(key) is not None]
+    return bool(values[0]) if values else True
+
+
+def checkpointing_argument() -> str:
+    """`TrainingArguments`' name for activation checkpointing in the installed transformers."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+
+
 def trainer_settings(recipe: Recipe) -> dict[str, Any]:
     """`training` as `TrainingArguments` keywords (`resume_from_checkpoint` is `Trainer.train`'s, not theirs).
 
@@ -231,7 +250,9 @@ def trainer_settings(recipe: Recipe) -> dict[str, Any]:
     """
     import torch
 
-    settings = {k: v for k, v in recipe.training.items() if k != "resume_from_checkpoint"}
+    settings = {k: v for k, v in recipe.training.items() if k not in ("resume_from_checkpoint", *CHECKPOINTING_KEYS)}
+    if any(key in recipe.training for key in CHECKPOINTING_KEYS):
+        settings[checkpointing_argument()] = wants_checkpointing(recipe)
     if torch.accelerator.current_accelerator() is None:
         settings.setdefault("use_cpu", True)
     return settings

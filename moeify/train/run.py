@@ -17,7 +17,7 @@ from transformers import Trainer
 
 from ..errors import MoeifyError
 from .loss import causal_lm_loss
-from .recipe import LoraRecipe, Recipe, trainer_settings
+from .recipe import LoraRecipe, Recipe, checkpointing_argument, trainer_settings, wants_checkpointing
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -103,7 +103,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     _set_router_losses(base, recipe)
     tokenizer = AutoTokenizer.from_pretrained(path)
     train_set, eval_set = build_datasets(recipe.data, tokenizer, seed)
-    settings = {**trainer_settings(recipe), "gradient_checkpointing": False}  # load_for_training enabled it
+    settings = {**trainer_settings(recipe), checkpointing_argument(): False}  # load_model enabled it, non-reentrant
     args = TrainingArguments(output_dir=recipe.output.dir, **settings)
     trainer = MoeTrainer(
         model=model,
@@ -159,11 +159,11 @@ def load_model(recipe: Recipe, path: str) -> torch.nn.Module:
 
     from ..quant import ExpertLora, ExpertQuantization, add_expert_lora, freeze_experts, load_for_training
     from ..quant.experts_4bit import fused_experts
-    from ..quant.loading import ROUTER_MODULES, _default_targets, apply_router_settings
+    from ..quant.loading import ROUTER_MODULES, _default_targets, apply_router_settings, enable_checkpointing
 
     q, lora = recipe.quantization, recipe.lora
     dtype = _DTYPES[q.compute_dtype]
-    checkpointing = bool(recipe.training.get("gradient_checkpointing", True))
+    checkpointing = wants_checkpointing(recipe)
     linear = None
     if q.linear != "none":
         linear = BitsAndBytesConfig(
@@ -204,8 +204,7 @@ def load_model(recipe: Recipe, path: str) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, quantization_config=linear)
     dense = not any(name.rpartition(".")[2] == "experts" for name, _ in model.named_modules())
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_checkpointing(model)
     if lora is None:
         return model  # every parameter trains
     modules = _default_targets(model, shared)
