@@ -3,9 +3,9 @@
     python benchmarks/moe_block.py [--grid cpu|full] [--shapes H,I,E,K,T ...] [--dtype float32|bfloat16]
                                    [--reps 3] [--variants ...] [--memory] [--decode]
 
-For each shape (hidden H, expert intermediate I, experts E, top-k K, tokens T), one run per variant of
-`y = block(x); (y * g).sum().backward()` with a fixed random `g`, after one warm-up run; the median of `--reps`
-runs. Variants:
+For each shape (hidden H, expert intermediate I, experts E, top-k K, tokens T), each variant times
+`y = block(x); (y * g).sum().backward()` with a fixed random `g`, in interleaved rounds (below); the median of
+`--reps` rounds. Variants:
 
   tf-eager, tf-grouped_mm   transformers' `MixtralSparseMoeBlock`, `experts_implementation` eager / grouped_mm
   moeify-<impl>             moeify's `MoeifySparseMoeBlock` with transformers' experts implementation <impl>
@@ -27,14 +27,18 @@ applicable to ideal); with `--memory`, the peak of live tensor bytes
 during one more run (`torch.cuda.max_memory_allocated` on CUDA; the profiler's memory timeline on CPU).
 The cpu grid is the issue's grid cut to what 2 cores finish in minutes (H 1024); `--grid full` is the issue's.
 `--decode`: generation's case instead, forward only under `torch.no_grad()` for 1 and 4 tokens (the grid's T is
-ignored), timed over 20 calls per rep.
+ignored), timed over 20 calls per rep. Every shape builds all its variants first and then times them in rounds, each
+round running every variant once in turn (after one warm-up round), so a machine whose speed drifts during the run
+moves all variants alike; the median of `--reps` rounds is printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import itertools
+import math
 import statistics
 import sys
 import time
@@ -194,33 +198,40 @@ def output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y[0] if isinstance(y, tuple) else y
 
 
-def time_decode(module: nn.Module, x: torch.Tensor, reps: int, sync: Callable[[], None], calls: int = 20) -> float:
+def decode_seconds(module: nn.Module, x: torch.Tensor, sync: Callable[[], None], calls: int = 20) -> float:
     """Seconds per forward call without autograd, as generation runs the block."""
-    times = []
     with torch.no_grad():
-        for rep in range(reps + 1):
-            sync()
-            start = time.perf_counter()
-            for _ in range(calls):
-                output(module, x)
-            sync()
-            if rep:
-                times.append((time.perf_counter() - start) / calls)
-    return statistics.median(times)
-
-
-def time_fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, reps: int, sync: Callable[[], None]) -> float:
-    times = []
-    for rep in range(reps + 1):  # the first is a warm-up
         sync()
         start = time.perf_counter()
-        output(module, x).backward(grad)
+        for _ in range(calls):
+            output(module, x)
         sync()
-        if rep:
-            times.append(time.perf_counter() - start)
-        module.zero_grad(set_to_none=True)
-        x.grad = None
-    return statistics.median(times)
+    return (time.perf_counter() - start) / calls
+
+
+def fwd_bwd_seconds(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, sync: Callable[[], None]) -> float:
+    """Seconds of one forward + backward; gradients are dropped after, so no variant holds any between runs."""
+    sync()
+    start = time.perf_counter()
+    output(module, x).backward(grad)
+    sync()
+    seconds = time.perf_counter() - start
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    return seconds
+
+
+def interleaved_medians(runs: dict[str, Callable[[], float]], reps: int) -> dict[str, float]:
+    """Median seconds of each variant over `reps` rounds after a warm-up round, every round running each variant
+    once in turn: a machine that speeds up or slows down during the benchmark moves every variant alike, so the
+    ratios hold better than with all of one variant's runs back to back."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for rep in range(reps + 1):  # the first round is a warm-up
+        for name, run in runs.items():
+            seconds = run()
+            if rep:
+                times[name].append(seconds)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def peak_bytes(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> int:
@@ -276,21 +287,30 @@ def main() -> None:
         grad = torch.randn(1, t, h, dtype=dtype, device=device)
         with torch.no_grad():
             expected = output(build("tf-eager", reference, shape, dtype, device), x)
-        results: dict[str, tuple[float, int | None, float]] = {}
+        modules: dict[str, nn.Module] = {}
+        diffs: dict[str, float] = {}
         for variant in variants:
             try:
-                module = build(variant, reference, shape, dtype, device)
+                modules[variant] = module = build(variant, reference, shape, dtype, device)
             except Exception as err:  # noqa: BLE001 (a variant this shape or device cannot build: say so, go on)
                 print(f"| {h} | {i} | {e} | {k} | {t} | {variant} | n/a: {type(err).__name__}: {err} | | |")
                 continue
             with torch.no_grad():
-                diff = float((output(module, x) - expected).abs().max()) if variant != "ideal" else float("nan")
-            if args.decode:
-                seconds = time_decode(module, x.detach(), args.reps, sync)
-            else:
-                seconds = time_fwd_bwd(module, x, grad, args.reps, sync)
-            results[variant] = (seconds, peak_bytes(module, x, grad) if args.memory else None, diff)
-            del module
+                diffs[variant] = float((output(module, x) - expected).abs().max()) if variant != "ideal" else math.nan
+        runs = {
+            variant: (
+                functools.partial(decode_seconds, module, x.detach(), sync)
+                if args.decode
+                else functools.partial(fwd_bwd_seconds, module, x, grad, sync)
+            )
+            for variant, module in modules.items()
+        }
+        medians = interleaved_medians(runs, args.reps)
+        results: dict[str, tuple[float, int | None, float]] = {
+            variant: (medians[variant], peak_bytes(module, x, grad) if args.memory else None, diffs[variant])
+            for variant, module in modules.items()
+        }
+        del modules, runs
         base = results["tf-grouped_mm"][0] if "tf-grouped_mm" in results else float("nan")
         ideal = results["ideal"][0] if "ideal" in results else float("nan")
         for variant, (seconds, peak, diff) in results.items():
