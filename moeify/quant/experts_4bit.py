@@ -351,11 +351,10 @@ class _Experts4bitFunction(torch.autograd.Function):
         module: Experts4bit = ctx.module
         needs = ctx.needs_input_grad
         lora_leaves = tuple(t.detach().requires_grad_(need) for t, need in zip(lora, needs[5:], strict=True))
-        factors = _factors(ctx.spec, lora_leaves)
+        # Without input or LoRA gradients only the routing weights' is wanted: no LoRA graph is rebuilt.
+        factors = _factors(ctx.spec, lora_leaves) if needs[0] or any(needs[5:]) else {}
         grad_hidden = torch.zeros_like(hidden_states) if needs[0] else None
         grad_weights = torch.zeros_like(top_k_weights).reshape(-1) if needs[1] else None
-        if not (needs[0] or any(needs[5:])):
-            factors = {}  # only the routing weights' gradient is wanted: no LoRA graph needed
         flat_weights = top_k_weights.reshape(-1)
         chunks = module.chunks(top_k_index, hidden_states.dtype)
         with torch.enable_grad(), _restored_rng(hidden_states.device, ctx.rng):
@@ -368,7 +367,7 @@ class _Experts4bitFunction(torch.autograd.Function):
                     continue
                 grad_y = grad_rows.mul_(flat_weights[chunk.rows, None].to(grad_rows.dtype))  # a fresh gather
                 # Rebuild the element-wise graph and the LoRA branches in forward order (same dropout masks).
-                x = hidden_states[chunk.tokens].detach().requires_grad_("gate_up" in factors)
+                x = hidden_states[chunk.tokens].detach().requires_grad_(grad_hidden is not None)
                 lora_gate_up = module.lora_branch("gate_up", x, chunk, factors)
                 h = h.detach().requires_grad_()
                 gate, up = h.chunk(2, dim=-1)
@@ -376,12 +375,11 @@ class _Experts4bitFunction(torch.autograd.Function):
                 lora_down = module.lora_branch("down", inner, chunk, factors)
                 grad_inner = module.input_grad("down", grad_y, chunk)
                 _backward([inner, lora_down], [grad_inner, grad_y], [h, *_leaves(factors, "down")])
-                grad_x = module.input_grad("gate_up", h.grad, chunk) if grad_hidden is not None else None
                 if lora_gate_up is not None:
                     _backward([lora_gate_up], [h.grad], [x, *_leaves(factors, "gate_up")])
-                    grad_x = grad_x + x.grad if grad_x is not None else None
                 if grad_hidden is not None:
-                    grad_hidden.index_add_(0, chunk.tokens, grad_x)
+                    grad_x = module.input_grad("gate_up", h.grad, chunk)
+                    grad_hidden.index_add_(0, chunk.tokens, grad_x if x.grad is None else grad_x.add_(x.grad))
         grad_weights = grad_weights.view_as(top_k_weights) if grad_weights is not None else None
         return (grad_hidden, grad_weights, None, None, None, *(t.grad for t in lora_leaves))
 

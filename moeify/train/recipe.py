@@ -211,8 +211,10 @@ def check_recipe(recipe: Recipe) -> None:
             raise MoeifyError(f"training.{key}: not a TrainingArguments field{_suggest(key, names)}.")
         if key == "output_dir":
             raise MoeifyError("training.output_dir: set output.dir instead.")
-        hint = bool | str | None if key == "resume_from_checkpoint" else hints.get(key, Any)  # true: the last one
-        hint = bool if key in CHECKPOINTING_KEYS else hint
+        if key == "resume_from_checkpoint":
+            hint = bool | str | None  # true: the last one
+        else:  # a checkpointing key may be the other version's name, which `hints` lacks
+            hint = bool if key in CHECKPOINTING_KEYS else hints.get(key, Any)
         recipe.training[key] = value = _coerce(value, hint)
         _check_type(value, hint, f"training.{key}")
     try:  # what only TrainingArguments itself checks (enum values, combinations)
