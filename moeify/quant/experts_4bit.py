@@ -11,10 +11,12 @@ frozen parameter viewed as a float dtype (FSDP shards float parameters); scales 
 Forward: tokens are sorted by expert once; only experts that received tokens are dequantized, in chunks of at
 most `max_dequantized_bytes`; each chunk runs as grouped GEMMs (`torch.nn.functional.grouped_mm`), LoRA as two
 more grouped GEMMs on the same sorted tokens (never `W + delta`). The dequantized weights are not kept: the
-autograd function saves the inputs, the routing, the RNG state and each chunk's activations (the gate_up output
-and the expert output, like any layer; gradient checkpointing discards and recomputes them), and backward
-dequantizes each chunk's weights again for the input gradient, redoing only the element-wise part and the LoRA
-branches (same dropout masks), never a GEMM with the base weights. The 4-bit base is frozen.
+autograd function saves the inputs, the routing, the RNG state and each chunk's gate_up output (like any layer;
+gradient checkpointing discards and recomputes it), and backward dequantizes each chunk's weights again for the
+input gradient, redoing only the element-wise part and the LoRA branches (same dropout masks), never a GEMM with the
+base weights. The expert output is not saved: the routing weights' gradient `<grad, W_down a + lora + bias>` is
+computed as `<W_down^T grad, a> + <grad, lora + bias>`, from the product backward forms anyway. The 4-bit base is
+frozen.
 
 LoRA factors (held by `moeify.quant.lora.ExpertsLora`, passed in at call time) use peft's `target_parameters`
 layout: `lora_A` is `(E * r, in)` (expert-major rows) and `lora_B` is `(out, E * r)` (expert index fastest in the
@@ -245,14 +247,14 @@ class Experts4bit(nn.Module):
         hidden_states: torch.Tensor,
         flat_weights: torch.Tensor,
         lora: dict[str, LoraFactors],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The chunk's (token, expert) pairs in sorted order: their weighted outputs `(rows, H)`, and what backward
-        needs besides the weights: the gate_up output `h` `(rows, 2I)` and the unweighted expert output `y`."""
+        needs besides the weights and the inputs: the gate_up output `h` `(rows, 2I)`."""
         x = hidden_states[chunk.tokens]
         h = self.projection("gate_up", x, chunk, lora)
         gate, up = h.chunk(2, dim=-1)
         y = self.projection("down", self.act_fn(gate) * up, chunk, lora)
-        return y * flat_weights[chunk.rows, None].to(y.dtype), h, y
+        return y.mul_(flat_weights[chunk.rows, None].to(y.dtype)), h
 
     def projection(self, name: str, x: torch.Tensor, chunk: _Chunk, lora: dict[str, LoraFactors]) -> torch.Tensor:
         """`x` (the chunk's rows) through projection `name` of each row's expert, plus its LoRA."""
@@ -318,8 +320,8 @@ class _Chunk:
 
 class _Experts4bitFunction(torch.autograd.Function):
     """Forward without keeping dequantized weights; backward dequantizes each chunk's weights again for the input
-    gradients. The activations backward needs (each chunk's gate_up output and expert output) are saved like any
-    layer's (gradient checkpointing discards and recomputes them), so no GEMM with the base weights is rerun."""
+    gradients. The activation backward needs (each chunk's gate_up output) is saved like any layer's (gradient
+    checkpointing discards and recomputes it), so no GEMM with the base weights is rerun."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -338,9 +340,9 @@ class _Experts4bitFunction(torch.autograd.Function):
         factors = _factors(spec, lora)
         activations = []
         for chunk in module.chunks(top_k_index, hidden_states.dtype):
-            out, h, y = module.chunk_forward(chunk, hidden_states, flat_weights, factors)
+            out, h = module.chunk_forward(chunk, hidden_states, flat_weights, factors)
             output.index_add_(0, chunk.tokens, out)
-            activations += [h, y]
+            activations.append(h)
         ctx.save_for_backward(hidden_states, top_k_weights, top_k_index, *lora, *activations)
         return output
 
@@ -351,29 +353,37 @@ class _Experts4bitFunction(torch.autograd.Function):
         module: Experts4bit = ctx.module
         needs = ctx.needs_input_grad
         lora_leaves = tuple(t.detach().requires_grad_(need) for t, need in zip(lora, needs[5:], strict=True))
-        # Without input or LoRA gradients only the routing weights' is wanted: no LoRA graph is rebuilt.
-        factors = _factors(ctx.spec, lora_leaves) if needs[0] or any(needs[5:]) else {}
+        factors = _factors(ctx.spec, lora_leaves)
+        backprop = needs[0] or any(needs[5:])  # anything besides the routing weights' gradient
         grad_hidden = torch.zeros_like(hidden_states) if needs[0] else None
         grad_weights = torch.zeros_like(top_k_weights).reshape(-1) if needs[1] else None
         flat_weights = top_k_weights.reshape(-1)
         chunks = module.chunks(top_k_index, hidden_states.dtype)
         with torch.enable_grad(), _restored_rng(hidden_states.device, ctx.rng):
-            for chunk, h, y in zip(chunks, activations[0::2], activations[1::2], strict=True):
-                grad_rows = grad_output[chunk.tokens]
-                if grad_weights is not None:  # row-wise dot products, without a (rows, H) product in between
-                    dots = torch.bmm(grad_rows[:, None], y[:, :, None]).view(-1)
-                    grad_weights[chunk.rows] = dots.to(grad_weights.dtype)
-                if grad_hidden is None and not factors:
-                    continue
-                grad_y = grad_rows.mul_(flat_weights[chunk.rows, None].to(grad_rows.dtype))  # a fresh gather
+            for chunk, h in zip(chunks, activations, strict=True):
+                grad_rows = grad_output[chunk.tokens]  # a fresh gather: the unweighted gradient of each row's output
                 # Rebuild the element-wise graph and the LoRA branches in forward order (same dropout masks).
                 x = hidden_states[chunk.tokens].detach().requires_grad_(grad_hidden is not None)
-                lora_gate_up = module.lora_branch("gate_up", x, chunk, factors)
-                h = h.detach().requires_grad_()
+                lora_gate_up = module.lora_branch("gate_up", x, chunk, factors)  # always: it draws its mask first
+                h = h.detach().requires_grad_(backprop)
                 gate, up = h.chunk(2, dim=-1)
                 inner = module.act_fn(gate) * up
                 lora_down = module.lora_branch("down", inner, chunk, factors)
-                grad_inner = module.input_grad("down", grad_y, chunk)
+                grad_inner = module.input_grad("down", grad_rows, chunk)  # unweighted, (rows, I)
+                row_weights = flat_weights[chunk.rows, None].to(grad_rows.dtype)
+                if grad_weights is not None:
+                    # d out / d weight = the row's expert output y = W_down inner + LoRA + bias, never saved:
+                    # <grad, W_down inner> = <W_down^T grad, inner>, and W_down^T grad is backward's product anyway.
+                    dots = _row_dots(grad_inner, inner.detach())
+                    if lora_down is not None:
+                        dots += _row_dots(grad_rows, lora_down.detach())
+                    if module.has_bias:
+                        dots += _row_dots(grad_rows, module.down_bias[chunk.expanded].to(grad_rows.dtype))
+                    grad_weights[chunk.rows] = dots.to(grad_weights.dtype)
+                if not backprop:
+                    continue
+                grad_inner.mul_(row_weights)
+                grad_y = grad_rows.mul_(row_weights)
                 _backward([inner, lora_down], [grad_inner, grad_y], [h, *_leaves(factors, "down")])
                 if lora_gate_up is not None:
                     _backward([lora_gate_up], [h.grad], [x, *_leaves(factors, "gate_up")])
@@ -382,6 +392,11 @@ class _Experts4bitFunction(torch.autograd.Function):
                     grad_hidden.index_add_(0, chunk.tokens, grad_x if x.grad is None else grad_x.add_(x.grad))
         grad_weights = grad_weights.view_as(top_k_weights) if grad_weights is not None else None
         return (grad_hidden, grad_weights, None, None, None, *(t.grad for t in lora_leaves))
+
+
+def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`(a * b).sum(-1)` of two `(rows, n)` tensors, without the `(rows, n)` product in between."""
+    return torch.bmm(a[:, None], b[:, :, None]).view(-1)
 
 
 def _leaves(factors: dict[str, LoraFactors], name: str) -> list[torch.Tensor]:
