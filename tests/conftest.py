@@ -11,6 +11,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.fixture(
+    params=[
+        "cpu",
+        pytest.param(
+            "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU")]
+        ),
+    ]
+)
+def device(request: pytest.FixtureRequest) -> str:
+    """Each test that takes `device` runs on the CPU and, where a GPU is present, on CUDA (`pytest -m cuda` runs the
+    CUDA half alone: scripts/device-checks.sh)."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("dense")

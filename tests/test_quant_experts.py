@@ -70,10 +70,10 @@ def eager_reference(layer: nn.Module, x: torch.Tensor, index: torch.Tensor, weig
     return out
 
 
-def routing(seed: int = 1, tokens: int = T) -> tuple[torch.Tensor, torch.Tensor]:
+def routing(seed: int = 1, tokens: int = T, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(seed)
-    x = torch.randn(tokens, H, requires_grad=True)
-    logits = torch.randn(tokens, E, requires_grad=True)
+    x = torch.randn(tokens, H).to(device).requires_grad_()
+    logits = torch.randn(tokens, E).to(device).requires_grad_()
     return x, logits
 
 
@@ -86,16 +86,18 @@ def route(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("lora", [None, ExpertLora(r=4, alpha=8)])
 @pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_matches_eager_reference(double_quant: bool, lora: ExpertLora | None, chunked: bool, bias: bool) -> None:
+def test_matches_eager_reference(
+    double_quant: bool, lora: ExpertLora | None, chunked: bool, bias: bool, device: str
+) -> None:
     quant = ExpertQuantization(double_quant=double_quant, max_dequantized_bytes=1 if chunked else 1 << 30)
-    module: nn.Module = Experts4bit.from_experts(full_precision_experts(bias), quant)
+    module: nn.Module = Experts4bit.from_experts(full_precision_experts(bias).to(device), quant)
     if lora is not None:
         module = with_lora(module, lora)
         with torch.no_grad():  # B starts at zero; make the LoRA path count
             for name, param in module.named_parameters():
                 if "lora_B" in name:
                     param.normal_(std=0.1)
-    x, logits = routing()
+    x, logits = routing(device=device)
     weights, index = route(logits)
     ours, reference = module(x, index, weights), eager_reference(module, x, index, weights)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
@@ -111,10 +113,10 @@ def test_matches_eager_reference(double_quant: bool, lora: ExpertLora | None, ch
 
 @pytest.mark.parametrize("lora", [None, ExpertLora(r=4, alpha=8)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_router_only_gradient_matches_eager_reference(lora: ExpertLora | None, bias: bool) -> None:
+def test_router_only_gradient_matches_eager_reference(lora: ExpertLora | None, bias: bool, device: str) -> None:
     """Frozen inputs and LoRA: backward computes only the routing weights' gradient, from the expert outputs it
     never saved (W_down^T grad against the activations, plus the LoRA and bias terms)."""
-    module: nn.Module = Experts4bit.from_experts(full_precision_experts(bias))
+    module: nn.Module = Experts4bit.from_experts(full_precision_experts(bias).to(device))
     if lora is not None:
         module = with_lora(module, lora)
         with torch.no_grad():
@@ -123,18 +125,18 @@ def test_router_only_gradient_matches_eager_reference(lora: ExpertLora | None, b
                     param.normal_(std=0.1)
         for param in lora_parameters(module):
             param.requires_grad_(False)
-    x, logits = routing()
+    x, logits = routing(device=device)
     x = x.detach()
     weights, index = route(logits)
-    grad = torch.randn(T, H)
+    grad = torch.randn(T, H).to(device)
     (ours,) = torch.autograd.grad(module(x, index, weights), logits, grad, retain_graph=True)
     (want,) = torch.autograd.grad(eager_reference(module, x, index, weights), logits, grad)
     assert want.abs().max() > 0
     torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients() -> None:
-    module = with_lora(Experts4bit.from_experts(full_precision_experts()), ExpertLora(r=4))
+def test_gradient_checkpointing_gives_the_same_gradients(device: str) -> None:
+    module = with_lora(Experts4bit.from_experts(full_precision_experts().to(device)), ExpertLora(r=4))
     with torch.no_grad():
         module.lora_B["default"].weight.normal_(std=0.1)
 
@@ -144,7 +146,7 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
 
     results = []
     for checkpointed in (False, True):
-        x, logits = routing()
+        x, logits = routing(device=device)
         out = (
             torch.utils.checkpoint.checkpoint(block, x, logits, use_reentrant=False)
             if checkpointed
@@ -153,36 +155,38 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         out.square().sum().backward()
         results.append((out.detach(), x.grad, logits.grad, module.lora_A["default"].weight.grad.clone()))
         module.zero_grad()
+    # Bit for bit on the CPU; CUDA's index_add_ sums in a run-dependent order (atomic adds).
+    exact = device == "cpu"
     for plain, checkpointed in zip(*results, strict=True):
-        torch.testing.assert_close(checkpointed, plain, atol=0, rtol=0)
+        torch.testing.assert_close(checkpointed, plain, atol=0 if exact else 1e-6, rtol=0 if exact else 1e-6)
 
 
-def test_lora_dropout_masks_in_backward_are_the_forward_ones() -> None:
+def test_lora_dropout_masks_in_backward_are_the_forward_ones(device: str) -> None:
     """Backward redraws the LoRA dropout masks from the saved RNG state: its gradients must be those of the forward
     that ran. Reference: the same experts (the dequantized weights) and factors through ExpertsFrozen, plain autograd,
     which draws the same masks in the same order from the same seed."""
     from moeify.quant import ExpertsFrozen
     from moeify.quant.experts_4bit import LoraFactors
 
-    quantized = Experts4bit.from_experts(full_precision_experts())
-    dequantized = full_precision_experts()
+    quantized = Experts4bit.from_experts(full_precision_experts().to(device))
+    dequantized = full_precision_experts().to(device)
     with torch.no_grad():
         for name in ("gate_up", "down"):
-            weight = quantized.dequantize(name, torch.arange(E), torch.float32)
+            weight = quantized.dequantize(name, torch.arange(E, device=device), torch.float32)
             getattr(dequantized, f"{name}_proj").copy_(weight)
     frozen = ExpertsFrozen(dequantized)
     torch.manual_seed(3)
     shapes = quantized.shapes
-    factors = [torch.randn(E * 4, shapes[n][1]) * 0.3 for n in shapes] + [
-        torch.randn(shapes[n][0], E * 4) * 0.1 for n in shapes
+    factors = [(torch.randn(E * 4, shapes[n][1]) * 0.3).to(device) for n in shapes] + [
+        (torch.randn(shapes[n][0], E * 4) * 0.1).to(device) for n in shapes
     ]
     # Small factors and a fixed random output gradient keep every gradient of order one, so 1e-5 means something for
     # all of them: with unit-scale lora_B they reach 1e3 and float32 rounding alone exceeds 1e-5 where terms cancel
     # (a squared loss is worse: logit gradients of 1e5 beside exact-zero cancellations).
-    grad = torch.randn(T, H)
+    grad = torch.randn(T, H).to(device)
     results = []
     for module in (quantized, frozen):
-        x, logits = routing()
+        x, logits = routing(device=device)
         weights, index = route(logits)
         leaves = [f.clone().requires_grad_() for f in factors]
         lora = {
@@ -195,7 +199,7 @@ def test_lora_dropout_masks_in_backward_are_the_forward_ones() -> None:
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # The masks did drop something: without dropout the output differs.
-    x, logits = routing()
+    x, logits = routing(device=device)
     weights, index = route(logits)
     plain = {n: LoraFactors(factors[i], factors[2 + i], 0.5) for i, n in enumerate(("gate_up", "down"))}
     assert not torch.allclose(quantized(x, index, weights, plain), results[0][0], atol=1e-3)
@@ -220,15 +224,15 @@ def test_only_experts_that_received_tokens_are_dequantized(monkeypatch: pytest.M
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
-def test_dequantized_experts_are_bitsandbytes_own_round_trip(double_quant: bool) -> None:
+def test_dequantized_experts_are_bitsandbytes_own_round_trip(double_quant: bool, device: str) -> None:
     """Any subset of experts, in any order, dequantizes to what bitsandbytes' own per-expert round trip gives, for
     scales that fill whole nested blocks (gate_up: 256 blocks per expert, dequantized in one call) and not (down)."""
     import bitsandbytes.functional as bnb_functional
 
-    experts = full_precision_experts()
+    experts = full_precision_experts().to(device)
     module = Experts4bit.from_experts(experts, ExpertQuantization(double_quant=double_quant))
     assert module.gate_up_absmax.shape[-1] == 256 and module.down_absmax.shape[-1] == 128
-    subset = torch.tensor([3, 1, 2])
+    subset = torch.tensor([3, 1, 2], device=device)
     for name, weight in (("gate_up", experts.gate_up_proj), ("down", experts.down_proj)):
         expected = []
         for e in subset.tolist():
@@ -323,6 +327,28 @@ def test_casting_the_model_moves_but_never_casts_the_4bit_storage() -> None:
     torch.testing.assert_close(module(x, index, weights), before, atol=0, rtol=0)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_moving_to_cuda_and_back_keeps_the_4bit_bytes() -> None:
+    """`.to("cuda")` moves the packed bytes and scales as they are; the block computes the same there (within float
+    noise) and, moved back, exactly what it computed before."""
+    module = with_lora(Experts4bit.from_experts(full_precision_experts(bias=True)), ExpertLora(r=4))
+    with torch.no_grad():
+        module.lora_B["default"].weight.normal_(std=0.1)
+    x, logits = routing()
+    weights, index = route(logits.detach())
+    before = module(x, index, weights).detach()
+    stored = {k: v.clone() for k, v in module.experts.state_dict().items()}
+    module.to("cuda")
+    for key, value in module.experts.state_dict().items():
+        assert value.device.type == "cuda" and value.dtype == stored[key].dtype, key
+        assert torch.equal(value.cpu(), stored[key]), key
+    on_cuda = module(x.detach().cuda(), index.cuda(), weights.cuda())
+    torch.testing.assert_close(on_cuda.cpu(), before, atol=1e-5, rtol=1e-5)
+    module.to("cpu")
+    torch.testing.assert_close(module(x, index, weights).detach(), before, atol=0, rtol=0)
+
+
 def test_bad_settings_and_non_moe_models_fail_clearly() -> None:
     experts = full_precision_experts()
     with pytest.raises(ValueError, match="quant_type 'int4' is not one of nf4, fp4"):
@@ -384,16 +410,17 @@ def test_model_with_gradient_checkpointing() -> None:
         torch.testing.assert_close(ckpt, plain, atol=1e-6, rtol=1e-5)
 
 
-def test_bfloat16_compute_matches_stock_bfloat16() -> None:
+def test_bfloat16_compute_matches_stock_bfloat16(device: str) -> None:
     """In bfloat16 the 4-bit model computes what stock Mixtral computes with the same (dequantized) weights."""
-    stock = tiny_mixtral().eval()
+    stock = tiny_mixtral().to(device).eval()
     ours = copy.deepcopy(stock)
     with torch.no_grad():
         for name in quantize_experts(ours):
-            module, experts, everyone = ours.get_submodule(name), stock.get_submodule(name), torch.arange(E)
+            module, experts = ours.get_submodule(name), stock.get_submodule(name)
+            everyone = torch.arange(E, device=device)
             experts.gate_up_proj.copy_(module.dequantize("gate_up", everyone, torch.float32))
             experts.down_proj.copy_(module.dequantize("down", everyone, torch.float32))
-        ids = torch.randint(0, 96, (2, 10))
+        ids = torch.randint(0, 96, (2, 10)).to(device)
         torch.testing.assert_close(ours(ids).logits, stock(ids).logits, atol=1e-5, rtol=1e-5)
         stock.to(torch.bfloat16)
         ours.to(torch.bfloat16)

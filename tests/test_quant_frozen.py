@@ -38,8 +38,10 @@ def experts_module(bias: bool) -> nn.Module:
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rank", [4, 2])  # rank 2: rows too narrow for grouped_mm, the per-group fallback
-def test_frozen_experts_with_lora_equal_the_experts_with_the_deltas_folded_in(bias: bool, rank: int) -> None:
-    original = experts_module(bias)
+def test_frozen_experts_with_lora_equal_the_experts_with_the_deltas_folded_in(
+    bias: bool, rank: int, device: str
+) -> None:
+    original = experts_module(bias).to(device)
     reference = copy.deepcopy(original)
     holder = nn.ModuleDict({"experts": ExpertsFrozen(original)})
     add_expert_lora(holder, ExpertLora(r=rank, alpha=3.0 * rank))
@@ -60,8 +62,8 @@ def test_frozen_experts_with_lora_equal_the_experts_with_the_deltas_folded_in(bi
             for e in range(E):
                 weight[e] += f.scale * b[..., e] @ a[e]
 
-    x = torch.randn(T, H, requires_grad=True)
-    logits = torch.randn(T, E, requires_grad=True)
+    x = torch.randn(T, H).to(device).requires_grad_()
+    logits = torch.randn(T, E).to(device).requires_grad_()
     weights, index = torch.softmax(logits, -1).topk(K, dim=-1)
     ours, want = lora(x, index, weights), reference(x, index, weights)
     torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)

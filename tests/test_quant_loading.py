@@ -49,6 +49,38 @@ def test_quantized_while_loading_equals_quantized_after_loading(
     assert not any(p.is_meta for p in model.parameters())
 
 
+def test_loads_onto_the_requested_device(device: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every weight is read onto `device` and the experts are quantized there: the model equals the one loaded
+    and quantized there after `from_pretrained`, and a training step runs on it."""
+    out = converted("qwen2", {**E4K2, "shared_experts": 1}, tmp_path_factory)
+    model = load_for_training(out, dtype=torch.float32, device=device)
+    placed = {t.device.type for t in [*model.parameters(), *model.buffers()]}
+    assert placed == {device}, placed
+    reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device).eval()
+    quantize_experts(reference)
+    ids = torch.randint(0, 300, (2, 11)).to(device)
+    exact = device == "cpu"  # CUDA's index_add_ sums in a run-dependent order (atomic adds)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.eval()(ids).logits, reference(ids).logits, atol=0 if exact else 1e-5, rtol=0 if exact else 1e-5
+        )
+    model.train()  # gradient checkpointing on (the default): the dispatch is recomputed on the device
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().max() > 0}
+    assert any("experts.lora_B" in n for n in grads) and any("q_proj.lora_B" in n for n in grads)
+
+
+def test_an_absent_device_is_refused_before_loading(tmp_path_factory: pytest.TempPathFactory) -> None:
+    out = converted("llama", E4K2, tmp_path_factory)
+    for device, message in (
+        ("cuda:99", "device 'cuda:99' is not available here"),
+        ("meta", "device 'meta' holds no weights"),
+        ("banana", "device 'banana' is not a torch device"),
+    ):
+        with pytest.raises(MoeifyError, match=message):
+            load_for_training(out, device=device)
+
+
 def test_one_step_trains_lora_and_routers_and_leaves_the_4bit_base(tmp_path_factory: pytest.TempPathFactory) -> None:
     out = converted("qwen2", {**E4K2, "shared_experts": 1}, tmp_path_factory)
     model = load_for_training(out, dtype=torch.float32)  # gradient checkpointing on, as in training

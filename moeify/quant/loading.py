@@ -59,6 +59,7 @@ def load_for_training(
     linear_quantization: BitsAndBytesConfig | None = None,
     shared_experts: Literal["lora", "full", "frozen"] = "lora",
     router: dict[str, Any] | None = None,
+    device: str | torch.device | None = None,
 ) -> PeftModel:
     """Load an MoE (moeify format or a native class) for LoRA training with 4-bit experts.
 
@@ -80,11 +81,16 @@ def load_for_training(
             full and saved with the adapter, peft's `modules_to_save`) or `"frozen"`.
         router: settings of moeify's `config.router` section to apply over the saved ones (losses, jitter, capacity,
             bias balancing; see `moeify.RouterConfig`); moeify format only.
+        device: where the model is built (default: `"cpu"`). Each weight is read onto it and the experts are
+            quantized there, one expert matrix at a time: on a GPU (`"cuda"`, `"cuda:1"`, under DDP each process's
+            own) the quantization is fast and the GPU never holds a layer in full precision.
 
     Returns a `PeftModel` whose `save_pretrained` writes an adapter stock peft loads onto the full-precision MoE.
     """
     lora = lora or ExpertLora()
     import moeify  # noqa: F401  (registers the moeify format)
+
+    device = _device(device)
 
     folder = resolve_source(str(source))
     config, saved = read_config(folder)
@@ -113,7 +119,7 @@ def load_for_training(
     _check_settings(model, experts, quantization, lora, attention_lora)  # before the (slow) loading
     if linear_quantization is not None:
         _quantize_linears(model, linear_quantization, trained=SHARED_MODULES if shared_experts == "full" else ())
-    _load_weights(model, folder, experts, quantization, dtype, prequantized=saved is not None)
+    _load_weights(model, folder, experts, quantization, dtype, device, prequantized=saved is not None)
     model.tie_weights()
     model.eval()
 
@@ -126,6 +132,25 @@ def load_for_training(
     peft_model = get_peft_model(model, attention_lora)
     add_expert_lora(peft_model, lora)
     return peft_model
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    """`device` as a torch device (default CPU), refused clearly when this machine does not have it."""
+    try:
+        resolved = torch.device(device if device is not None else "cpu")
+    except RuntimeError as err:
+        raise MoeifyError(f"device {device!r} is not a torch device ('cpu', 'cuda', 'cuda:1', ...): {err}") from None
+    if resolved.type == "meta":
+        raise MoeifyError("device 'meta' holds no weights: load onto 'cpu' or an accelerator.")
+    if resolved.type != "cpu":
+        backend = getattr(torch, resolved.type, None)
+        count = backend.device_count() if backend is not None and backend.is_available() else 0
+        if count == 0 or (resolved.index is not None and resolved.index >= count):
+            raise MoeifyError(
+                f"device {str(resolved)!r} is not available here ({count} {resolved.type} device(s) found); "
+                "pass device='cpu' or one this machine has."
+            )
+    return resolved
 
 
 def apply_router_settings(config: PretrainedConfig, settings: dict[str, Any]) -> None:
@@ -225,6 +250,7 @@ def _load_weights(
     experts: dict[str, nn.Module],
     quantization: ExpertQuantization,
     dtype: torch.dtype,
+    device: torch.device,
     prequantized: bool = False,
 ) -> None:
     reader = open_checkpoint(folder)
@@ -240,9 +266,12 @@ def _load_weights(
                 continue
             raise MoeifyError(f"{folder} lacks {name}: is it the checkpoint of a {type(model).__name__}?")
         value = reader.get(source)
-        set_module_tensor_to_device(model, name, "cpu", value=value.to(dtype) if value.is_floating_point() else value)
+        set_module_tensor_to_device(model, name, device, value=value.to(dtype) if value.is_floating_point() else value)
+    for name, buffer in list(model.named_buffers()):  # computed at build time (rotary frequencies), on the CPU
+        if buffer.device != device and name not in expert_params:
+            set_module_tensor_to_device(model, name, device)
     for name, module in experts.items():  # one layer's experts at a time
-        quantized = Experts4bit.like(module, quantization)
+        quantized = Experts4bit.like(module, quantization).to(device)
         if prequantized:  # the stored bytes and scales, as saved by `save_4bit`
             with torch.no_grad():
                 for key, tensor in quantized.state_dict().items():
@@ -256,7 +285,7 @@ def _load_weights(
                     projection = param.removesuffix("_proj")
                     shape = quantized.shapes[projection]
                     dtype = reader.dtype(next(p.name for p in pieces if p.param == param))
-                    weight = read_expert(pieces, param, expert, shape, dtype, reader)
+                    weight = read_expert(pieces, param, expert, shape, dtype, reader).to(device)
                     quantized.quantize_expert_(projection, expert, weight)
                     del weight
             if quantized.has_bias:

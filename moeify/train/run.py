@@ -98,13 +98,13 @@ def train(recipe: Recipe) -> dict[str, Any]:
     path = recipe.model.path or _upcycle(recipe)
     seed = int(recipe.training.get("seed", 42))
     set_seed(seed)
-    model = load_model(recipe, path)
+    settings = {**trainer_settings(recipe), checkpointing_argument(): False}  # load_model enables it, non-reentrant
+    args = TrainingArguments(output_dir=recipe.output.dir, **settings)
+    model = load_model(recipe, path, device=args.device)  # this process's device (its GPU under DDP)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     _set_router_losses(base, recipe)
     tokenizer = AutoTokenizer.from_pretrained(path)
     train_set, eval_set = build_datasets(recipe.data, tokenizer, seed)
-    settings = {**trainer_settings(recipe), checkpointing_argument(): False}  # load_model enabled it, non-reentrant
-    args = TrainingArguments(output_dir=recipe.output.dir, **settings)
     trainer = MoeTrainer(
         model=model,
         args=args,
@@ -142,10 +142,11 @@ def train(recipe: Recipe) -> dict[str, Any]:
     return metrics
 
 
-def load_model(recipe: Recipe, path: str) -> torch.nn.Module:
+def load_model(recipe: Recipe, path: str, device: torch.device | None = None) -> torch.nn.Module:
     """The model to train, as the recipe stores and adapts it.
 
-    - 4-bit experts + LoRA: `load_for_training` (experts quantized while loading, per-expert LoRA in the dispatch).
+    - 4-bit experts + LoRA: `load_for_training` (experts quantized while loading, onto `device`, per-expert LoRA in
+      the dispatch). The other cases load on the CPU and the Trainer moves them.
     - full-precision experts + LoRA: `from_pretrained` (linears 4-bit through `BitsAndBytesConfig` if asked), the
       experts frozen in place (`ExpertsFrozen`) with per-expert LoRA inside the grouped dispatch; the adapter is in
       peft's `target_parameters` layout, which stock peft loads (peft's own LoRA there forms `W + delta` for every
@@ -198,6 +199,7 @@ def load_model(recipe: Recipe, path: str) -> torch.nn.Module:
             linear_quantization=linear,
             shared_experts=shared,
             router=recipe.moe.router_settings(),
+            device=device,
         )
     config = AutoConfig.from_pretrained(path)
     apply_router_settings(config, recipe.moe.router_settings())
