@@ -23,6 +23,11 @@ Then one more, untimed step under `torch.profiler` with memory profiling gives t
 (parameters, mapped or not, optimizer state, activations, temporaries): the CPU counterpart of CUDA's
 `torch.cuda.max_memory_allocated`, free of what the C allocator keeps after a free. Ratios are against (b) for
 memory and (a) for time. `--max-dequantized-mib` sets moeify's dequantization budget (`ExpertQuantization`).
+
+On CUDA (`--device cuda`, the default where a GPU is present) every variant is built on the GPU (`device_map` for
+`from_pretrained`, `device=` for `load_for_training`, so all quantization runs there) and the memory columns are
+`torch.cuda` figures instead: allocated after loading, `max_memory_allocated` while loading, in step 1, and in one
+more step (the live-tensor column), each from a reset of the peak.
 """
 
 from __future__ import annotations
@@ -77,6 +82,22 @@ def anonymous_rss() -> int:
     raise RuntimeError("no RssAnon in /proc/self/status")
 
 
+class CudaPeak:
+    """`PeakRss`'s interface over `torch.cuda.max_memory_allocated` (reset at `start()`)."""
+
+    def start(self) -> None:
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+    def stop(self) -> int:
+        import torch
+
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+
+
 class PeakRss:
     """Samples `anonymous_rss()` in a thread; `peak` is the largest seen since `start()`."""
 
@@ -123,14 +144,23 @@ def tensor_peak(step) -> tuple[int, dict[str, int]]:
 
 
 def run_variant(
-    variant: str, folder: Path, steps: int, seq: int, checkpointing: bool, max_dequantized_mib: int | None = None
+    variant: str,
+    folder: Path,
+    steps: int,
+    seq: int,
+    checkpointing: bool,
+    max_dequantized_mib: int | None = None,
+    device: str = "cpu",
 ) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from moeify.quant.loading import enable_checkpointing
+
     torch.manual_seed(0)
-    loading = PeakRss()
+    cuda = device == "cuda"
+    loading = CudaPeak() if cuda else PeakRss()
     loading.start()
     quantized = variant in ("b", "c", "e")
     bnb = (
@@ -160,9 +190,11 @@ def run_variant(
             attention_lora=lora,
             gradient_checkpointing=checkpointing,
             linear_quantization=bnb,
+            device=device,
         )
     else:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, quantization_config=bnb)
+        placement = {"device_map": {"": device}} if cuda else {}  # the CPU runs as before: no device_map
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, quantization_config=bnb, **placement)
     if variant in ("d", "e"):
         pass
     elif variant == "c":
@@ -178,20 +210,24 @@ def run_variant(
         config = LoraConfig(r=16, lora_alpha=32, target_modules=ATTENTION, target_parameters=names)
         model = get_peft_model(model, config)
     if checkpointing and variant not in ("d", "e"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_checkpointing(model)  # non-reentrant, under the installed transformers' name
     peak_load = loading.stop()
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    ids = torch.randint(0, model.config.vocab_size, (2, seq))
+    ids = torch.randint(0, model.config.vocab_size, (2, seq)).to(device)
     import ctypes
     import gc
 
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # give back what loading freed, so RSS is what the model holds
-    meter = PeakRss()
-    before = anonymous_rss()
+    if cuda:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+    else:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give back what loading freed, so RSS is what the model holds
+        before = anonymous_rss()
+    meter = CudaPeak() if cuda else PeakRss()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     times, peak = [], 0
 
     def train_step() -> torch.Tensor:
@@ -209,13 +245,21 @@ def run_variant(
     for step in range(steps):
         if step == 0:
             meter.start()
+        sync()
         started = time.perf_counter()
         loss = train_step()
+        sync()
         times.append(time.perf_counter() - started)
         if step == 0:
             peak = meter.stop()
-    tensors, split = tensor_peak(train_step)
+    if cuda:  # one more step: its max_memory_allocated is CUDA's live-tensor peak
+        meter.start()
+        train_step()
+        tensors, split = meter.stop(), {}
+    else:
+        tensors, split = tensor_peak(train_step)
     return {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
         "variant": variant,
         "peak_load": peak_load,
         "rss_before": before,
@@ -239,12 +283,23 @@ def main() -> None:
     parser.add_argument(
         "--max-dequantized-mib", type=int, help="moeify's budget of dequantized expert weights (default: 1024)"
     )
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda where a GPU is present, else cpu")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = parser.parse_args()
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     folder = args.work / ("mixtral-small" if args.small else "mixtral")
     if args.variant:
         result = run_variant(
-            args.variant, folder, args.steps, args.seq, not args.no_checkpointing, args.max_dequantized_mib
+            args.variant,
+            folder,
+            args.steps,
+            args.seq,
+            not args.no_checkpointing,
+            args.max_dequantized_mib,
+            args.device,
         )
         print("RESULT " + json.dumps(result), flush=True)
         return
@@ -262,6 +317,8 @@ def main() -> None:
             str(args.seq),
             "--work",
             str(args.work),
+            "--device",
+            args.device,
         ] + (["--small"] if args.small else [])
         cmd += ["--no-checkpointing"] if args.no_checkpointing else []
         if args.max_dequantized_mib is not None:
@@ -273,11 +330,15 @@ def main() -> None:
             continue
         results[variant] = json.loads(lines[-1][len("RESULT ") :])
     gib = 2**30
-    print(f"\ngradient checkpointing: {'off' if args.no_checkpointing else 'on'}")
-    print(
-        f"\n| variant | peak while loading | RssAnon before step 1 | peak in step 1 | live tensors, peak of a step "
-        f"| step time (median of {max(args.steps - 1, 1)}) | trainable params |"
+    device = next(iter(results.values()))["device"] if results else args.device
+    print(f"\ndevice: {device}; gradient checkpointing: {'off' if args.no_checkpointing else 'on'}")
+    columns = (
+        "CUDA max allocated while loading | allocated before step 1 | max allocated in step 1 | max allocated in a "
+        "later step"
+        if args.device == "cuda"
+        else "peak while loading | RssAnon before step 1 | peak in step 1 | live tensors, peak of a step"
     )
+    print(f"\n| variant | {columns} | step time (median of {max(args.steps - 1, 1)}) | trainable params |")
     print("|---|---|---|---|---|---|---|")
     for variant, r in results.items():
         later = r["step_times"][1:] or r["step_times"]
@@ -287,7 +348,7 @@ def main() -> None:
             f"| {r['peak_step1'] / gib:.2f} GiB | {r['tensor_peak'] / gib:.2f} GiB | {r['time']:.2f} s "
             f"| {r['trainable']:,} |"
         )
-    print("\nlive tensors at their peak, by kind:")
+    print("\nlive tensors at their peak, by kind (CPU only):")
     for variant, r in results.items():
         split = ", ".join(f"{k} {v / gib:.2f}" for k, v in r["tensor_split"].items() if v >= gib / 100)
         print(f"  {variant}: {split} GiB")
