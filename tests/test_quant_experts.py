@@ -428,6 +428,30 @@ def test_bfloat16_compute_matches_stock_bfloat16(device: str) -> None:
     assert ((ours_logits - stock_logits).norm() / stock_logits.norm()).item() < 0.02
 
 
+def test_bfloat16_gradients_follow_the_float32_reference(device: str) -> None:
+    """bf16 compute (activations, dequantized weights and LoRA factors cast to bf16 in the dispatch) gives the
+    gradients of the float32 eager reference within bf16's precision: inputs, routing weights, LoRA factors."""
+    module = with_lora(Experts4bit.from_experts(full_precision_experts(bias=True).to(device)), ExpertLora(r=4))
+    with torch.no_grad():
+        module.lora_B["default"].weight.normal_(std=0.1)
+        module.base_layer.lora_B["default"].weight.normal_(std=0.1)
+    x, logits = routing(tokens=64, device=device)
+    grad = torch.randn(64, H).to(device)
+    results = []
+    for dtype in (torch.bfloat16, torch.float32):
+        leaves = [x.detach().to(dtype).requires_grad_(), logits.detach().clone().requires_grad_()]
+        weights, index = route(leaves[1])
+        run = module if dtype == torch.bfloat16 else (lambda *a: eager_reference(module, *a))
+        module.experts.to(dtype)  # the biases follow the compute dtype; the 4-bit storage never casts
+        out = run(leaves[0], index, weights.to(dtype))
+        assert out.dtype == dtype
+        params = lora_parameters(module)
+        results.append(torch.autograd.grad(out, [*leaves, *params], grad.to(dtype)))
+    for name, got, want in zip(["x", "logits"] + ["lora"] * 4, *results, strict=True):
+        relative = ((got.float() - want).norm() / want.norm()).item()
+        assert want.norm() > 0 and relative < 0.02, (name, relative)
+
+
 def _native(name: str) -> nn.Module:
     from transformers import (
         GraniteMoeSharedConfig,
