@@ -199,6 +199,29 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(
     assert str(tmp_path / "nan" / "checkpoint-2") in err
 
 
+def test_4bit_experts_are_loaded_onto_the_trainers_device(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`moeify train` quantizes the experts where the Trainer trains (this process's GPU under DDP), not on the CPU
+    first: load_for_training gets TrainingArguments.device."""
+    import torch
+
+    import moeify.quant
+
+    original = moeify.quant.load_for_training
+    devices = []
+
+    def recording(*args: object, **kwargs: object):  # noqa: ANN202
+        devices.append(kwargs.get("device"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(moeify.quant, "load_for_training", recording)
+    recipe = _tiny_run(tmp_path, tmp_path_factory, "device", max_steps=1)
+    assert main(["train", str(recipe)]) == 0
+    assert len(devices) == 1 and isinstance(devices[0], torch.device)
+    assert devices[0].type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def test_upcycle_train_merge_and_push_in_one_recipe(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
