@@ -223,6 +223,25 @@ def test_only_experts_that_received_tokens_are_dequantized(monkeypatch: pytest.M
     assert calls == [("gate_up", [1, 3]), ("down", [1, 3]), ("down", [1, 3]), ("gate_up", [1, 3])]
 
 
+def test_default_dequantization_budget_follows_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """48 MiB on the CPU (chunks the C allocator recycles), 1 GiB on accelerators, unless set; the CPU default is
+    what `chunks` cuts by."""
+    from moeify.quant import config
+
+    default, explicit = ExpertQuantization(), ExpertQuantization(max_dequantized_bytes=5)
+    assert default.dequantized_budget(torch.device("cpu")) == 48 << 20
+    assert default.dequantized_budget(torch.device("cuda")) == 1 << 30
+    assert explicit.dequantized_budget(torch.device("cpu")) == explicit.dequantized_budget(torch.device("cuda")) == 5
+    with pytest.raises(ValueError, match="max_dequantized_bytes must be >= 1"):
+        Experts4bit.from_experts(full_precision_experts(), ExpertQuantization(max_dequantized_bytes=0))
+    module = Experts4bit.from_experts(full_precision_experts())
+    index = torch.tensor([[0, 1], [2, 3]] * (T // 2))
+    assert [c.experts.tolist() for c in module.chunks(index, torch.float32)] == [[0, 1, 2, 3]]
+    one_expert = sum(o * i for o, i in module.shapes.values()) * 4
+    monkeypatch.setattr(config, "CPU_DEQUANTIZED_BYTES", 2 * one_expert)
+    assert [c.experts.tolist() for c in module.chunks(index, torch.float32)] == [[0, 1], [2, 3]]
+
+
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_dequantized_experts_are_bitsandbytes_own_round_trip(double_quant: bool, device: str) -> None:
     """Any subset of experts, in any order, dequantizes to what bitsandbytes' own per-expert round trip gives, for

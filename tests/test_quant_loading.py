@@ -149,6 +149,14 @@ def test_4bit_checkpoint_reloads_without_quantizing_again(
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
     with pytest.raises(MoeifyError, match="holds experts saved as .*quant_type='nf4'.* cannot be loaded as"):
         load_for_training(saved, quantization=ExpertQuantization(quant_type="fp4"))
+    # The dequantization budget is a runtime setting, not part of the stored format: any budget loads the checkpoint.
+    budget = ExpertQuantization(max_dequantized_bytes=1)
+    small_chunks = load_for_training(saved, quantization=budget, dtype=torch.float32, gradient_checkpointing=False)
+    assert {m.quantization for m in small_chunks.modules() if isinstance(m, Experts4bit)} == {
+        ExpertQuantization(max_dequantized_bytes=1)
+    }
+    with torch.no_grad():
+        torch.testing.assert_close(small_chunks.eval()(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
 
     # `moeify info` counts the parameters the packed experts stand for, and the bytes they take.
     from moeify.info import model_info

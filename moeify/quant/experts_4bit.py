@@ -9,8 +9,9 @@ batch uses are sliced out of the packed bytes and dequantized in one bitsandbyte
 frozen parameter viewed as a float dtype (FSDP shards float parameters); scales are small buffers.
 
 Forward: tokens are sorted by expert once; only experts that received tokens are dequantized, in chunks of at
-most `max_dequantized_bytes`; each chunk runs as grouped GEMMs (`torch.nn.functional.grouped_mm`), LoRA as two
-more grouped GEMMs on the same sorted tokens (never `W + delta`). The dequantized weights are not kept: the
+most `max_dequantized_bytes` (default: 48 MiB on the CPU, 1 GiB on accelerators, see `moeify.quant.config`); each
+chunk runs as grouped GEMMs (`torch.nn.functional.grouped_mm`), LoRA as two more grouped GEMMs on the same sorted
+tokens (never `W + delta`). The dequantized weights are not kept: the
 autograd function saves the inputs, the routing, the RNG state and each chunk's gate_up output (like any layer;
 gradient checkpointing discards and recomputes it), and backward dequantizes each chunk's weights again for the
 input gradient, redoing only the element-wise part and the LoRA branches (same dropout masks), never a GEMM with the
@@ -232,7 +233,7 @@ class Experts4bit(nn.Module):
         counts = torch.bincount(expert_ids, minlength=self.num_experts)
         active = counts.nonzero().flatten()
         per_expert = sum(o * i for o, i in self.shapes.values()) * torch.empty((), dtype=dtype).element_size()
-        size = max(1, self.quantization.max_dequantized_bytes // per_expert)
+        size = max(1, self.quantization.dequantized_budget(top_k_index.device) // per_expert)
         row = 0
         for start in range(0, len(active), size):
             experts = active[start : start + size]

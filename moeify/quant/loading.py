@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,12 +95,14 @@ def load_for_training(
 
     folder = resolve_source(str(source))
     config, saved = read_config(folder)
-    if saved is not None and quantization is not None and quantization != saved:
+    if saved is not None and quantization is not None and not quantization.same_storage(saved):
         raise MoeifyError(
             f"{folder} holds experts saved as {saved}; they cannot be loaded as {quantization}. Pass quantization=None "
             "(or the saved settings), or load the full-precision model to quantize it another way."
         )
-    quantization = saved or quantization or ExpertQuantization()
+    if saved is not None and quantization is not None:  # the stored format, at the budget asked for
+        quantization = replace(saved, max_dequantized_bytes=quantization.max_dequantized_bytes)
+    quantization = quantization or saved or ExpertQuantization()
     if router:
         apply_router_settings(config, router)
     with init_empty_weights():  # parameters on the meta device; buffers (rotary, scales) computed as usual
@@ -336,7 +339,7 @@ def save_4bit(model: nn.Module, out: str | Path) -> Path:
             "save_4bit stores 4-bit experts with full-precision linears; this model's linears are bitsandbytes 4-bit "
             "(linear_quantization): load it without linear_quantization to save its base."
         )
-    settings = {m.quantization for m in quantized}
+    settings = {replace(m.quantization, max_dequantized_bytes=None) for m in quantized}  # the storage settings
     if len(settings) != 1:
         raise MoeifyError(f"experts quantized with different settings ({settings}) cannot share one checkpoint.")
     (q,) = settings
