@@ -38,9 +38,12 @@ def experts_module(bias: bool) -> nn.Module:
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rank", [4, 2])  # rank 2: rows too narrow for grouped_mm, the per-group fallback
+@pytest.mark.parametrize("chunked", [False, True])  # experts run in chunks, one of several experts after the first
 def test_frozen_experts_with_lora_equal_the_experts_with_the_deltas_folded_in(
-    bias: bool, rank: int, device: str
+    bias: bool, rank: int, chunked: bool, device: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if chunked:
+        monkeypatch.setattr(ExpertsFrozen, "_chunks", lambda self, offsets, hidden: [(0, 1), (1, 3), (3, 4)])
     original = experts_module(bias).to(device)
     reference = copy.deepcopy(original)
     holder = nn.ModuleDict({"experts": ExpertsFrozen(original)})
@@ -77,6 +80,21 @@ def test_frozen_experts_with_lora_equal_the_experts_with_the_deltas_folded_in(
     (lora(x, index.detach(), weights.detach()) * grad).sum().backward()
     assert all(p.grad is not None and p.grad.abs().max() > 0 for n, p in lora.named_parameters() if "lora_" in n)
     assert original.gate_up_proj.grad is None and original.down_proj.grad is None
+
+
+def test_chunks_are_whole_experts_under_the_cpu_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU, experts are grouped while their gate_up output stays under CPU_CHUNK_BYTES (one expert at
+    least); elsewhere all of them run as one chunk, without reading the counts back."""
+    from moeify.quant import experts_frozen
+
+    frozen = ExpertsFrozen(experts_module(False))
+    offsets = torch.tensor([11, 19, 30, 40], dtype=torch.int32)  # rows per expert: 11, 8, 11, 10
+    hidden = torch.zeros(1, H)
+    row_bytes = 2 * I * 4
+    for rows, expected in ((21, [(0, 2), (2, 4)]), (1, [(0, 1), (1, 2), (2, 3), (3, 4)]), (40, [(0, 4)])):
+        monkeypatch.setattr(experts_frozen, "CPU_CHUNK_BYTES", rows * row_bytes)
+        assert frozen._chunks(offsets, hidden) == expected, rows
+    assert frozen._chunks(offsets, hidden.to("meta")) == [(0, 4)]
 
 
 _CHILD = r"""
