@@ -48,9 +48,10 @@ class ExpertQuantization:
             return self.max_dequantized_bytes
         return CPU_DEQUANTIZED_BYTES if device.type == "cpu" else ACCELERATOR_DEQUANTIZED_BYTES
 
-    def same_storage(self, other: ExpertQuantization) -> bool:
-        """Whether `other` stores experts the same way (every setting but the runtime `max_dequantized_bytes`)."""
-        return replace(self, max_dequantized_bytes=None) == replace(other, max_dequantized_bytes=None)
+    @property
+    def storage(self) -> ExpertQuantization:
+        """These settings without the runtime `max_dequantized_bytes`: how the experts are stored."""
+        return replace(self, max_dequantized_bytes=None)
 
     def validate(self, *sizes: int) -> None:
         """Raise `ValueError` with what to change when these settings cannot store matrices of `sizes`."""

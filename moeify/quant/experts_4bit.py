@@ -11,13 +11,12 @@ frozen parameter viewed as a float dtype (FSDP shards float parameters); scales 
 Forward: tokens are sorted by expert once; only experts that received tokens are dequantized, in chunks of at
 most `max_dequantized_bytes` (default: 48 MiB on the CPU, 1 GiB on accelerators, see `moeify.quant.config`); each
 chunk runs as grouped GEMMs (`torch.nn.functional.grouped_mm`), LoRA as two more grouped GEMMs on the same sorted
-tokens (never `W + delta`). The dequantized weights are not kept: the
-autograd function saves the inputs, the routing, the RNG state and each chunk's gate_up output (like any layer;
-gradient checkpointing discards and recomputes it), and backward dequantizes each chunk's weights again for the
-input gradient, redoing only the element-wise part and the LoRA branches (same dropout masks), never a GEMM with the
-base weights. The expert output is not saved: the routing weights' gradient `<grad, W_down a + lora + bias>` is
-computed as `<W_down^T grad, a> + <grad, lora + bias>`, from the product backward forms anyway. The 4-bit base is
-frozen.
+tokens (never `W + delta`). The dequantized weights are not kept: the autograd function saves the inputs, the
+routing, the RNG state and each chunk's gate_up output (like any layer; gradient checkpointing discards and
+recomputes it), and backward dequantizes each chunk's weights again for the input gradient, redoing only the
+element-wise part and the LoRA branches (same dropout masks), never a GEMM with the base weights. The expert output
+is not saved: the routing weights' gradient `<grad, W_down a + lora + bias>` is computed as `<W_down^T grad, a> +
+<grad, lora + bias>`, from the product backward forms anyway. The 4-bit base is frozen.
 
 LoRA factors (held by `moeify.quant.lora.ExpertsLora`, passed in at call time) use peft's `target_parameters`
 layout: `lora_A` is `(E * r, in)` (expert-major rows) and `lora_B` is `(out, E * r)` (expert index fastest in the

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,13 +94,12 @@ def load_for_training(
 
     folder = resolve_source(str(source))
     config, saved = read_config(folder)
-    if saved is not None and quantization is not None and not quantization.same_storage(saved):
+    if saved is not None and quantization is not None and quantization.storage != saved:
         raise MoeifyError(
             f"{folder} holds experts saved as {saved}; they cannot be loaded as {quantization}. Pass quantization=None "
             "(or the saved settings), or load the full-precision model to quantize it another way."
         )
-    if saved is not None and quantization is not None:  # the stored format, at the budget asked for
-        quantization = replace(saved, max_dequantized_bytes=quantization.max_dequantized_bytes)
+    # A 4-bit checkpoint fixes how the experts are stored; the dequantization budget stays the caller's choice.
     quantization = quantization or saved or ExpertQuantization()
     if router:
         apply_router_settings(config, router)
@@ -339,7 +337,7 @@ def save_4bit(model: nn.Module, out: str | Path) -> Path:
             "save_4bit stores 4-bit experts with full-precision linears; this model's linears are bitsandbytes 4-bit "
             "(linear_quantization): load it without linear_quantization to save its base."
         )
-    settings = {replace(m.quantization, max_dequantized_bytes=None) for m in quantized}  # the storage settings
+    settings = {m.quantization.storage for m in quantized}
     if len(settings) != 1:
         raise MoeifyError(f"experts quantized with different settings ({settings}) cannot share one checkpoint.")
     (q,) = settings
