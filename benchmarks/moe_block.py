@@ -8,8 +8,10 @@ For each shape (hidden H, expert intermediate I, experts E, top-k K, tokens T), 
 `--reps` rounds. Variants:
 
   tf-eager, tf-grouped_mm   transformers' `MixtralSparseMoeBlock`, `experts_implementation` eager / grouped_mm
-  moeify-<impl>             moeify's `MoeifySparseMoeBlock` with transformers' experts implementation <impl>
-                            (eager, grouped_mm, batched_mm: the same fused weights, dispatched by transformers)
+  moeify                    moeify's `MoeifySparseMoeBlock` as it runs by default: `experts_implementation="moeify"`
+                            (one expert's GEMMs at a time on the CPU, transformers' grouped_mm elsewhere)
+  moeify-<impl>             the same block with transformers' experts implementation <impl> (eager, grouped_mm,
+                            batched_mm: the same fused weights, dispatched by transformers)
   moeify-nf4                moeify's block with its 4-bit experts (`Experts4bit`, NF4, double quant)
   tf-grouped_mm+peft-lora   peft `target_parameters` LoRA (r16) on the transformers block's experts (peft forms
                             `W + delta` for every expert every forward)
@@ -55,6 +57,7 @@ LORA_RANK = 16
 ALL_VARIANTS = (
     "tf-eager",
     "tf-grouped_mm",
+    "moeify",
     "moeify-eager",
     "moeify-grouped_mm",
     "moeify-batched_mm",

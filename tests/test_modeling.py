@@ -42,6 +42,7 @@ def test_experts_implementations_agree_with_eager_in_outputs_and_gradients(bias:
     model = tiny(bias=bias)
     ids = torch.randint(0, 96, (2, 10))
     outputs, grads = {}, {}
+    assert model.config._experts_implementation == "moeify"  # the default
     for implementation in ("eager", "grouped_mm", "batched_mm"):
         model.set_experts_implementation(implementation)
         assert model.config._experts_implementation == implementation
@@ -155,7 +156,7 @@ def test_auto_model_is_the_decoder(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path)
     decoder = AutoModel.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert type(decoder) is type(model.model)
-    assert decoder.layers[0].mlp.experts.config._experts_implementation == "grouped_mm"
+    assert decoder.layers[0].mlp.experts.config._experts_implementation == "moeify"  # moeify's default
     ids = torch.randint(0, 96, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(decoder(ids).last_hidden_state, model.model(ids).last_hidden_state, atol=0, rtol=0)

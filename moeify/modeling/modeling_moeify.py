@@ -23,6 +23,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
 from .configuration_moeify import MoeifyConfig
+from .expert_kernels import IMPLEMENTATION as DEFAULT_EXPERTS
 from .experts import MoeifyExpertDeltas, MoeifyExpertsBase, MoeifyLoraExperts, build_experts
 from .router import MoeifyTopKRouter, RoutingState, load_balancing_loss, router_z_loss
 
@@ -233,6 +234,10 @@ class MoeifyPreTrainedModel(PreTrainedModel):
         # transformers looks for `@use_experts_implementation` in this file's text; our experts live in experts.py.
         return True
 
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        # Ours by default: transformers' grouped_mm off the CPU, the same GEMMs with less allocation on it.
+        return super().get_correct_experts_implementation(requested_experts or DEFAULT_EXPERTS)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -250,10 +255,10 @@ class MoeifyModel(MoeifyPreTrainedModel):
 
     def __new__(cls, config: MoeifyConfig, *args: Any, **kwargs: Any) -> PreTrainedModel:  # type: ignore[misc]
         dense = build_dense(MODEL_MAPPING[type(config.text_config)], config)
-        # What `PreTrainedModel.__init__` does for a model with experts: default to transformers' "grouped_mm" (the
-        # dense instance cannot be asked: it has no experts, so transformers would answer "eager").
+        # What `PreTrainedModel.__init__` does for a model with experts: default to our implementation (the dense
+        # instance cannot be asked: it has no experts, so transformers would answer "eager").
         config._experts_implementation_internal = (
-            getattr(config, "_experts_implementation_internal", None) or "grouped_mm"
+            getattr(config, "_experts_implementation_internal", None) or DEFAULT_EXPERTS
         )
         decoder = upcycle_decoder(dense, config)
         for block in decoder.modules():

@@ -1,0 +1,197 @@
+"""moeify's experts implementation, `experts_implementation="moeify"` in transformers' experts interface.
+
+On the CPU it runs the tokens sorted by expert (once per layer) one expert at a time, as plain GEMMs on each
+expert's rows, inside one autograd function:
+
+- forward keeps each expert's `(rows, 2I)` gate_up output for backward and nothing else (transformers' grouped_mm
+  path keeps the gathered input, the gate_up output, the activation and its product as separate full-size tensors);
+- backward writes each expert's weight gradient straight into its slice of the `(E, out, in)` gradient and the
+  routing weights' gradient as `<W_down^T grad, act(gate) * up>`, recomputing the activation from the kept output.
+
+The reason is the CPU allocator rather than the FLOPs (the GEMMs are the same): glibc serves blocks under 32 MiB
+from its heap, recycled call after call, while the block-sized temporaries of one grouped call (235 MB at H 1024,
+I 3584, 8192 rows) are mapped and page-faulted in afresh on every call. torch's CPU grouped_mm is itself one GEMM
+per group, so the Python loop over experts adds only its call overhead (BENCHMARKS.md, issue 12).
+
+Anywhere else (accelerators, whose caching allocators recycle any size; `torch.compile`; layouts this function does
+not cover: transposed or interleaved weights, no gate, a custom gate, post-expert norms, expert parallelism) it is
+transformers' `grouped_mm` forward, unchanged. Registered on import; the default of moeify's own models.
+
+Copied next to the weights for `trust_remote_code=True`: imports torch and transformers only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+from transformers.integrations.moe import ExpertsInterface, _default_apply_gate, grouped_mm_experts_forward
+
+from .experts import sort_by_expert
+
+IMPLEMENTATION = "moeify"
+CPU_CHUNK_BYTES = 32 << 20  # glibc's largest heap-served block: the most one piece's (rows, 2I) output may take
+
+
+def moeify_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """transformers' experts-forward contract: `hidden_states` `(T, H)`, `top_k_index` / `top_k_weights` `(T, k)`
+    -> the routing-weighted sum of each token's experts `(T, H)`."""
+    if not _runs_in_pieces(self, hidden_states, top_k_index):
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    order, offsets, tokens = sort_by_expert(top_k_index, self.num_experts)
+    bias_gate_up, bias_down = (self.gate_up_proj_bias, self.down_proj_bias) if self.has_bias else (None, None)
+    row_bytes = self.gate_up_proj.shape[1] * self.gate_up_proj.element_size()
+    return _PiecewiseExperts.apply(
+        hidden_states,
+        top_k_weights.reshape(-1)[order],
+        tokens,
+        _pieces(offsets, row_bytes),
+        self.act_fn,
+        self.gate_up_proj,
+        self.down_proj,
+        bias_gate_up,
+        bias_down,
+    )
+
+
+def _runs_in_pieces(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> bool:
+    """Whether `experts` is a case this function runs itself: on the CPU, outside `torch.compile`, fused
+    `[gate; up]` `(E, 2I, H)` and `(E, H, I)` floating-point weights with the default gate, and a `(rows, 2I)`
+    gate_up output over `CPU_CHUNK_BYTES` (a smaller one is recycled from the heap anyway, and one grouped call
+    beats a loop)."""
+    weight = getattr(experts, "gate_up_proj", None)
+    return (
+        hidden_states.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and isinstance(weight, torch.Tensor)
+        and weight.dtype.is_floating_point
+        and weight.ndim == 3
+        and getattr(experts, "has_gate", True)
+        and getattr(experts, "is_concatenated", True)
+        and not getattr(experts, "is_transposed", False)
+        and not getattr(experts, "has_post_expert_norm", False)
+        and not getattr(experts, "_is_expert_parallel", False)
+        and getattr(type(experts), "_apply_gate", _default_apply_gate) is _default_apply_gate
+        and top_k_index.numel() * weight.shape[1] * weight.element_size() > CPU_CHUNK_BYTES
+    )
+
+
+def _pieces(offsets: torch.Tensor, row_bytes: int) -> list[tuple[int, int, int]]:
+    """`(expert, first row, end row)`: each expert's sorted rows, split so that no piece's gate_up output exceeds
+    `CPU_CHUNK_BYTES` (one row at least); experts without rows have none."""
+    most = max(1, CPU_CHUNK_BYTES // row_bytes)
+    pieces, start = [], 0
+    for expert, end in enumerate(offsets.tolist()):
+        pieces += [(expert, first, min(first + most, end)) for first in range(start, end, most)]
+        start = end
+    return pieces
+
+
+class _PiecewiseExperts(torch.autograd.Function):
+    """The experts on rows sorted by expert (`tokens[j]`: the token of row j, `weights[j]`: its routing weight), one
+    piece of one expert's rows at a time."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden_states: torch.Tensor,
+        weights: torch.Tensor,
+        tokens: torch.Tensor,
+        pieces: list[tuple[int, int, int]],
+        act_fn: nn.Module,
+        gate_up: torch.Tensor,
+        down: torch.Tensor,
+        bias_gate_up: torch.Tensor | None,
+        bias_down: torch.Tensor | None,
+    ) -> torch.Tensor:
+        dtype, inner = gate_up.dtype, down.shape[-1]
+        # Reduced precision sums each token's k expert outputs in float32, rounding once (as transformers does).
+        output = torch.zeros(hidden_states.shape, dtype=_accumulation_dtype(hidden_states.dtype))
+        keep = any(ctx.needs_input_grad)
+        gate_up_outputs = []
+        for expert, start, end in pieces:
+            rows = tokens[start:end]
+            projected = hidden_states[rows].to(dtype) @ gate_up[expert].T
+            if bias_gate_up is not None:
+                projected += bias_gate_up[expert]
+            out = (act_fn(projected[:, :inner]) * projected[:, inner:]) @ down[expert].T
+            if bias_down is not None:
+                out += bias_down[expert]
+            output.index_add_(0, rows, out.mul_(weights[start:end, None].to(dtype)).to(output.dtype))
+            if keep:
+                gate_up_outputs.append(projected)
+        ctx.pieces, ctx.act_fn = pieces, act_fn
+        ctx.save_for_backward(hidden_states, weights, tokens, gate_up, down, bias_gate_up, bias_down, *gate_up_outputs)
+        return output.to(hidden_states.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden_states, weights, tokens, gate_up, down, bias_gate_up, bias_down, *gate_up_outputs = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dtype, inner = gate_up.dtype, down.shape[-1]
+        grad_input = torch.zeros(hidden_states.shape, dtype=_accumulation_dtype(hidden_states.dtype))
+        grad_weights = torch.zeros_like(weights) if needs[1] else None
+        # An expert's first piece writes its weight-gradient slice, later pieces add to it; experts without rows
+        # are zeroed at the end (no zero-fill of the whole gradient first).
+        grad_gate_up = torch.empty_like(gate_up) if needs[5] else None
+        grad_down = torch.empty_like(down) if needs[6] else None
+        grad_bias_gate_up = torch.zeros_like(bias_gate_up) if bias_gate_up is not None and needs[7] else None
+        grad_bias_down = torch.zeros_like(bias_down) if bias_down is not None and needs[8] else None
+        written: set[int] = set()
+        for (expert, start, end), projected in zip(ctx.pieces, gate_up_outputs, strict=True):
+            rows, weight = tokens[start:end], weights[start:end, None].to(dtype)
+            gate, up = projected[:, :inner], projected[:, inner:]
+            with torch.enable_grad():  # any activation: its own backward, from the kept pre-activation
+                gate_leaf = gate.detach().requires_grad_()
+                activated = ctx.act_fn(gate_leaf)
+            grad_out = grad_output[rows].to(dtype)  # the gradient of the weighted output, before the weight
+            grad_inner = grad_out @ down[expert]  # W_down^T grad: the unweighted gradient of act(gate) * up
+            inner_out = activated.detach() * up
+            if grad_weights is not None:  # <grad, W_down a + b>, without keeping the (rows, H) expert output
+                dots = (grad_inner * inner_out).sum(-1)
+                if bias_down is not None:
+                    dots += grad_out @ bias_down[expert]
+                grad_weights[start:end] = dots.to(weights.dtype)
+            weighted_grad_out = grad_out.mul_(weight)
+            first = expert not in written
+            written.add(expert)
+            if grad_down is not None:
+                _write_or_add(grad_down[expert], weighted_grad_out.T, inner_out, first)
+            if grad_bias_down is not None:
+                grad_bias_down[expert] += weighted_grad_out.sum(0)
+            grad_inner.mul_(weight)
+            grad_projected = torch.empty_like(projected)
+            torch.mul(grad_inner, activated.detach(), out=grad_projected[:, inner:])
+            (grad_projected[:, :inner],) = torch.autograd.grad(activated, gate_leaf, grad_inner.mul_(up))
+            if grad_gate_up is not None:
+                _write_or_add(grad_gate_up[expert], grad_projected.T, hidden_states[rows].to(dtype), first)
+            if grad_bias_gate_up is not None:
+                grad_bias_gate_up[expert] += grad_projected.sum(0)
+            if needs[0]:
+                grad_input.index_add_(0, rows, (grad_projected @ gate_up[expert]).to(grad_input.dtype))
+        for grad in (grad_gate_up, grad_down):
+            if grad is not None:
+                for expert in set(range(grad.shape[0])) - written:
+                    grad[expert].zero_()
+        grad_hidden = grad_input.to(hidden_states.dtype) if needs[0] else None
+        return grad_hidden, grad_weights, None, None, None, grad_gate_up, grad_down, grad_bias_gate_up, grad_bias_down
+
+
+def _write_or_add(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor, first: bool) -> None:
+    """`target = left @ right` for an expert's first piece, `target += left @ right` after (no temporary)."""
+    if first:
+        torch.mm(left, right, out=target)
+    else:
+        target.addmm_(left, right)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+ExpertsInterface.register(IMPLEMENTATION, moeify_experts_forward)

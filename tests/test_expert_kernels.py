@@ -1,0 +1,179 @@
+"""`experts_implementation="moeify"`: the per-expert CPU dispatch against transformers' eager experts, on moeify's own
+experts and on native classes, and its fallback to transformers' grouped_mm where it does not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, MixtralConfig
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+import moeify  # noqa: F401  (registers the implementation)
+from moeify.modeling import MoeifyConfig, expert_kernels
+from moeify.modeling.experts import MoeifyExperts, MoeifyExpertsWithBias
+
+TOKENS, HIDDEN, INNER, EXPERTS, K = 24, 16, 12, 6, 2
+
+
+@pytest.fixture(autouse=True)
+def pieces_of_three_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny blocks run in pieces as large ones do: at most 3 rows of float32 gate_up output (2 * INNER) per piece,
+    so experts with more rows span several pieces (their weight gradients add up across them)."""
+    monkeypatch.setattr(expert_kernels, "CPU_CHUNK_BYTES", 3 * 2 * INNER * 4)
+
+
+def moeify_experts(bias: bool, activation: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    text = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=1, num_attention_heads=2)
+    text.hidden_act = activation
+    config = MoeifyConfig(text_config=text, num_experts=EXPERTS, num_experts_per_tok=K, mlp_bias=bias)
+    torch.manual_seed(0)
+    experts = (MoeifyExpertsWithBias if bias else MoeifyExperts)(config)
+    for parameter in experts.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)
+    return experts.to(dtype)
+
+
+def routing(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs and a top-k routing that leaves experts 1 and 4 without tokens (their gradients must be zero)."""
+    torch.manual_seed(1)
+    hidden = torch.randn(TOKENS, HIDDEN, dtype=dtype)
+    logits = torch.randn(TOKENS, EXPERTS)
+    logits[:, [1, 4]] = -1e4
+    weights, index = logits.softmax(-1).topk(K, dim=-1)
+    return hidden, index, weights.to(dtype)
+
+
+def run(experts: torch.nn.Module, implementation: str, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+    """Output and gradients (input, routing weights, every parameter) of a weighted sum of the output."""
+    experts.config._experts_implementation = implementation
+    hidden, index, weights = (t.detach().clone() for t in inputs)
+    hidden.requires_grad_(), weights.requires_grad_()
+    experts.zero_grad(set_to_none=True)
+    out = experts(hidden, index, weights)
+    (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    grads = {name: p.grad for name, p in experts.named_parameters()}
+    return {"output": out.detach(), "hidden": hidden.grad, "weights": weights.grad, **grads}
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("activation", ["silu", "gelu_pytorch_tanh"])
+def test_moeify_experts_equal_eager_in_output_and_gradients(bias: bool, activation: str) -> None:
+    experts = moeify_experts(bias, activation)
+    inputs = routing()
+    expected, got = run(experts, "eager", inputs), run(experts, "moeify", inputs)
+    assert expected.keys() == got.keys() and len(expected) == 5 + 2 * bias
+    for name, value in expected.items():
+        assert value.abs().max() > 0, name
+        torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-5, msg=name)
+    for name in ("gate_up_proj", "down_proj"):  # experts without tokens: exactly zero, not left uninitialised
+        assert got[name][[1, 4]].eq(0).all(), name
+
+
+def test_native_mixtral_experts_run_it_too() -> None:
+    """`import moeify` registers the implementation for transformers' own classes (what a native export loads as)."""
+    assert "moeify" in ALL_EXPERTS_FUNCTIONS
+    config = MixtralConfig(hidden_size=HIDDEN, intermediate_size=INNER, num_local_experts=EXPERTS)
+    config.num_experts_per_tok = K
+    torch.manual_seed(0)
+    experts = MixtralExperts(config)
+    for parameter in experts.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)
+    inputs = routing()
+    expected, got = run(experts, "eager", inputs), run(experts, "moeify", inputs)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_frozen_weights_and_no_grad() -> None:
+    """Weights that do not train get no gradient (and cost none); under no_grad the output is the same."""
+    experts = moeify_experts(bias=True, activation="silu")
+    inputs = routing()
+    expected = run(experts, "eager", inputs)
+    experts.requires_grad_(False)
+    got = run(experts, "moeify", inputs)
+    assert all(got[name] is None for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"))
+    for name in ("output", "hidden", "weights"):
+        torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-5, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(experts(*inputs), expected["output"], atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_follows_the_float32_reference() -> None:
+    experts = moeify_experts(bias=False, activation="silu")
+    inputs = routing()
+    expected = run(experts, "eager", inputs)
+    low = tuple(t.to(torch.bfloat16) if t.is_floating_point() else t for t in inputs)
+    got = run(experts.to(torch.bfloat16), "moeify", low)
+    for name, value in expected.items():
+        error = (got[name].float() - value).norm() / value.norm()
+        assert got[name].dtype == torch.bfloat16 and error < 2e-2, (name, float(error))
+
+
+def test_pieces_split_experts_under_the_budget() -> None:
+    offsets = torch.tensor([4, 4, 5, 11], dtype=torch.int32)  # expert 1 has no rows, expert 3 six
+    pieces = expert_kernels._pieces(offsets, row_bytes=2 * INNER * 4)
+    assert pieces == [(0, 0, 3), (0, 3, 4), (2, 4, 5), (3, 5, 8), (3, 8, 11)]
+
+
+def test_small_blocks_run_grouped_mm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block whose whole gate_up output fits the budget runs transformers' grouped_mm, bit for bit."""
+    calls = []
+    piecewise = expert_kernels._PiecewiseExperts.apply
+    monkeypatch.setattr(expert_kernels._PiecewiseExperts, "apply", lambda *a: calls.append(1) or piecewise(*a))
+    monkeypatch.setattr(expert_kernels, "CPU_CHUNK_BYTES", TOKENS * K * 2 * INNER * 4)
+    experts = moeify_experts(bias=False, activation="silu")
+    inputs = routing()
+    expected, got = run(experts, "grouped_mm", inputs), run(experts, "moeify", inputs)
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+    assert not calls
+    monkeypatch.setattr(expert_kernels, "CPU_CHUNK_BYTES", TOKENS * K * 2 * INNER * 4 - 1)  # one byte over: pieces
+    run(experts, "moeify", inputs)
+    assert len(calls) == 1
+
+
+def test_layouts_it_does_not_cover_fall_back_to_grouped_mm() -> None:
+    """gpt-oss experts (transposed weights, clamped custom gate): "moeify" is transformers' grouped_mm, bit for bit."""
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    config = GptOssConfig(hidden_size=HIDDEN, intermediate_size=INNER, num_local_experts=EXPERTS, num_experts_per_tok=K)
+    torch.manual_seed(0)
+    experts = GptOssExperts(config)
+    for parameter in experts.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)
+    inputs = routing()
+    expected, got = run(experts, "grouped_mm", inputs), run(experts, "moeify", inputs)
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_model_default_equals_eager_with_and_without_checkpointing(checkpointing: bool) -> None:
+    """A MoeifyForCausalLM runs "moeify" by default; its logits and every gradient equal the eager experts', also
+    when gradient checkpointing runs each layer's forward again in backward."""
+    from moeify import MoeifyForCausalLM
+
+    text = LlamaConfig(
+        vocab_size=64, hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=2, num_attention_heads=2
+    )
+    torch.manual_seed(0)
+    model = MoeifyForCausalLM(MoeifyConfig(text_config=text, num_experts=EXPERTS, num_experts_per_tok=K))
+    assert model.config._experts_implementation == "moeify"
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.randint(0, 64, (2, 9))
+    results = {}
+    for implementation in ("eager", "moeify"):
+        model.set_experts_implementation(implementation)
+        model.zero_grad(set_to_none=True)
+        logits = model(ids).logits
+        (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        results[implementation] = logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+    (logits, grads), (expected_logits, expected) = results["moeify"], results["eager"]
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
+    assert any("experts.gate_up_proj" in n for n in expected) and all(g is not None for g in expected.values())
+    for name, grad in expected.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
