@@ -301,6 +301,20 @@ def test_full_precision_experts_lora_and_full_fine_tuning(
         assert any("experts" in k and "lora_B" in k and weights[k].abs().sum() > 0 for k in weights)
 
 
+def test_full_fine_tuning_runs_native_experts_with_moeify(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Every weight trains: a native MoE's experts run `experts_implementation="moeify"` (grouped_mm off the CPU)."""
+    from moeify.train.recipe import load_recipe
+    from moeify.train.run import load_model
+
+    path = _tiny_run(tmp_path, tmp_path_factory, "run")
+    model = load_model(load_recipe(path, ["quantization.experts=none", "lora=null"]), str(tmp_path / "moe"))
+    assert type(model).__name__ == "Qwen2MoeForCausalLM"
+    assert model.config._experts_implementation == "moeify"
+    assert model.model.layers[0].mlp.experts.config._experts_implementation == "moeify"
+
+
 def test_chat_messages_with_loss_on_assistant_turns_only(tmp_path: Path) -> None:
     from tiny_models import build_tokenizer
 

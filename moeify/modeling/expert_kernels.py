@@ -1,21 +1,25 @@
 """moeify's experts implementation, `experts_implementation="moeify"` in transformers' experts interface.
 
-On the CPU it runs the tokens sorted by expert (once per layer) one expert at a time, as plain GEMMs on each
-expert's rows, inside one autograd function:
+On the CPU, a block whose `(rows, 2I)` gate_up output would exceed `CPU_CHUNK_BYTES` (32 MiB) runs its tokens, sorted
+by expert once, in pieces of one expert's rows, each piece's gate_up output under 32 MiB, as plain GEMMs inside one
+autograd function:
 
-- forward keeps each expert's `(rows, 2I)` gate_up output for backward and nothing else (transformers' grouped_mm
-  path keeps the gathered input, the gate_up output, the activation and its product as separate full-size tensors);
-- backward writes each expert's weight gradient straight into its slice of the `(E, out, in)` gradient and the
-  routing weights' gradient as `<W_down^T grad, act(gate) * up>`, recomputing the activation from the kept output.
+- forward keeps each piece's gate_up output for backward and nothing else (transformers' grouped_mm path keeps the
+  gathered input, the gate_up output, the activation and its product as separate block-sized tensors);
+- backward writes each expert's weight gradient straight into its slice of the `(E, out, in)` gradient (later pieces
+  of the same expert add to it) and forms the routing weights' gradient as `<W_down^T grad, act(gate) * up>`,
+  recomputing the activation from the kept output.
 
 The reason is the CPU allocator rather than the FLOPs (the GEMMs are the same): glibc serves blocks under 32 MiB
 from its heap, recycled call after call, while the block-sized temporaries of one grouped call (235 MB at H 1024,
 I 3584, 8192 rows) are mapped and page-faulted in afresh on every call. torch's CPU grouped_mm is itself one GEMM
-per group, so the Python loop over experts adds only its call overhead (BENCHMARKS.md, issue 12).
+per group, so the Python loop over pieces adds only its call overhead (BENCHMARKS.md, issue 12).
 
-Anywhere else (accelerators, whose caching allocators recycle any size; `torch.compile`; layouts this function does
-not cover: transposed or interleaved weights, no gate, a custom gate, post-expert norms, expert parallelism) it is
-transformers' `grouped_mm` forward, unchanged. Registered on import; the default of moeify's own models.
+Everything else runs transformers' `grouped_mm` forward, unchanged: smaller blocks (their temporaries are recycled
+anyway, and one grouped call beats a loop), accelerators (their caching allocators recycle any size, and the loop
+would need the counts on the host), `torch.compile`, and layouts this function does not cover (transposed or
+interleaved weights, no gate, a custom gate, post-expert norms, expert parallelism). Registered on import; the
+default of moeify's own models.
 
 Copied next to the weights for `trust_remote_code=True`: imports torch and transformers only.
 """
@@ -81,12 +85,16 @@ def _runs_in_pieces(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
 
 
 def _pieces(offsets: torch.Tensor, row_bytes: int) -> list[tuple[int, int, int]]:
-    """`(expert, first row, end row)`: each expert's sorted rows, split so that no piece's gate_up output exceeds
-    `CPU_CHUNK_BYTES` (one row at least); experts without rows have none."""
+    """`(expert, first row, end row)`: each expert's sorted rows, split into as few near-equal pieces as keep every
+    piece's gate_up output under `CPU_CHUNK_BYTES` (one row at least); experts without rows have none."""
     most = max(1, CPU_CHUNK_BYTES // row_bytes)
     pieces, start = [], 0
     for expert, end in enumerate(offsets.tolist()):
-        pieces += [(expert, first, min(first + most, end)) for first in range(start, end, most)]
+        count = -(-(end - start) // most)
+        if not count:
+            continue
+        bounds = [start + (end - start) * i // count for i in range(count + 1)]
+        pieces += [(expert, first, last) for first, last in zip(bounds[:-1], bounds[1:], strict=True)]
         start = end
     return pieces
 

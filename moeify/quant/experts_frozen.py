@@ -21,10 +21,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ..modeling.expert_kernels import CPU_CHUNK_BYTES
 from ..modeling.experts import grouped_linear, sort_by_expert
 from .experts_4bit import PROJECTIONS, LoraFactors, fused_experts, lora_delta
-
-CPU_CHUNK_BYTES = 32 << 20  # largest gate_up output of one chunk on the CPU (glibc's largest heap-served block)
 
 
 class ExpertsFrozen(nn.Module):
