@@ -244,8 +244,9 @@ def test_default_dequantization_budget_follows_the_device(monkeypatch: pytest.Mo
 
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_dequantized_experts_are_bitsandbytes_own_round_trip(double_quant: bool, device: str) -> None:
-    """Any subset of experts, in any order, dequantizes to what bitsandbytes' own per-expert round trip gives, for
-    scales that fill whole nested blocks (gate_up: 256 blocks per expert, dequantized in one call) and not (down)."""
+    """Any subset of experts, in any order or as a slice, dequantizes to what bitsandbytes' own per-expert round trip
+    gives, for scales that fill whole nested blocks (gate_up: 256 blocks per expert, dequantized in one call) and not
+    (down)."""
     import bitsandbytes.functional as bnb_functional
 
     experts = full_precision_experts().to(device)
@@ -261,6 +262,8 @@ def test_dequantized_experts_are_bitsandbytes_own_round_trip(double_quant: bool,
             expected.append(bnb_functional.dequantize_4bit(data, state))
         got = module.dequantize(name, subset, torch.float32)
         torch.testing.assert_close(got, torch.stack(expected), rtol=0, atol=0)
+        # Consecutive experts (what a chunk of active experts usually is) are selected as a slice, not gathered.
+        torch.testing.assert_close(module.dequantize(name, slice(1, 3), torch.float32), got[1:], rtol=0, atol=0)
 
 
 def test_storage_is_under_three_tenths_of_bf16() -> None:

@@ -112,10 +112,25 @@ def expert_lora(
     """Each sorted row's expert LoRA `scale * B_e A_e x`, as two grouped GEMMs (never `W + delta`). The factors are
     in peft's `target_parameters` layout: A `(E * r, in)` with `A_e = A.view(E, r, in)[e]`, B `(out, E * r)` with
     `B_e = B.view(out, r, E)[..., e]`; `experts`: the experts the groups are (default: all, in order)."""
+    a, b = expert_factors(lora_a, lora_b, num_experts, experts)
+    return grouped_lora(x, a, b, scale, offsets)
+
+
+def expert_factors(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, num_experts: int, experts: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`experts`' (default: all) own factors from peft's layout (see `expert_lora`): `(n, r, in)` and `(n, out, r)`."""
     r = lora_a.shape[0] // num_experts
     a = lora_a.view(num_experts, r, -1)
     b = lora_b.view(-1, r, num_experts).permute(2, 0, 1)  # (E, out, r)
-    a, b = (a, b.contiguous()) if experts is None else (a[experts], b[experts])
+    return (a, b.contiguous()) if experts is None else (a[experts], b[experts])
+
+
+def grouped_lora(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, offsets: torch.Tensor
+) -> torch.Tensor:
+    """`scale * B_g A_g x` for the rows of each group g (`offsets`), from per-group factors `(n, r, in)` and
+    `(n, out, r)`."""
     low = grouped_linear(x, a.to(x.dtype), offsets)
     # The scale multiplies the (rows, r) intermediate, not the (rows, out) result: r / out of the element-wise work.
     return grouped_linear(low * scale, b.to(x.dtype), offsets)

@@ -33,7 +33,7 @@ import torch
 from bitsandbytes.functional import QuantState
 from torch import nn
 
-from ..modeling.experts import expert_lora, grouped_linear
+from ..modeling.experts import expert_factors, grouped_linear, grouped_lora
 from .config import ExpertQuantization
 
 PROJECTIONS = ("gate_up", "down")
@@ -147,8 +147,8 @@ class Experts4bit(nn.Module):
             self.nested_code.copy_(state.state2.code)
         self.code.copy_(state.code)
 
-    def absmax(self, name: str, experts: torch.Tensor) -> torch.Tensor:
-        """The float32 scales of `experts` for projection `name`, `(len(experts), blocks)`."""
+    def absmax(self, name: str, experts: torch.Tensor | slice) -> torch.Tensor:
+        """The float32 scales of `experts` (indices or a slice) for projection `name`, `(experts, blocks)`."""
         absmax = getattr(self, f"{name}_absmax")[experts]
         if not self.quantization.double_quant:
             return absmax
@@ -165,26 +165,28 @@ class Experts4bit(nn.Module):
             scales = bnb_functional.dequantize_blockwise(absmax.reshape(-1), state).view_as(absmax)
             return scales + offset[experts, None]
         rows = []
-        for row, expert in zip(absmax, experts.tolist(), strict=True):
+        ids = range(self.num_experts)[experts] if isinstance(experts, slice) else experts.tolist()
+        for row, expert in zip(absmax, ids, strict=True):
             state = QuantState(
                 absmax=nested[expert], code=self.nested_code, blocksize=_NESTED_BLOCKSIZE, dtype=torch.float32
             )
             rows.append(bnb_functional.dequantize_blockwise(row, state) + offset[expert])
         return torch.stack(rows)
 
-    def dequantize(self, name: str, experts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Weights of `experts` (indices) for projection `name`, `(len(experts), out, in)`, in one bitsandbytes call."""
+    def dequantize(self, name: str, experts: torch.Tensor | slice, dtype: torch.dtype) -> torch.Tensor:
+        """Weights of `experts` (indices, or a slice: no gather of the packed bytes) for projection `name`,
+        `(experts, out, in)`, in one bitsandbytes call."""
         out_dim, in_dim = self.shapes[name]
         packed = getattr(self, f"{name}_packed").view(torch.uint8)[experts]
         state = QuantState(
             absmax=self.absmax(name, experts).reshape(-1),
-            shape=torch.Size([len(experts) * out_dim, in_dim]),
+            shape=torch.Size([len(packed) * out_dim, in_dim]),
             code=self.code,
             blocksize=self.quantization.blocksize,
             quant_type=self.quantization.quant_type,
             dtype=dtype,
         )
-        return bnb_functional.dequantize_4bit(packed.reshape(-1, 1), state).view(len(experts), out_dim, in_dim)
+        return bnb_functional.dequantize_4bit(packed.reshape(-1, 1), state).view(len(packed), out_dim, in_dim)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Experts4bit:
         # `model.to(dtype)`, `.half()`, `from_pretrained(dtype=...)` cast every float tensor: the packed bytes and
@@ -231,6 +233,7 @@ class Experts4bit(nn.Module):
         _, order = torch.sort(expert_ids, stable=True)
         counts = torch.bincount(expert_ids, minlength=self.num_experts)
         active = counts.nonzero().flatten()
+        ids = active.tolist()
         per_expert = sum(o * i for o, i in self.shapes.values()) * torch.empty((), dtype=dtype).element_size()
         size = max(1, self.quantization.dequantized_budget(top_k_index.device) // per_expert)
         row = 0
@@ -239,7 +242,9 @@ class Experts4bit(nn.Module):
             chunk_counts = counts[experts]
             rows = order[row : row + int(chunk_counts.sum())]
             row += len(rows)
-            yield _Chunk(experts, chunk_counts, rows, rows // num_top_k)
+            first, last = ids[start], ids[start + len(experts) - 1]
+            span = slice(first, last + 1) if last - first + 1 == len(experts) else None
+            yield _Chunk(experts, chunk_counts, rows, rows // num_top_k, span)
 
     def chunk_forward(
         self,
@@ -258,7 +263,7 @@ class Experts4bit(nn.Module):
 
     def projection(self, name: str, x: torch.Tensor, chunk: _Chunk, lora: dict[str, LoraFactors]) -> torch.Tensor:
         """`x` (the chunk's rows) through projection `name` of each row's expert, plus its LoRA."""
-        weight = self.dequantize(name, chunk.experts, x.dtype)
+        weight = self.dequantize(name, chunk.selector, x.dtype)
         out = grouped_linear(x, weight, chunk.offsets)
         del weight  # never kept: backward dequantizes again
         if self.has_bias:
@@ -267,16 +272,23 @@ class Experts4bit(nn.Module):
         return out if delta is None else out.add_(delta)  # in place: the autograd function's forward records nothing
 
     def lora_branch(
-        self, name: str, x: torch.Tensor, chunk: _Chunk, lora: dict[str, LoraFactors]
+        self,
+        name: str,
+        x: torch.Tensor,
+        chunk: _Chunk,
+        lora: dict[str, LoraFactors],
+        selected: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor | None:
-        """Projection `name`'s LoRA delta for the chunk's rows `x`, or None without LoRA there."""
+        """Projection `name`'s LoRA delta for the chunk's rows `x`, or None without LoRA there; `selected`: the
+        chunk's experts' own factors, by projection (backward's per-chunk leaves)."""
         if name not in lora:
             return None
-        return lora_delta(x, lora[name], self.num_experts, chunk.offsets, chunk.experts)
+        own = selected[name] if selected is not None else None
+        return lora_delta(x, lora[name], self.num_experts, chunk.offsets, chunk.experts, own)
 
     def input_grad(self, name: str, grad: torch.Tensor, chunk: _Chunk) -> torch.Tensor:
         """The gradient of projection `name`'s input from its output's `grad`, through the frozen weights."""
-        weight = self.dequantize(name, chunk.experts, grad.dtype)
+        weight = self.dequantize(name, chunk.selector, grad.dtype)
         return grouped_linear(grad, weight.transpose(-2, -1), chunk.offsets)
 
     def extra_repr(self) -> str:
@@ -302,18 +314,30 @@ def lora_delta(
     num_experts: int,
     offsets: torch.Tensor,
     experts: torch.Tensor | None = None,
+    selected: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Each row's expert LoRA (`moeify.modeling.experts.expert_lora`) after the factors' dropout, over rows sorted by
-    expert (`offsets`); `experts`: the experts the groups are (default: all, in order)."""
+    expert (`offsets`); `experts`: the experts the groups are (default: all, in order); `selected`: those experts'
+    own factors `(n, r, in)`, `(n, out, r)` when the caller has taken them from `lora` already."""
     x = lora.dropout(x) if lora.dropout is not None else x
-    return expert_lora(x, lora.lora_A, lora.lora_B, lora.scale, num_experts, offsets, experts)
+    a, b = selected if selected is not None else expert_factors(lora.lora_A, lora.lora_B, num_experts, experts)
+    return grouped_lora(x, a, b, lora.scale, offsets)
 
 
 class _Chunk:
-    """Active experts of one chunk, their token counts, their rows in the flattened (token, k) routing, tokens."""
+    """Active experts of one chunk, their token counts, their rows in the flattened (token, k) routing, tokens; and
+    how to select the experts' stored tensors: a slice when they are consecutive (no gather), else the indices."""
 
-    def __init__(self, experts: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+    def __init__(
+        self,
+        experts: torch.Tensor,
+        counts: torch.Tensor,
+        rows: torch.Tensor,
+        tokens: torch.Tensor,
+        span: slice | None = None,
+    ) -> None:
         self.experts, self.counts, self.rows, self.tokens = experts, counts, rows, tokens
+        self.selector: torch.Tensor | slice = experts if span is None else span
         self.offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # grouped_linear's groups
         self.expanded = experts.repeat_interleave(counts)  # the expert of each row
 
@@ -352,8 +376,11 @@ class _Experts4bitFunction(torch.autograd.Function):
         lora, activations = saved[: ctx.num_lora], saved[ctx.num_lora :]
         module: Experts4bit = ctx.module
         needs = ctx.needs_input_grad
-        lora_leaves = tuple(t.detach().requires_grad_(need) for t, need in zip(lora, needs[5:], strict=True))
-        factors = _factors(ctx.spec, lora_leaves)
+        factors = _factors(ctx.spec, lora)
+        # Each chunk's LoRA gradients are taken on that chunk's own factors (leaves of shape (n, r, in) and
+        # (n, out, r)) and added into the full gradients here: through the selection from peft's layout, autograd
+        # would build and add a full-size gradient per chunk.
+        lora_grads = [torch.zeros_like(t) if need else None for t, need in zip(lora, needs[5:], strict=True)]
         backprop = needs[0] or any(needs[5:])  # anything besides the routing weights' gradient
         grad_hidden = torch.zeros_like(hidden_states) if needs[0] else None
         grad_weights = torch.zeros_like(top_k_weights).reshape(-1) if needs[1] else None
@@ -364,11 +391,12 @@ class _Experts4bitFunction(torch.autograd.Function):
                 grad_rows = grad_output[chunk.tokens]  # a fresh gather: the unweighted gradient of each row's output
                 # Rebuild the element-wise graph and the LoRA branches in forward order (same dropout masks).
                 x = hidden_states[chunk.tokens].detach().requires_grad_(grad_hidden is not None)
-                lora_gate_up = module.lora_branch("gate_up", x, chunk, factors)  # always: it draws its mask first
+                selected = _chunk_leaves(factors, module.num_experts, chunk.experts, lora_grads)
+                lora_gate_up = module.lora_branch("gate_up", x, chunk, factors, selected)  # first: its mask first
                 h = h.detach().requires_grad_(backprop)
                 gate, up = h.chunk(2, dim=-1)
                 inner = module.act_fn(gate) * up
-                lora_down = module.lora_branch("down", inner, chunk, factors)
+                lora_down = module.lora_branch("down", inner, chunk, factors, selected)
                 grad_inner = module.input_grad("down", grad_rows, chunk)  # unweighted, (rows, I)
                 row_weights = flat_weights[chunk.rows, None].to(grad_rows.dtype)
                 if grad_weights is not None:
@@ -384,14 +412,15 @@ class _Experts4bitFunction(torch.autograd.Function):
                     continue
                 grad_inner.mul_(row_weights)
                 grad_y = grad_rows.mul_(row_weights)
-                _backward([inner, lora_down], [grad_inner, grad_y], [h, *_leaves(factors, "down")])
+                _backward([inner, lora_down], [grad_inner, grad_y], [h, *selected.get("down", ())])
                 if lora_gate_up is not None:
-                    _backward([lora_gate_up], [h.grad], [x, *_leaves(factors, "gate_up")])
+                    _backward([lora_gate_up], [h.grad], [x, *selected.get("gate_up", ())])
+                _add_chunk_grads(selected, factors, module.num_experts, chunk.experts, lora_grads)
                 if grad_hidden is not None:
                     grad_x = module.input_grad("gate_up", h.grad, chunk)
                     grad_hidden.index_add_(0, chunk.tokens, grad_x if x.grad is None else grad_x.add_(x.grad))
         grad_weights = grad_weights.view_as(top_k_weights) if grad_weights is not None else None
-        return (grad_hidden, grad_weights, None, None, None, *(t.grad for t in lora_leaves))
+        return (grad_hidden, grad_weights, None, None, None, *lora_grads)
 
 
 def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -399,8 +428,32 @@ def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a[:, None], b[:, :, None]).view(-1)
 
 
-def _leaves(factors: dict[str, LoraFactors], name: str) -> list[torch.Tensor]:
-    return [factors[name].lora_A, factors[name].lora_B] if name in factors else []
+def _chunk_leaves(
+    factors: dict[str, LoraFactors], num_experts: int, experts: torch.Tensor, grads: list[torch.Tensor | None]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The chunk's experts' own factors of each projection, as fresh leaves that want a gradient where the full
+    factor does (`grads`, in the order of `factors`' A, B pairs)."""
+    selected = {}
+    for i, (name, lora) in enumerate(factors.items()):
+        a, b = expert_factors(lora.lora_A.detach(), lora.lora_B.detach(), num_experts, experts)
+        selected[name] = (a.requires_grad_(grads[2 * i] is not None), b.requires_grad_(grads[2 * i + 1] is not None))
+    return selected
+
+
+def _add_chunk_grads(
+    selected: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    factors: dict[str, LoraFactors],
+    num_experts: int,
+    experts: torch.Tensor,
+    grads: list[torch.Tensor | None],
+) -> None:
+    """Add the chunk leaves' gradients into the full gradients, in peft's layout (the inverse of `expert_factors`)."""
+    for i, name in enumerate(factors):
+        (a, b), grad_a, grad_b = selected[name], grads[2 * i], grads[2 * i + 1]
+        if grad_a is not None and a.grad is not None:
+            grad_a.view(num_experts, a.shape[1], -1).index_add_(0, experts, a.grad)
+        if grad_b is not None and b.grad is not None:
+            grad_b.view(-1, b.shape[2], num_experts).permute(2, 0, 1).index_add_(0, experts, b.grad)
 
 
 def _backward(outputs: list[torch.Tensor | None], grads: list[torch.Tensor], inputs: list[torch.Tensor]) -> None:
