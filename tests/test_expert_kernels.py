@@ -99,6 +99,19 @@ def test_frozen_weights_and_no_grad() -> None:
         torch.testing.assert_close(experts(*inputs), expected["output"], atol=1e-5, rtol=1e-5)
 
 
+def test_weights_train_from_inputs_without_gradients() -> None:
+    """Neither the input nor the routing weights want a gradient: the expert weights still get the eager ones."""
+    experts = moeify_experts(bias=True, activation="silu")
+    inputs = routing()
+    expected = run(experts, "eager", inputs)
+    experts.config._experts_implementation = "moeify"
+    experts.zero_grad(set_to_none=True)
+    out = experts(*inputs)
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    for name, parameter in experts.named_parameters():
+        torch.testing.assert_close(parameter.grad, expected[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
 def test_bfloat16_follows_the_float32_reference() -> None:
     experts = moeify_experts(bias=False, activation="silu")
     inputs = routing()

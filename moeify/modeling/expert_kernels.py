@@ -142,7 +142,9 @@ class _PiecewiseExperts(torch.autograd.Function):
         hidden_states, weights, tokens, gate_up, down, bias_gate_up, bias_down, *gate_up_outputs = ctx.saved_tensors
         needs = ctx.needs_input_grad
         dtype, inner = gate_up.dtype, down.shape[-1]
-        grad_input = torch.zeros(hidden_states.shape, dtype=_accumulation_dtype(hidden_states.dtype))
+        grad_input = (
+            torch.zeros(hidden_states.shape, dtype=_accumulation_dtype(hidden_states.dtype)) if needs[0] else None
+        )
         grad_weights = torch.zeros_like(weights) if needs[1] else None
         # An expert's first piece writes its weight-gradient slice, later pieces add to it; experts without rows
         # are zeroed at the end (no zero-fill of the whole gradient first).
@@ -180,13 +182,13 @@ class _PiecewiseExperts(torch.autograd.Function):
                 _write_or_add(grad_gate_up[expert], grad_projected.T, hidden_states[rows].to(dtype), first)
             if grad_bias_gate_up is not None:
                 grad_bias_gate_up[expert] += grad_projected.sum(0)
-            if needs[0]:
+            if grad_input is not None:
                 grad_input.index_add_(0, rows, (grad_projected @ gate_up[expert]).to(grad_input.dtype))
         for grad in (grad_gate_up, grad_down):
             if grad is not None:
                 for expert in set(range(grad.shape[0])) - written:
                     grad[expert].zero_()
-        grad_hidden = grad_input.to(hidden_states.dtype) if needs[0] else None
+        grad_hidden = grad_input.to(hidden_states.dtype) if grad_input is not None else None
         return grad_hidden, grad_weights, None, None, None, grad_gate_up, grad_down, grad_bias_gate_up, grad_bias_down
 
 
