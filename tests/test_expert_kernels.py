@@ -23,7 +23,9 @@ def pieces_of_three_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(expert_kernels, "CPU_CHUNK_BYTES", 3 * 2 * INNER * 4)
 
 
-def moeify_experts(bias: bool, activation: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def moeify_experts(
+    bias: bool, activation: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> torch.nn.Module:
     text = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=1, num_attention_heads=2)
     text.hidden_act = activation
     config = MoeifyConfig(text_config=text, num_experts=EXPERTS, num_experts_per_tok=K, mlp_bias=bias)
@@ -31,17 +33,17 @@ def moeify_experts(bias: bool, activation: str, dtype: torch.dtype = torch.float
     experts = (MoeifyExpertsWithBias if bias else MoeifyExperts)(config)
     for parameter in experts.parameters():
         torch.nn.init.normal_(parameter, std=0.3)
-    return experts.to(dtype)
+    return experts.to(dtype=dtype, device=device)
 
 
-def routing(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def routing(dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs and a top-k routing that leaves experts 1 and 4 without tokens (their gradients must be zero)."""
     torch.manual_seed(1)
     hidden = torch.randn(TOKENS, HIDDEN, dtype=dtype)
     logits = torch.randn(TOKENS, EXPERTS)
     logits[:, [1, 4]] = -1e4
     weights, index = logits.softmax(-1).topk(K, dim=-1)
-    return hidden, index, weights.to(dtype)
+    return hidden.to(device), index.to(device), weights.to(dtype=dtype, device=device)
 
 
 def run(experts: torch.nn.Module, implementation: str, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
@@ -51,16 +53,16 @@ def run(experts: torch.nn.Module, implementation: str, inputs: tuple[torch.Tenso
     hidden.requires_grad_(), weights.requires_grad_()
     experts.zero_grad(set_to_none=True)
     out = experts(hidden, index, weights)
-    (out.float() * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    (out.float() * torch.linspace(-1, 1, out.shape[-1], device=out.device)).sum().backward()
     grads = {name: p.grad for name, p in experts.named_parameters()}
     return {"output": out.detach(), "hidden": hidden.grad, "weights": weights.grad, **grads}
 
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("activation", ["silu", "gelu_pytorch_tanh"])
-def test_moeify_experts_equal_eager_in_output_and_gradients(bias: bool, activation: str) -> None:
-    experts = moeify_experts(bias, activation)
-    inputs = routing()
+def test_moeify_experts_equal_eager_in_output_and_gradients(bias: bool, activation: str, device: str) -> None:
+    experts = moeify_experts(bias, activation, device=device)
+    inputs = routing(device=device)
     expected, got = run(experts, "eager", inputs), run(experts, "moeify", inputs)
     assert expected.keys() == got.keys() and len(expected) == 5 + 2 * bias
     for name, value in expected.items():
@@ -190,3 +192,14 @@ def test_model_default_equals_eager_with_and_without_checkpointing(checkpointing
     assert any("experts.gate_up_proj" in n for n in expected) and all(g is not None for g in expected.values())
     for name, grad in expected.items():
         torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_accelerators_run_grouped_mm() -> None:
+    """Off the CPU "moeify" is transformers' grouped_mm, bit for bit, whatever the block's size."""
+    experts = moeify_experts(bias=True, activation="silu", device="cuda")
+    inputs = routing(device="cuda")
+    expected, got = run(experts, "grouped_mm", inputs), run(experts, "moeify", inputs)
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
