@@ -29,11 +29,15 @@ def moeify_experts(
     text = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=1, num_attention_heads=2)
     text.hidden_act = activation
     config = MoeifyConfig(text_config=text, num_experts=EXPERTS, num_experts_per_tok=K, mlp_bias=bias)
+    return randomised((MoeifyExpertsWithBias if bias else MoeifyExperts)(config)).to(dtype=dtype, device=device)
+
+
+def randomised(experts: torch.nn.Module) -> torch.nn.Module:
+    """`experts` with seeded N(0, 0.3) weights (and biases): large enough that every gradient is far from zero."""
     torch.manual_seed(0)
-    experts = (MoeifyExpertsWithBias if bias else MoeifyExperts)(config)
     for parameter in experts.parameters():
         torch.nn.init.normal_(parameter, std=0.3)
-    return experts.to(dtype=dtype, device=device)
+    return experts
 
 
 def routing(dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -77,10 +81,7 @@ def test_native_mixtral_experts_run_it_too() -> None:
     assert "moeify" in ALL_EXPERTS_FUNCTIONS
     config = MixtralConfig(hidden_size=HIDDEN, intermediate_size=INNER, num_local_experts=EXPERTS)
     config.num_experts_per_tok = K
-    torch.manual_seed(0)
-    experts = MixtralExperts(config)
-    for parameter in experts.parameters():
-        torch.nn.init.normal_(parameter, std=0.3)
+    experts = randomised(MixtralExperts(config))
     inputs = routing()
     expected, got = run(experts, "eager", inputs), run(experts, "moeify", inputs)
     for name, value in expected.items():
@@ -154,10 +155,7 @@ def test_layouts_it_does_not_cover_fall_back_to_grouped_mm() -> None:
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
     config = GptOssConfig(hidden_size=HIDDEN, intermediate_size=INNER, num_local_experts=EXPERTS, num_experts_per_tok=K)
-    torch.manual_seed(0)
-    experts = GptOssExperts(config)
-    for parameter in experts.parameters():
-        torch.nn.init.normal_(parameter, std=0.3)
+    experts = randomised(GptOssExperts(config))
     inputs = routing()
     expected, got = run(experts, "grouped_mm", inputs), run(experts, "moeify", inputs)
     for name, value in expected.items():
