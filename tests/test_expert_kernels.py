@@ -201,3 +201,23 @@ def test_accelerators_run_grouped_mm() -> None:
     expected, got = run(experts, "grouped_mm", inputs), run(experts, "moeify", inputs)
     for name, value in expected.items():
         assert torch.equal(got[name], value), name
+
+
+def test_no_grad_keeps_no_gate_up_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under no_grad (generation, a reentrant checkpoint's first pass) the pieces' gate_up outputs are not held to
+    the end of the forward, although the weights want gradients."""
+    kept = []
+    forward = expert_kernels._PiecewiseExperts.forward
+
+    def spy(ctx: object, *args: object) -> torch.Tensor:
+        out = forward(ctx, *args)
+        kept.append(len(ctx.to_save) - 7)  # besides the inputs, weights and biases
+        return out
+
+    monkeypatch.setattr(expert_kernels._PiecewiseExperts, "forward", staticmethod(spy))
+    experts = moeify_experts(bias=False, activation="silu")
+    experts.config._experts_implementation = "moeify"
+    with torch.no_grad():
+        experts(*routing())
+    experts(*routing())
+    assert kept[0] == 0 and kept[1] > 1

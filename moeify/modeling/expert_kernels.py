@@ -59,6 +59,7 @@ def moeify_experts_forward(
         self.down_proj,
         bias_gate_up,
         bias_down,
+        torch.is_grad_enabled(),  # inside `forward` grad mode is always off, and needs_input_grad ignores it
     )
 
 
@@ -115,11 +116,12 @@ class _PiecewiseExperts(torch.autograd.Function):
         down: torch.Tensor,
         bias_gate_up: torch.Tensor | None,
         bias_down: torch.Tensor | None,
+        recording: bool,
     ) -> torch.Tensor:
         dtype, inner = gate_up.dtype, down.shape[-1]
         # Reduced precision sums each token's k expert outputs in float32, rounding once (as transformers does).
         output = torch.zeros(hidden_states.shape, dtype=_accumulation_dtype(hidden_states.dtype))
-        keep = any(ctx.needs_input_grad)
+        keep = recording and any(ctx.needs_input_grad)  # under no_grad (generation, a checkpoint's first pass): none
         gate_up_outputs = []
         for expert, start, end in pieces:
             rows = tokens[start:end]
@@ -189,7 +191,8 @@ class _PiecewiseExperts(torch.autograd.Function):
                 for expert in set(range(grad.shape[0])) - written:
                     grad[expert].zero_()
         grad_hidden = grad_input.to(hidden_states.dtype) if grad_input is not None else None
-        return grad_hidden, grad_weights, None, None, None, grad_gate_up, grad_down, grad_bias_gate_up, grad_bias_down
+        grads = grad_gate_up, grad_down, grad_bias_gate_up, grad_bias_down
+        return grad_hidden, grad_weights, None, None, None, *grads, None
 
 
 def _write_or_add(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor, first: bool) -> None:
