@@ -30,6 +30,7 @@ E4K2 = {"num_experts": 4, "top_k": 2}
 CASES = [  # (dense architecture, convert options, class written[, load_for_training settings])
     ("llama", {**E4K2, "layout": "per-expert"}, "MixtralForCausalLM"),
     ("qwen2", {**E4K2, "shared_experts": 1}, "Qwen2MoeForCausalLM"),
+    ("qwen3", {**E4K2, "format": "native"}, "Qwen3MoeForCausalLM"),
     ("qwen2", {**E4K2, "shared_experts": 1}, "Qwen2MoeForCausalLM", {"shared_experts": "full"}),
     ("llama_attn_bias", {**E4K2, "format": "native"}, "GraniteMoeSharedForCausalLM"),
     ("gemma3", {**E4K2, "shared_experts": 1}, "MoeifyForCausalLM"),

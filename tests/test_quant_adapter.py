@@ -1,4 +1,5 @@
-"""The LoRA of a model with 4-bit experts, saved by moeify, loads in stock peft onto the full-precision model.
+"""The LoRA of a model with 4-bit experts, saved by moeify, loads in stock peft onto the full-precision model, for
+every stock MoE class moeify writes.
 
 The full-precision model used here carries the dequantized 4-bit expert weights, so stock peft's result must equal
 the 4-bit + LoRA model's to float32 precision: a LoRA factor paired with the wrong expert, a transposed factor or
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import MixtralConfig, MixtralForCausalLM
+from tiny_models import NATIVE_MOE_CLASSES, native_moe
 
 from moeify.quant import ExpertLora, Experts4bit, add_expert_lora, quantize_experts
 
@@ -37,20 +38,11 @@ torch.save(logits, sys.argv[4])
 """
 
 
-@pytest.mark.parametrize("expert_rank", [4, 2])
-def test_adapter_loads_in_stock_peft_on_full_precision_experts(expert_rank: int, tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    config = MixtralConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-    )
-    full = MixtralForCausalLM(config).eval()
+@pytest.mark.parametrize(
+    ("name", "expert_rank"), [*((name, 4) for name in NATIVE_MOE_CLASSES), ("mixtral", 2)], ids=lambda v: str(v)
+)
+def test_adapter_loads_in_stock_peft_on_full_precision_experts(name: str, expert_rank: int, tmp_path: Path) -> None:
+    full = native_moe(name).eval()
     quantized = copy.deepcopy(full)
     names = quantize_experts(quantized)
     model = get_peft_model(quantized, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).eval()
@@ -59,8 +51,8 @@ def test_adapter_loads_in_stock_peft_on_full_precision_experts(expert_rank: int,
     assert any(n.endswith("experts.base_layer.lora_A.default.weight") for n in trainable)
     assert not any("packed" in n for n in trainable)
     with torch.no_grad():  # B factors start at zero: make every one count
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
+        for param_name, param in model.named_parameters():
+            if "lora_B" in param_name:
                 param.normal_(std=0.05)
     ids = [[5, 17, 42, 3, 77, 12, 9, 60], [1, 2, 3, 4, 5, 6, 7, 8]]
     with torch.no_grad():
@@ -68,9 +60,9 @@ def test_adapter_loads_in_stock_peft_on_full_precision_experts(expert_rank: int,
 
     # The full-precision model with the 4-bit model's (dequantized) expert weights.
     with torch.no_grad():
-        for name in names:
-            module: Experts4bit = quantized.get_submodule(name).experts
-            experts = full.get_submodule(name)
+        for experts_name in names:
+            module: Experts4bit = quantized.get_submodule(experts_name).experts
+            experts = full.get_submodule(experts_name)
             everyone = torch.arange(module.num_experts)
             experts.gate_up_proj.copy_(module.dequantize("gate_up", everyone, torch.float32))
             experts.down_proj.copy_(module.dequantize("down", everyone, torch.float32))
@@ -78,7 +70,8 @@ def test_adapter_loads_in_stock_peft_on_full_precision_experts(expert_rank: int,
     adapter = tmp_path / "adapter"
     model.save_pretrained(adapter)  # peft's own save: the expert LoRA is a peft tuner layer
     saved = json.loads((adapter / "adapter_config.json").read_text())
-    assert saved["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    suffix = ".".join(names[0].split(".")[-2:])  # e.g. mlp.experts, as peft's own target_parameters name them
+    assert saved["target_parameters"] == [f"{suffix}.gate_up_proj", f"{suffix}.down_proj"]
     assert sorted(saved["target_modules"]) == ["q_proj", "v_proj"]
 
     env = dict(os.environ, PYTHONPATH="", HF_HUB_OFFLINE="1")

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from tiny_models import NATIVE_MOE_CLASSES, native_moe
 from torch import nn
 from transformers import LlamaConfig, MixtralConfig, MixtralForCausalLM
 
@@ -388,27 +389,11 @@ def test_bad_settings_and_non_moe_models_fail_clearly() -> None:
         quantize_experts(dense)
 
 
-def tiny_mixtral() -> MixtralForCausalLM:
-    torch.manual_seed(0)
-    return MixtralForCausalLM(
-        MixtralConfig(
-            vocab_size=96,
-            hidden_size=H,
-            intermediate_size=I,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            num_local_experts=E,
-            num_experts_per_tok=K,
-        )
-    )
-
-
 def test_model_with_gradient_checkpointing() -> None:
     """transformers' gradient checkpointing recomputes the routing and the 4-bit dispatch: same loss and grads."""
     from moeify.quant.loading import enable_checkpointing
 
-    model = tiny_mixtral()
+    model = native_moe("mixtral")
     quantize_experts(model)
     add_expert_lora(model, ExpertLora(r=4))
     with torch.no_grad():
@@ -434,7 +419,7 @@ def test_model_with_gradient_checkpointing() -> None:
 
 def test_bfloat16_compute_matches_stock_bfloat16(device: str) -> None:
     """In bfloat16 the 4-bit model computes what stock Mixtral computes with the same (dequantized) weights."""
-    stock = tiny_mixtral().to(device).eval()
+    stock = native_moe("mixtral").to(device).eval()
     ours = copy.deepcopy(stock)
     with torch.no_grad():
         for name in quantize_experts(ours):
@@ -474,51 +459,11 @@ def test_bfloat16_gradients_follow_the_float32_reference(device: str) -> None:
         assert want.norm() > 0 and relative < 0.02, (name, relative)
 
 
-def _native(name: str) -> nn.Module:
-    from transformers import (
-        GraniteMoeSharedConfig,
-        GraniteMoeSharedForCausalLM,
-        Qwen2MoeConfig,
-        Qwen2MoeForCausalLM,
-        Qwen3MoeConfig,
-        Qwen3MoeForCausalLM,
-    )
-
-    torch.manual_seed(0)
-    common = dict(
-        vocab_size=96,
-        hidden_size=H,
-        intermediate_size=I,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    if name == "qwen2_moe":
-        return Qwen2MoeForCausalLM(
-            Qwen2MoeConfig(
-                **common,
-                moe_intermediate_size=I,
-                shared_expert_intermediate_size=I,
-                num_experts=E,
-                num_experts_per_tok=K,
-            )
-        )
-    if name == "qwen3_moe":
-        return Qwen3MoeForCausalLM(
-            Qwen3MoeConfig(**common, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K)
-        )
-    if name == "granitemoeshared":
-        return GraniteMoeSharedForCausalLM(
-            GraniteMoeSharedConfig(**common, shared_intermediate_size=I, num_local_experts=E, num_experts_per_tok=K)
-        )
-    return tiny_mixtral()
-
-
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "granitemoeshared"])
+@pytest.mark.parametrize("name", NATIVE_MOE_CLASSES)
 def test_every_native_class_computes_its_dequantized_self(name: str) -> None:
     """Swapped into each stock class moeify writes, 4-bit experts compute exactly what the class computes with
     the dequantized weights (so the routing, weights and experts contract are honoured), LoRA at init included."""
-    stock = _native(name).eval()
+    stock = native_moe(name).eval()
     ours = copy.deepcopy(stock)
     names = quantize_experts(ours)
     add_expert_lora(ours, ExpertLora(r=4))

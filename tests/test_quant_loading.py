@@ -20,6 +20,7 @@ CASES = [  # (dense architecture, convert options, class written)
     ("llama", {**E4K2, "layout": "per-expert"}, "MixtralForCausalLM"),
     ("llama", {**E4K2, "layout": "fused"}, "MixtralForCausalLM"),
     ("qwen2", {**E4K2, "shared_experts": 1}, "Qwen2MoeForCausalLM"),
+    ("qwen3", {**E4K2, "format": "native"}, "Qwen3MoeForCausalLM"),
     ("llama_attn_bias", {**E4K2, "format": "native"}, "GraniteMoeSharedForCausalLM"),
     ("gemma3", {**E4K2, "shared_experts": 1}, "MoeifyForCausalLM"),
     ("llama_mlp_bias", {**E4K2, "layers": "0,2"}, "MoeifyForCausalLM"),

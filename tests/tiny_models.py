@@ -203,3 +203,40 @@ def dense_model(name: str, root: Path, config: PretrainedConfig | None = None) -
         build_dense(name, partial, config=config)
         partial.rename(folder)
     return folder
+
+
+NATIVE_MOE_CLASSES = ("mixtral", "qwen2_moe", "qwen3_moe", "granitemoeshared")  # the stock MoE classes convert writes
+
+
+def native_moe(name: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random model of a stock transformers MoE class moeify writes (`NATIVE_MOE_CLASSES`): vocabulary 96,
+    hidden 64, 2 layers, 4 experts of intermediate 128 (and a shared expert where the class has one), top-2."""
+    from transformers import (
+        GraniteMoeSharedConfig,
+        GraniteMoeSharedForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    experts = dict(num_experts_per_tok=2, intermediate_size=128)
+    if name == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(**common, **experts, num_local_experts=4))
+    if name == "qwen2_moe":
+        return Qwen2MoeForCausalLM(
+            Qwen2MoeConfig(
+                **common, **experts, moe_intermediate_size=128, shared_expert_intermediate_size=128, num_experts=4
+            )
+        )
+    if name == "qwen3_moe":
+        return Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, **experts, moe_intermediate_size=128, num_experts=4))
+    if name == "granitemoeshared":
+        return GraniteMoeSharedForCausalLM(
+            GraniteMoeSharedConfig(**common, **experts, shared_intermediate_size=128, num_local_experts=4)
+        )
+    raise ValueError(f"unknown native MoE class {name!r}; one of {NATIVE_MOE_CLASSES}")
