@@ -117,7 +117,7 @@ class _DispatchBlock(nn.Module):
     def __init__(self, full: nn.Module, lora: bool, frozen: bool = False) -> None:
         super().__init__()
         from moeify.quant import Experts4bit, ExpertsFrozen
-        from moeify.quant.experts_4bit import LoraFactors
+        from moeify.quant.dispatch import LoraFactors
 
         self.router = full.router
         self.router.requires_grad_(not lora)

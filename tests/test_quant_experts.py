@@ -162,20 +162,37 @@ def test_gradient_checkpointing_gives_the_same_gradients(device: str) -> None:
         torch.testing.assert_close(checkpointed, plain, atol=0 if exact else 1e-6, rtol=0 if exact else 1e-6)
 
 
+def sorted_rows_reference(
+    module: Experts4bit, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, lora: dict
+) -> torch.Tensor:
+    """Plain autograd over the rows sorted by expert, each projection's LoRA dropout drawn once on all of them (gate_up
+    first): what a one-chunk dispatch draws, in the same order, with each expert's weights in a loop."""
+    order = torch.sort(index.reshape(-1), stable=True).indices
+    ids, tokens = index.reshape(-1)[order], order // index.shape[-1]
+
+    def project(name: str, rows: torch.Tensor) -> torch.Tensor:
+        factors, dropped = lora[name], lora[name].dropout(rows)
+        r = factors.lora_A.shape[0] // E
+        outputs = []
+        for e in range(E):  # the rows are sorted, so expert by expert is their order
+            mine = ids == e
+            weight = module.dequantize(name, torch.tensor([e], device=x.device), x.dtype)[0]
+            a, b = factors.lora_A.view(E, r, -1)[e], factors.lora_B.view(weight.shape[0], r, E)[..., e]
+            outputs.append(rows[mine] @ weight.T + factors.scale * (dropped[mine] @ a.T) @ b.T)
+        return torch.cat(outputs)
+
+    gate, up = project("gate_up", x[tokens]).chunk(2, dim=-1)
+    out = project("down", module.act_fn(gate) * up) * weights.reshape(-1)[order, None]
+    return torch.zeros_like(x).index_add(0, tokens, out)
+
+
 def test_lora_dropout_masks_in_backward_are_the_forward_ones(device: str) -> None:
     """Backward redraws the LoRA dropout masks from the saved RNG state: its gradients must be those of the forward
-    that ran. Reference: the same experts (the dequantized weights) and factors through ExpertsFrozen, plain autograd,
-    which draws the same masks in the same order from the same seed."""
-    from moeify.quant import ExpertsFrozen
-    from moeify.quant.experts_4bit import LoraFactors
+    that ran. Reference: the same 4-bit weights and factors through plain autograd (`sorted_rows_reference`), which
+    draws the same masks in the same order from the same seed."""
+    from moeify.quant.dispatch import LoraFactors
 
     quantized = Experts4bit.from_experts(full_precision_experts().to(device))
-    dequantized = full_precision_experts().to(device)
-    with torch.no_grad():
-        for name in ("gate_up", "down"):
-            weight = quantized.dequantize(name, torch.arange(E, device=device), torch.float32)
-            getattr(dequantized, f"{name}_proj").copy_(weight)
-    frozen = ExpertsFrozen(dequantized)
     torch.manual_seed(3)
     shapes = quantized.shapes
     factors = [(torch.randn(E * 4, shapes[n][1]) * 0.3).to(device) for n in shapes] + [
@@ -186,15 +203,17 @@ def test_lora_dropout_masks_in_backward_are_the_forward_ones(device: str) -> Non
     # (a squared loss is worse: logit gradients of 1e5 beside exact-zero cancellations).
     grad = torch.randn(T, H).to(device)
     results = []
-    for module in (quantized, frozen):
+    for reference in (False, True):
         x, logits = routing(device=device)
         weights, index = route(logits)
+        assert len(list(quantized.chunks(index, x.dtype))) == 1  # the reference draws the masks as one chunk does
         leaves = [f.clone().requires_grad_() for f in factors]
         lora = {
             n: LoraFactors(leaves[i], leaves[2 + i], 0.5, nn.Dropout(0.5)) for i, n in enumerate(("gate_up", "down"))
         }
         torch.manual_seed(7)
-        out = module(x, index, weights, lora)
+        run = sorted_rows_reference if reference else Experts4bit.__call__
+        out = run(quantized, x, index, weights, lora)
         (out * grad).sum().backward()
         results.append((out.detach(), x.grad, logits.grad, *(leaf.grad for leaf in leaves)))
     for got, want in zip(*results, strict=True):

@@ -43,7 +43,7 @@ def test_frozen_experts_with_lora_equal_the_experts_with_the_deltas_folded_in(
     bias: bool, rank: int, chunked: bool, device: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if chunked:
-        monkeypatch.setattr(ExpertsFrozen, "_chunks", lambda self, offsets, hidden: [(0, 1), (1, 3), (3, 4)])
+        monkeypatch.setattr(ExpertsFrozen, "ranges", lambda self, ends, row_bytes: [(0, 1), (1, 3), (3, 4)])
     original = experts_module(bias).to(device)
     reference = copy.deepcopy(original)
     holder = nn.ModuleDict({"experts": ExpertsFrozen(original)})
@@ -83,18 +83,24 @@ def test_frozen_experts_with_lora_equal_the_experts_with_the_deltas_folded_in(
 
 
 def test_chunks_are_whole_experts_under_the_cpu_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On the CPU, experts are grouped while their gate_up output stays under CPU_CHUNK_BYTES (one expert at
-    least); elsewhere all of them run as one chunk, without reading the counts back."""
+    """On the CPU, consecutive experts are grouped while their gate_up output stays under CPU_CHUNK_BYTES (one expert
+    at least), each chunk selecting its weights by slice; elsewhere all of them run as one chunk."""
     from moeify.quant import experts_frozen
 
     frozen = ExpertsFrozen(experts_module(False))
-    offsets = torch.tensor([11, 19, 30, 40], dtype=torch.int32)  # rows per expert: 11, 8, 11, 10
-    hidden = torch.zeros(1, H)
+    ends = [11, 19, 30, 40]  # rows per expert: 11, 8, 11, 10
     row_bytes = 2 * I * 4
     for rows, expected in ((21, [(0, 2), (2, 4)]), (1, [(0, 1), (1, 2), (2, 3), (3, 4)]), (40, [(0, 4)])):
         monkeypatch.setattr(experts_frozen, "CPU_CHUNK_BYTES", rows * row_bytes)
-        assert frozen._chunks(offsets, hidden) == expected, rows
-    assert frozen._chunks(offsets, hidden.to("meta")) == [(0, 4)]
+        assert frozen.ranges(ends, row_bytes) == expected, rows
+    monkeypatch.setattr(experts_frozen, "CPU_CHUNK_BYTES", 21 * row_bytes)
+    index = torch.tensor([0] * 11 + [1] * 8 + [2] * 11 + [3] * 10)[torch.randperm(40)].view(20, 2)
+    chunks = list(frozen.chunks(index, torch.float32))
+    assert [c.selector for c in chunks] == [slice(0, 2), slice(2, 4)]
+    assert [c.offsets.tolist() for c in chunks] == [[11, 19], [11, 21]]
+    for chunk, (start, end) in zip(chunks, [(0, 2), (2, 4)], strict=True):  # the chunk's rows are its experts'
+        assert sorted(set(index.reshape(-1)[chunk.rows].tolist())) == list(range(start, end))
+        assert torch.equal(chunk.tokens, chunk.rows // 2)
 
 
 _CHILD = r"""

@@ -2,12 +2,14 @@
 and peft; not part of the remote code saved beside converted weights)."""
 
 from .config import ExpertLora, ExpertQuantization
-from .experts_4bit import Experts4bit, LoraFactors, quantize_experts
+from .dispatch import ExpertDispatch, LoraFactors
+from .experts_4bit import Experts4bit, quantize_experts
 from .experts_frozen import ExpertsFrozen, freeze_experts
 from .loading import load_for_training, save_4bit
 from .lora import ExpertsLora, add_expert_lora
 
 __all__ = [
+    "ExpertDispatch",
     "ExpertLora",
     "ExpertQuantization",
     "Experts4bit",

@@ -37,7 +37,8 @@ from ..errors import MoeifyError
 from ..layouts import EXPERT_PARAMS, checkpoint_name, expert_pieces, read_expert
 from ..source import resolve_source
 from .config import ExpertLora, ExpertQuantization
-from .experts_4bit import Experts4bit, fused_experts
+from .dispatch import fused_experts
+from .experts_4bit import Experts4bit
 from .lora import add_expert_lora
 
 # Full precision and trainable: routers (with their MLP / noise / residual layers), gates, MoE++ constant experts.

@@ -19,12 +19,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .config import ExpertLora
-from .experts_4bit import PROJECTIONS, Experts4bit, LoraFactors
-from .experts_frozen import ExpertsFrozen
+from .dispatch import PROJECTIONS, ExpertDispatch, LoraFactors
 
 
 class ExpertsLora(nn.Module, BaseTunerLayer):
-    """LoRA of one projection (`"gate_up"` or `"down"`) of every expert; wraps an `Experts4bit` or another one."""
+    """LoRA of one projection (`"gate_up"` or `"down"`) of every expert; wraps an `Experts4bit` / `ExpertsFrozen` or
+    another `ExpertsLora`."""
 
     adapter_layer_names = ("lora_A", "lora_B")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
@@ -44,11 +44,11 @@ class ExpertsLora(nn.Module, BaseTunerLayer):
         self.update_layer(adapter_name, lora)
 
     @property
-    def experts(self) -> Experts4bit | ExpertsFrozen:
+    def experts(self) -> ExpertDispatch:
         module = self.base_layer
         while isinstance(module, ExpertsLora):
             module = module.base_layer
-        assert isinstance(module, Experts4bit | ExpertsFrozen)
+        assert isinstance(module, ExpertDispatch)
         return module
 
     def update_layer(self, adapter_name: str, lora: ExpertLora) -> None:
@@ -100,7 +100,7 @@ def add_expert_lora(model: nn.Module, lora: ExpertLora, adapter_name: str = "def
     `save_pretrained` writes an adapter that stock peft loads with `target_parameters` onto the full-precision
     model; the experts may use another rank than the other targets (kept in peft's `rank_pattern`).
     """
-    names = [name for name, module in model.named_modules() if isinstance(module, Experts4bit | ExpertsFrozen)]
+    names = [name for name, module in model.named_modules() if isinstance(module, ExpertDispatch)]
     if not names:
         raise ValueError(
             f"{type(model).__name__} has no 4-bit or frozen experts: call moeify.quant.quantize_experts or "

@@ -159,7 +159,7 @@ def load_model(recipe: Recipe, path: str, device: torch.device | None = None) ->
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
     from ..quant import ExpertLora, ExpertQuantization, add_expert_lora, freeze_experts, load_for_training
-    from ..quant.experts_4bit import fused_experts
+    from ..quant.dispatch import fused_experts
     from ..quant.loading import ROUTER_MODULES, _default_targets, apply_router_settings, enable_checkpointing
 
     q, lora = recipe.quantization, recipe.lora
