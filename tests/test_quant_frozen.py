@@ -103,6 +103,30 @@ def test_chunks_are_whole_experts_under_the_cpu_budget(monkeypatch: pytest.Monke
         assert torch.equal(chunk.tokens, chunk.rows // 2)
 
 
+def test_backward_keeps_only_the_gate_up_output_besides_the_inputs() -> None:
+    """Like the 4-bit experts, the frozen ones save for backward their inputs, the LoRA factors and each chunk's
+    gate_up output `(rows, 2I)`, nothing else (no gathered input, activation or product per chunk)."""
+    holder = nn.ModuleDict({"experts": ExpertsFrozen(experts_module(False))})
+    add_expert_lora(holder, ExpertLora(r=4, alpha=8.0))
+    x = torch.randn(T, H, requires_grad=True)
+    weights, index = torch.softmax(torch.randn(T, E, requires_grad=True), -1).topk(K, dim=-1)
+    saved: list[torch.Tensor] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = holder["experts"](x, index, weights)
+    factors = [p for n, p in holder.named_parameters() if "lora_" in n]
+    expected = [x, weights, index, *factors]
+    inputs = {(tuple(t.shape), t.data_ptr()) for t in expected}
+    kept = [t for t in saved if (tuple(t.shape), t.data_ptr()) not in inputs]
+    assert [tuple(t.shape) for t in kept] == [(T * K, 2 * I)], [tuple(t.shape) for t in kept]
+    out.sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in factors)
+
+
 _CHILD = r"""
 import json, sys
 sys.modules["moeify"] = None  # `import moeify` raises ImportError from here on
