@@ -204,9 +204,12 @@ class _DispatchFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         factors = _factors(ctx.spec, lora)
         # Each chunk's LoRA gradients are taken on that chunk's own factors (leaves of shape (n, r, in) and
-        # (n, out, r)) and added into the full gradients here: through the selection from peft's layout, autograd
-        # would build and add a full-size gradient per chunk.
-        lora_grads = [torch.zeros_like(t) if need else None for t, need in zip(lora, needs[5:], strict=True)]
+        # (n, out, r)) and added into expert-major full gradients here (through the selection from peft's layout,
+        # autograd would build and add a full-size gradient per chunk); peft's layout is restored once at the end.
+        lora_grads = [
+            _expert_major_zeros(t, module.num_experts, is_b=i % 2 == 1) if need else None
+            for i, (t, need) in enumerate(zip(lora, needs[5:], strict=True))
+        ]
         backprop = needs[0] or any(needs[5:])  # anything besides the routing weights' gradient
         grad_hidden = torch.zeros_like(hidden_states) if needs[0] else None
         grad_weights = torch.zeros_like(top_k_weights).reshape(-1) if needs[1] else None
@@ -241,11 +244,14 @@ class _DispatchFunction(torch.autograd.Function):
                 _backward([inner, lora_down], [grad_inner, grad_y], [h, *selected.get("down", ())])
                 if lora_gate_up is not None:
                     _backward([lora_gate_up], [h.grad], [x, *selected.get("gate_up", ())])
-                _add_chunk_grads(selected, factors, module.num_experts, chunk.experts, lora_grads)
+                _add_chunk_grads(selected, factors, chunk.experts, lora_grads)
                 if grad_hidden is not None:
                     grad_x = module.input_grad("gate_up", h.grad, chunk)
                     grad_hidden.index_add_(0, chunk.tokens, grad_x if x.grad is None else grad_x.add_(x.grad))
         grad_weights = grad_weights.view_as(top_k_weights) if grad_weights is not None else None
+        lora_grads = [
+            _peft_layout(grad, is_b=i % 2 == 1) if grad is not None else None for i, grad in enumerate(lora_grads)
+        ]
         return (grad_hidden, grad_weights, None, None, None, *lora_grads)
 
 
@@ -269,17 +275,33 @@ def _chunk_leaves(
 def _add_chunk_grads(
     selected: dict[str, tuple[torch.Tensor, torch.Tensor]],
     factors: dict[str, LoraFactors],
-    num_experts: int,
     experts: torch.Tensor,
     grads: list[torch.Tensor | None],
 ) -> None:
-    """Add the chunk leaves' gradients into the full gradients, in peft's layout (the inverse of `expert_factors`)."""
+    """Add the chunk leaves' gradients `(n, r, in)` / `(n, out, r)` into the expert-major full gradients."""
     for i, name in enumerate(factors):
         (a, b), grad_a, grad_b = selected[name], grads[2 * i], grads[2 * i + 1]
         if grad_a is not None and a.grad is not None:
-            grad_a.view(num_experts, a.shape[1], -1).index_add_(0, experts, a.grad)
+            grad_a.index_add_(0, experts, a.grad)
         if grad_b is not None and b.grad is not None:
-            grad_b.view(-1, b.shape[2], num_experts).permute(2, 0, 1).index_add_(0, experts, b.grad)
+            grad_b.index_add_(0, experts, b.grad)
+
+
+def _expert_major_zeros(factor: torch.Tensor, num_experts: int, is_b: bool) -> torch.Tensor:
+    """A zero gradient for a LoRA factor in peft's layout, held expert-major while backward adds each chunk's
+    experts into it: `(E, r, in)` for A, `(E, out, r)` for B. (B's peft layout has the expert index fastest in its
+    columns, so adding into a permuted view of it copies the whole factor in and out on every chunk.)"""
+    if is_b:
+        out_dim, columns = factor.shape
+        return factor.new_zeros(num_experts, out_dim, columns // num_experts)
+    return factor.new_zeros(num_experts, factor.shape[0] // num_experts, factor.shape[1])
+
+
+def _peft_layout(grad: torch.Tensor, is_b: bool) -> torch.Tensor:
+    """The inverse of `_expert_major_zeros`: A `(E * r, in)`, B `(out, E * r)` with column `j * E + e`."""
+    if is_b:
+        return grad.permute(1, 2, 0).reshape(grad.shape[1], -1)
+    return grad.view(-1, grad.shape[-1])
 
 
 def _backward(outputs: list[torch.Tensor | None], grads: list[torch.Tensor], inputs: list[torch.Tensor]) -> None:
