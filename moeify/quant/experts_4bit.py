@@ -139,7 +139,7 @@ class Experts4bit(ExpertDispatch):
 
     def absmax(self, name: str, experts: torch.Tensor | slice) -> torch.Tensor:
         """The float32 scales of `experts` (indices or a slice) for projection `name`, `(experts, blocks)`."""
-        absmax = getattr(self, f"{name}_absmax")[experts]
+        absmax = _select(getattr(self, f"{name}_absmax"), experts)
         if not self.quantization.double_quant:
             return absmax
         nested, offset = getattr(self, f"{name}_nested_absmax"), getattr(self, f"{name}_offset")
@@ -147,13 +147,13 @@ class Experts4bit(ExpertDispatch):
             # Each expert's scales fill whole nested blocks, so the experts' rows side by side are one tensor that
             # bitsandbytes dequantizes in one call; each expert's offset is added after.
             state = QuantState(
-                absmax=nested[experts].reshape(-1),
+                absmax=_select(nested, experts).reshape(-1),
                 code=self.nested_code,
                 blocksize=_NESTED_BLOCKSIZE,
                 dtype=torch.float32,
             )
             scales = bnb_functional.dequantize_blockwise(absmax.reshape(-1), state).view_as(absmax)
-            return scales + offset[experts, None]
+            return scales + _select(offset, experts)[:, None]
         rows = []
         ids = range(self.num_experts)[experts] if isinstance(experts, slice) else experts.tolist()
         for row, expert in zip(absmax, ids, strict=True):
@@ -167,7 +167,8 @@ class Experts4bit(ExpertDispatch):
         """Weights of `experts` (indices, or a slice: no gather of the packed bytes) for projection `name`,
         `(experts, out, in)`, in one bitsandbytes call."""
         out_dim, in_dim = self.shapes[name]
-        packed = getattr(self, f"{name}_packed").view(torch.uint8)[experts]
+        # Selected in the storage dtype, then seen as bytes (bitsandbytes reads uint8).
+        packed = _select(getattr(self, f"{name}_packed"), experts).view(torch.uint8)
         state = QuantState(
             absmax=self.absmax(name, experts).reshape(-1),
             shape=torch.Size([len(packed) * out_dim, in_dim]),
@@ -230,6 +231,13 @@ class Experts4bit(ExpertDispatch):
             f"num_experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, "
             f"{q.quant_type}, blocksize={q.blocksize}, double_quant={q.double_quant}"
         )
+
+
+def _select(tensor: torch.Tensor, experts: torch.Tensor | slice) -> torch.Tensor:
+    """The rows of `experts`: a view for a slice, else `index_select`, which copies each row whole (indexing with a
+    tensor copies element by element: 5.5 ms against 0.9 ms for two experts' packed gate_up bytes at H 1024 / I 3584
+    on the CPU)."""
+    return tensor[experts] if isinstance(experts, slice) else tensor.index_select(0, experts)
 
 
 def quantize_experts(model: nn.Module, quantization: ExpertQuantization | None = None) -> list[str]:
