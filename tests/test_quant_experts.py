@@ -228,11 +228,15 @@ def test_lora_dropout_masks_in_backward_are_the_forward_ones(device: str) -> Non
 def test_only_experts_that_received_tokens_are_dequantized(monkeypatch: pytest.MonkeyPatch) -> None:
     module = Experts4bit.from_experts(full_precision_experts())
     calls: list[tuple[str, list[int]]] = []
+    buffers: list[torch.Tensor | None] = []
     original = Experts4bit.dequantize
 
-    def counting(self: Experts4bit, name: str, experts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def counting(
+        self: Experts4bit, name: str, experts: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         calls.append((name, experts.tolist()))
-        return original(self, name, experts, dtype)
+        buffers.append(out)
+        return original(self, name, experts, dtype, out)
 
     monkeypatch.setattr(Experts4bit, "dequantize", counting)
     x, _ = routing()
@@ -241,6 +245,7 @@ def test_only_experts_that_received_tokens_are_dequantized(monkeypatch: pytest.M
     module(x, index, weights).sum().backward()
     # Forward, then backward's input gradients (which dequantize again, in reverse order).
     assert calls == [("gate_up", [1, 3]), ("down", [1, 3]), ("down", [1, 3]), ("gate_up", [1, 3])]
+    assert all(buffer is not None for buffer in buffers)  # on the CPU, into a workspace of the call
 
 
 def test_default_dequantization_budget_follows_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -284,6 +289,25 @@ def test_dequantized_experts_are_bitsandbytes_own_round_trip(double_quant: bool,
         torch.testing.assert_close(got, torch.stack(expected), rtol=0, atol=0)
         # Consecutive experts (what a chunk of active experts usually is) are selected as a slice, not gathered.
         torch.testing.assert_close(module.dequantize(name, slice(1, 3), torch.float32), got[1:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantizing_into_a_workspace_gives_bitsandbytes_values(quant_type: str, dtype: torch.dtype) -> None:
+    """On the CPU the dispatch dequantizes into a buffer it reuses (bitsandbytes' native kernel, called directly):
+    the same values as bitsandbytes' allocating call, written in the buffer itself; any other buffer falls back."""
+    module = Experts4bit.from_experts(full_precision_experts(), ExpertQuantization(quant_type=quant_type))
+    for name, experts in (("gate_up", torch.tensor([3, 1])), ("down", slice(1, 4))):
+        expected = module.dequantize(name, experts, dtype)
+        buffer = torch.full((expected.numel() + 7,), float("nan"), dtype=dtype)
+        got = module.dequantize(name, experts, dtype, out=buffer)
+        assert got.data_ptr() == buffer.data_ptr()
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        assert buffer[expected.numel() :].isnan().all()  # nothing written past the weights
+        wrong = torch.empty(expected.numel(), dtype=torch.float64)  # no such kernel: bitsandbytes allocates
+        fallback = module.dequantize(name, experts, dtype, out=wrong)
+        assert fallback.data_ptr() != wrong.data_ptr()
+        torch.testing.assert_close(fallback, expected, rtol=0, atol=0)
 
 
 def test_storage_is_under_three_tenths_of_bf16() -> None:

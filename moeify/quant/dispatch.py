@@ -42,8 +42,9 @@ class LoraFactors(NamedTuple):
 
 
 class ExpertChunk:
-    """Experts of one chunk, their token counts, their rows in the flattened (token, k) routing, their tokens; and
-    how to select the experts' stored tensors: a slice when they are consecutive (no gather), else the indices."""
+    """Experts of one chunk, their token counts, their rows in the flattened (token, k) routing, their tokens; how
+    to select the experts' stored tensors: a slice when they are consecutive (no gather), else the indices; and
+    `workspace`, scratch memory shared by the chunks of one call (see `Experts4bit.weight`)."""
 
     def __init__(
         self,
@@ -52,9 +53,11 @@ class ExpertChunk:
         rows: torch.Tensor,
         tokens: torch.Tensor,
         span: slice | None = None,
+        workspace: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.experts, self.counts, self.rows, self.tokens = experts, counts, rows, tokens
         self.selector: torch.Tensor | slice = experts if span is None else span
+        self.workspace = workspace if workspace is not None else {}
         self.offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # grouped_linear's groups
 
     @property
@@ -72,8 +75,9 @@ class ExpertDispatch(nn.Module):
     act_fn: Callable[[torch.Tensor], torch.Tensor]
     has_bias: bool
 
-    def weight(self, name: str, experts: torch.Tensor | slice, dtype: torch.dtype) -> torch.Tensor:
-        """Projection `name`'s weights of `experts` (indices or a slice) in `dtype`, `(experts, out, in)`."""
+    def weight(self, name: str, chunk: ExpertChunk, dtype: torch.dtype) -> torch.Tensor:
+        """Projection `name`'s weights of the chunk's experts in `dtype`, `(experts, out, in)`; valid until the next
+        call for the same projection (it may live in the chunk's workspace)."""
         raise NotImplementedError
 
     def bias(self, name: str) -> torch.Tensor:
@@ -123,7 +127,7 @@ class ExpertDispatch(nn.Module):
 
     def projection(self, name: str, x: torch.Tensor, chunk: ExpertChunk, lora: dict[str, LoraFactors]) -> torch.Tensor:
         """`x` (the chunk's rows) through projection `name` of each row's expert, plus its LoRA."""
-        weight = self.weight(name, chunk.selector, x.dtype)
+        weight = self.weight(name, chunk, x.dtype)
         out = grouped_linear(x, weight, chunk.offsets)
         del weight  # never kept: backward takes it again
         if self.has_bias:
@@ -148,7 +152,7 @@ class ExpertDispatch(nn.Module):
 
     def input_grad(self, name: str, grad: torch.Tensor, chunk: ExpertChunk) -> torch.Tensor:
         """The gradient of projection `name`'s input from its output's `grad`, through the frozen weights."""
-        weight = self.weight(name, chunk.selector, grad.dtype)
+        weight = self.weight(name, chunk, grad.dtype)
         return grouped_linear(grad, weight.transpose(-2, -1), chunk.offsets)
 
 
