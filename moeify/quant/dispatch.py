@@ -260,8 +260,9 @@ class _DispatchFunction(torch.autograd.Function):
 
 
 def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`(a * b).sum(-1)` of two `(rows, n)` tensors, without the `(rows, n)` product in between."""
-    return torch.bmm(a[:, None], b[:, :, None]).view(-1)
+    """`(a * b).sum(-1)` of two `(rows, n)` tensors. (`vecdot` rather than a batch of `(1, n) @ (n, 1)` products:
+    on the CPU that `bmm` ran 2-7x slower in bfloat16 and up to 3x in float32 at a chunk's sizes.)"""
+    return torch.linalg.vecdot(a, b)
 
 
 def _chunk_leaves(
