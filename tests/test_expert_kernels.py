@@ -133,7 +133,8 @@ def test_pieces_split_experts_under_the_budget() -> None:
 
 
 def test_small_blocks_run_grouped_mm(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A block whose whole gate_up output fits the budget runs transformers' grouped_mm, bit for bit."""
+    """A block whose whole gate_up output fits the budget, with fewer rows than `CPU_PIECEWISE_ROWS`, runs
+    transformers' grouped_mm, bit for bit."""
     calls = []
     piecewise = expert_kernels._PiecewiseExperts.apply
     monkeypatch.setattr(expert_kernels._PiecewiseExperts, "apply", lambda *a: calls.append(1) or piecewise(*a))
@@ -147,6 +148,10 @@ def test_small_blocks_run_grouped_mm(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(expert_kernels, "CPU_CHUNK_BYTES", TOKENS * K * 2 * INNER * 4 - 1)  # one byte over: pieces
     run(experts, "moeify", inputs)
     assert len(calls) == 1
+    monkeypatch.setattr(expert_kernels, "CPU_CHUNK_BYTES", TOKENS * K * 2 * INNER * 4)
+    monkeypatch.setattr(expert_kernels, "CPU_PIECEWISE_ROWS", TOKENS * K)  # as many rows as the threshold: pieces
+    run(experts, "moeify", inputs)
+    assert len(calls) == 2
 
 
 def test_layouts_it_does_not_cover_fall_back_to_grouped_mm() -> None:

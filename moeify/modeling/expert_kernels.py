@@ -1,8 +1,8 @@
 """moeify's experts implementation, `experts_implementation="moeify"` in transformers' experts interface.
 
-On the CPU, a block whose `(rows, 2I)` gate_up output would exceed `CPU_CHUNK_BYTES` (32 MiB) runs its tokens, sorted
-by expert once, in pieces of one expert's rows, each piece's gate_up output under 32 MiB, as plain GEMMs inside one
-autograd function:
+On the CPU, a block whose `(rows, 2I)` gate_up output would exceed `CPU_CHUNK_BYTES` (32 MiB), or that has
+`CPU_PIECEWISE_ROWS` (4096) rows or more, runs its tokens, sorted by expert once, in pieces of one expert's rows, each
+piece's gate_up output under 32 MiB, as plain GEMMs inside one autograd function:
 
 - forward keeps each piece's gate_up output for backward and nothing else (transformers' grouped_mm path keeps the
   gathered input, the gate_up output, the activation and its product as separate block-sized tensors);
@@ -13,13 +13,15 @@ autograd function:
 The reason is the CPU allocator rather than the FLOPs (the GEMMs are the same): glibc serves blocks under 32 MiB
 from its heap, recycled call after call, while the block-sized temporaries of one grouped call (235 MB at H 1024,
 I 3584, 8192 rows) are mapped and page-faulted in afresh on every call. torch's CPU grouped_mm is itself one GEMM
-per group, so the Python loop over pieces adds only its call overhead (BENCHMARKS.md, issue 12).
+per group, so the Python loop over pieces adds only its call overhead (BENCHMARKS.md, issue 12). From 4096 rows on,
+pieces win even under 32 MiB (reduced precision: bf16 at I 896 / K 2 / 4096 tokens, 29 MB): the grouped path's
+gathers are undone in backward by an accumulating `index_put_`, a serial scatter on the CPU.
 
 Everything else runs transformers' `grouped_mm` forward, unchanged: smaller blocks (their temporaries are recycled
-anyway, and one grouped call beats a loop), accelerators (their caching allocators recycle any size, and the loop
-would need the counts on the host), `torch.compile`, and layouts this function does not cover (transposed or
-interleaved weights, no gate, a custom gate, post-expert norms, expert parallelism). Registered on import; the
-default of moeify's own models.
+anyway, and at a few hundred rows one grouped call beats a loop), accelerators (their caching allocators recycle any
+size, and the loop would need the counts on the host), `torch.compile`, and layouts this function does not cover
+(transposed or interleaved weights, no gate, a custom gate, post-expert norms, expert parallelism). Registered on
+import; the default of moeify's own models.
 
 Copied next to the weights for `trust_remote_code=True`: imports torch and transformers only.
 """
@@ -37,6 +39,7 @@ from .experts import sort_by_expert
 
 IMPLEMENTATION = "moeify"
 CPU_CHUNK_BYTES = 32 << 20  # glibc's largest heap-served block: the most one piece's (rows, 2I) output may take
+CPU_PIECEWISE_ROWS = 4096  # from this many (token, expert) rows on, pieces whatever the bytes
 
 
 def moeify_experts_forward(
@@ -66,8 +69,8 @@ def moeify_experts_forward(
 def _runs_in_pieces(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> bool:
     """Whether `experts` is a case this function runs itself: on the CPU, outside `torch.compile`, fused
     `[gate; up]` `(E, 2I, H)` and `(E, H, I)` floating-point weights with the default gate, and a `(rows, 2I)`
-    gate_up output over `CPU_CHUNK_BYTES` (a smaller one is recycled from the heap anyway, and one grouped call
-    beats a loop)."""
+    gate_up output over `CPU_CHUNK_BYTES` or `CPU_PIECEWISE_ROWS` rows or more (a smaller block's temporaries are
+    recycled from the heap anyway, and one grouped call beats a loop over few rows)."""
     weight = getattr(experts, "gate_up_proj", None)
     return (
         hidden_states.device.type == "cpu"
@@ -81,7 +84,10 @@ def _runs_in_pieces(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
         and not getattr(experts, "has_post_expert_norm", False)
         and not getattr(experts, "_is_expert_parallel", False)
         and getattr(type(experts), "_apply_gate", _default_apply_gate) is _default_apply_gate
-        and top_k_index.numel() * weight.shape[1] * weight.element_size() > CPU_CHUNK_BYTES
+        and (
+            top_k_index.numel() >= CPU_PIECEWISE_ROWS
+            or top_k_index.numel() * weight.shape[1] * weight.element_size() > CPU_CHUNK_BYTES
+        )
     )
 
 
