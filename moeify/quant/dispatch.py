@@ -77,7 +77,7 @@ class ExpertDispatch(nn.Module):
 
     def weight(self, name: str, chunk: ExpertChunk, dtype: torch.dtype) -> torch.Tensor:
         """Projection `name`'s weights of the chunk's experts in `dtype`, `(experts, out, in)`; valid until the next
-        call for the same projection (it may live in the chunk's workspace)."""
+        call (it may live in the chunk's workspace)."""
         raise NotImplementedError
 
     def bias(self, name: str) -> torch.Tensor:

@@ -213,16 +213,17 @@ class Experts4bit(ExpertDispatch):
     # Computation (the rest is `ExpertDispatch`'s).
 
     def weight(self, name: str, chunk: ExpertChunk, dtype: torch.dtype) -> torch.Tensor:
-        """The chunk's experts dequantized; on the CPU into the call's workspace, one buffer per projection that every
-        chunk reuses. (A fresh block of this size is often mapped anew by the C allocator and faulted in page by
-        page: in place, that nearly doubled bitsandbytes' dequantization time at E 8 / I 3584 / 256 tokens.)"""
+        """The chunk's experts dequantized; on the CPU into the call's workspace, one buffer that every chunk and both
+        projections reuse (each product is done before the next weights are taken, so the dequantized weights never
+        exceed one chunk's gate_up part). A fresh block of this size is often mapped anew by the C allocator and
+        faulted in page by page: in place, that nearly doubled bitsandbytes' dequantization time at E 8 / I 3584 /
+        256 tokens (BENCHMARKS.md, issue 12)."""
         if chunk.experts.device.type != "cpu":
             return self.dequantize(name, chunk.selector, dtype)  # the caching allocator reuses blocks already
-        out_dim, in_dim = self.shapes[name]
-        numel = len(chunk.experts) * out_dim * in_dim
-        buffer = chunk.workspace.get(name)
+        numel = len(chunk.experts) * max(out_dim * in_dim for out_dim, in_dim in self.shapes.values())
+        buffer = chunk.workspace.get("weights")
         if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
-            buffer = chunk.workspace[name] = torch.empty(numel, dtype=dtype)
+            buffer = chunk.workspace["weights"] = torch.empty(numel, dtype=dtype)
         return self.dequantize(name, chunk.selector, dtype, out=buffer)
 
     def bias(self, name: str) -> torch.Tensor:
