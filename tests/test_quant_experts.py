@@ -13,6 +13,7 @@ from transformers import LlamaConfig, MixtralConfig, MixtralForCausalLM
 from moeify.modeling import MoeifyConfig, MoeifyForCausalLM
 from moeify.modeling.experts import build_experts
 from moeify.quant import ExpertLora, ExpertQuantization, Experts4bit, ExpertsLora, add_expert_lora, quantize_experts
+from moeify.quant.experts_4bit import _dequantize_4bit_cpu_into
 
 H, I, E, K, T = 64, 128, 4, 2, 12  # noqa: E741
 
@@ -306,10 +307,14 @@ def test_dequantizing_into_a_workspace_gives_bitsandbytes_values(quant_type: str
         assert got.data_ptr() == buffer.data_ptr()
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
         assert buffer[expected.numel() :].isnan().all()  # nothing written past the weights
-        wrong = torch.empty(expected.numel(), dtype=torch.float64)  # no such kernel: bitsandbytes allocates
+        wrong = torch.empty(expected.numel(), dtype=torch.float64)  # not the dtype asked for: bitsandbytes allocates
         fallback = module.dequantize(name, experts, dtype, out=wrong)
         assert fallback.data_ptr() != wrong.data_ptr()
         torch.testing.assert_close(fallback, expected, rtol=0, atol=0)
+    # A kernel bitsandbytes does not have (no float64 one) is a fallback, not an error.
+    packed, absmax = module.gate_up_packed[:1].view(torch.uint8), module.absmax("gate_up", slice(0, 1)).reshape(-1)
+    wrong = torch.empty(2 * packed.numel(), dtype=torch.float64)
+    assert not _dequantize_4bit_cpu_into(packed, absmax, module.quantization, wrong, module.hidden_dim)
 
 
 def test_storage_is_under_three_tenths_of_bf16() -> None:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 
 import bitsandbytes.functional as bnb_functional
 import torch
+from bitsandbytes.cextension import BNBNativeLibrary
 from bitsandbytes.cextension import lib as bnb_lib
 from bitsandbytes.functional import QuantState
 from torch import nn
@@ -271,9 +272,10 @@ def _dequantize_4bit_cpu_into(
     length) and the caller lets bitsandbytes allocate. bitsandbytes registers no CPU kernel for
     `dequantize_4bit.out`, so this calls the native function its CPU `dequantize_4bit` calls, with the same arguments;
     `tests/test_quant_experts.py` checks it against bitsandbytes' own call."""
-    function = getattr(
-        bnb_lib, f"cdequantize_blockwise_cpu_{quantization.quant_type}_{_KERNEL_DTYPES.get(out.dtype)}", None
-    )
+    # The ctypes library itself: bitsandbytes' wrapper answers a missing symbol with a function that raises.
+    native = bnb_lib._lib if isinstance(bnb_lib, BNBNativeLibrary) else None
+    kernel = f"cdequantize_blockwise_cpu_{quantization.quant_type}_{_KERNEL_DTYPES.get(out.dtype)}"
+    function = getattr(native, kernel, None)
     if (
         function is None
         or packed.device.type != "cpu"
