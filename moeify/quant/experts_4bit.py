@@ -274,8 +274,10 @@ def _dequantize_4bit_cpu_into(
     `tests/test_quant_experts.py` checks it against bitsandbytes' own call."""
     # The ctypes library itself: bitsandbytes' wrapper answers a missing symbol with a function that raises.
     native = bnb_lib._lib if isinstance(bnb_lib, BNBNativeLibrary) else None
-    kernel = f"cdequantize_blockwise_cpu_{quantization.quant_type}_{_KERNEL_DTYPES.get(out.dtype)}"
-    function = getattr(native, kernel, None)
+    suffix = _KERNEL_DTYPES.get(out.dtype)
+    function = (
+        getattr(native, f"cdequantize_blockwise_cpu_{quantization.quant_type}_{suffix}", None) if suffix else None
+    )
     if (
         function is None
         or packed.device.type != "cpu"
