@@ -135,8 +135,8 @@ def test_pieces_split_experts_under_the_budget() -> None:
 
 
 def test_small_blocks_run_grouped_mm(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A block whose whole gate_up output fits the budget, with fewer rows than `CPU_PIECEWISE_ROWS`, runs
-    transformers' grouped_mm, bit for bit."""
+    """A block whose whole gate_up output fits the budget, with fewer rows than `CPU_PIECEWISE_ROWS` and experts
+    smaller than `CPU_PIECEWISE_EXPERT_BYTES` or not training, runs transformers' grouped_mm, bit for bit."""
     calls = []
     piecewise = expert_kernels._PiecewiseExperts.apply
     monkeypatch.setattr(expert_kernels._PiecewiseExperts, "apply", lambda *a: calls.append(1) or piecewise(*a))
@@ -154,6 +154,21 @@ def test_small_blocks_run_grouped_mm(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(expert_kernels, "CPU_PIECEWISE_ROWS", TOKENS * K)  # as many rows as the threshold: pieces
     run(experts, "moeify", inputs)
     assert len(calls) == 2
+    monkeypatch.setattr(expert_kernels, "CPU_PIECEWISE_ROWS", TOKENS * K + 1)
+    expert_bytes = 3 * INNER * HIDDEN * 4  # gate_up and down of one expert, float32
+    monkeypatch.setattr(expert_kernels, "CPU_PIECEWISE_EXPERT_BYTES", expert_bytes + 1)
+    run(experts, "moeify", inputs)
+    assert len(calls) == 2
+    monkeypatch.setattr(expert_kernels, "CPU_PIECEWISE_EXPERT_BYTES", expert_bytes)  # training experts this large
+    got = run(experts, "moeify", inputs)
+    assert len(calls) == 3
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-5, msg=name)
+    with torch.no_grad():  # no weight gradient at stake: grouped_mm
+        experts(*inputs)
+    experts.requires_grad_(False)
+    run(experts, "moeify", inputs)
+    assert len(calls) == 3
 
 
 def test_layouts_it_does_not_cover_fall_back_to_grouped_mm() -> None:

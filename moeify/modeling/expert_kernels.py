@@ -1,8 +1,9 @@
 """moeify's experts implementation, `experts_implementation="moeify"` in transformers' experts interface.
 
-On the CPU, a block whose `(rows, 2I)` gate_up output would exceed `CPU_CHUNK_BYTES` (32 MiB), or that has
-`CPU_PIECEWISE_ROWS` (4096) rows or more, runs its tokens, sorted by expert once, in pieces of one expert's rows, each
-piece's gate_up output under 32 MiB, as plain GEMMs inside one autograd function:
+On the CPU, a block whose `(rows, 2I)` gate_up output would exceed `CPU_CHUNK_BYTES` (32 MiB), that has
+`CPU_PIECEWISE_ROWS` (4096) rows or more, or that trains experts of `CPU_PIECEWISE_EXPERT_BYTES` (8 MiB) each or more,
+runs its tokens, sorted by expert once, in pieces of one expert's rows, each piece's gate_up output under 32 MiB, as
+plain GEMMs inside one autograd function:
 
 - forward keeps each piece's gate_up output for backward and nothing else (transformers' grouped_mm path keeps the
   gathered input, the gate_up output, the activation and its product as separate block-sized tensors);
@@ -19,6 +20,9 @@ I 3584, 8192 rows) are mapped and page-faulted in afresh on every call. torch's 
 per group, so the Python loop over pieces adds only its call overhead (BENCHMARKS.md, issue 12). From 4096 rows on,
 pieces win even under 32 MiB (reduced precision: bf16 at I 896 / K 2 / 4096 tokens, 29 MB): the grouped path's
 gathers are undone in backward by an accumulating `index_put_`, a serial scatter on the CPU.
+With fewer rows, pieces still win
+when the expert weights train and are large (bf16 I 3584, float32 I 896 at H 1024): their fresh gradients on huge
+pages save more than the loop over experts costs.
 
 Everything else runs transformers' `grouped_mm` forward, unchanged: smaller blocks (their temporaries are recycled
 anyway, and at a few hundred rows one grouped call beats a loop), accelerators (their caching allocators recycle any
@@ -47,6 +51,7 @@ from .experts import sort_by_expert
 IMPLEMENTATION = "moeify"
 CPU_CHUNK_BYTES = 32 << 20  # glibc's largest heap-served block: the most one piece's (rows, 2I) output may take
 CPU_PIECEWISE_ROWS = 4096  # from this many (token, expert) rows on, pieces whatever the bytes
+CPU_PIECEWISE_EXPERT_BYTES = 8 << 20  # training experts this large (gate_up + down, each): pieces whatever the rows
 
 
 def moeify_experts_forward(
@@ -76,8 +81,9 @@ def moeify_experts_forward(
 def _runs_in_pieces(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> bool:
     """Whether `experts` is a case this function runs itself: on the CPU, outside `torch.compile`, fused
     `[gate; up]` `(E, 2I, H)` and `(E, H, I)` floating-point weights with the default gate, and a `(rows, 2I)`
-    gate_up output over `CPU_CHUNK_BYTES` or `CPU_PIECEWISE_ROWS` rows or more (a smaller block's temporaries are
-    recycled from the heap anyway, and one grouped call beats a loop over few rows)."""
+    gate_up output over `CPU_CHUNK_BYTES`, `CPU_PIECEWISE_ROWS` rows or more, or weights that get gradients here and
+    take `CPU_PIECEWISE_EXPERT_BYTES` or more per expert (a smaller block's temporaries are recycled from the heap
+    anyway, and one grouped call beats a loop over few rows unless large weight gradients are at stake)."""
     weight = getattr(experts, "gate_up_proj", None)
     return (
         hidden_states.device.type == "cpu"
@@ -94,6 +100,12 @@ def _runs_in_pieces(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
         and (
             top_k_index.numel() >= CPU_PIECEWISE_ROWS
             or top_k_index.numel() * weight.shape[1] * weight.element_size() > CPU_CHUNK_BYTES
+            or (
+                torch.is_grad_enabled()
+                and weight.requires_grad
+                and (weight[0].numel() + experts.down_proj[0].numel()) * weight.element_size()
+                >= CPU_PIECEWISE_EXPERT_BYTES
+            )
         )
     )
 
