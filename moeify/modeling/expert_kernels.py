@@ -19,10 +19,9 @@ from its heap, recycled call after call, while the block-sized temporaries of on
 I 3584, 8192 rows) are mapped and page-faulted in afresh on every call. torch's CPU grouped_mm is itself one GEMM
 per group, so the Python loop over pieces adds only its call overhead (BENCHMARKS.md, issue 12). From 4096 rows on,
 pieces win even under 32 MiB (reduced precision: bf16 at I 896 / K 2 / 4096 tokens, 29 MB): the grouped path's
-gathers are undone in backward by an accumulating `index_put_`, a serial scatter on the CPU.
-With fewer rows, pieces still win
-when the expert weights train and are large (bf16 I 3584, float32 I 896 at H 1024): their fresh gradients on huge
-pages save more than the loop over experts costs.
+gathers are undone in backward by an accumulating `index_put_`, a serial scatter on the CPU. With fewer rows,
+pieces still win when the expert weights train and are large (bf16 I 3584, float32 I 896 at H 1024): their fresh
+gradients on huge pages save more than the loop over experts costs.
 
 Everything else runs transformers' `grouped_mm` forward, unchanged: smaller blocks (their temporaries are recycled
 anyway, and at a few hundred rows one grouped call beats a loop), accelerators (their caching allocators recycle any
