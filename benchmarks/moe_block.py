@@ -1,7 +1,7 @@
 """One MoE block, forward + backward: transformers' Mixtral block against moeify's, every implementation, side by side.
 
     python benchmarks/moe_block.py [--grid cpu|full] [--shapes H,I,E,K,T ...] [--dtype float32|bfloat16]
-                                   [--reps 3] [--variants ...] [--memory] [--decode]
+                                   [--reps 3] [--variants ...] [--memory] [--faults] [--decode]
 
 For each shape (hidden H, expert intermediate I, experts E, top-k K, tokens T), each variant times
 `y = block(x); (y * g).sum().backward()` with a fixed random `g`, in interleaved rounds (below); the median of
@@ -26,7 +26,9 @@ weights for the full-precision blocks, the LoRA factors (and input) with LoRA, t
 Printed: time per fwd+bwd, its ratio to tf-grouped_mm and to ideal, the max |output difference| from tf-eager (the
 same function: float noise for the full-precision variants, quantization error for 4-bit, 0 for LoRA at init; not
 applicable to ideal); with `--memory`, the peak of live tensor bytes
-during one more run (`torch.cuda.max_memory_allocated` on CUDA; the profiler's memory timeline on CPU).
+during one more run (`torch.cuda.max_memory_allocated` on CUDA; the profiler's memory timeline on CPU); with
+`--faults`, the process's minor page faults during one more run (`getrusage`, Unix): on the CPU, memory the C
+allocator mapped afresh and the kernel zero-filled page by page, the cost the CPU dispatch is built to avoid.
 The cpu grid is the issue's grid cut to what 2 cores finish in minutes (H 1024); `--grid full` is the issue's.
 `--decode`: generation's case instead, forward only under `torch.no_grad()` for 1 and 4 tokens (the grid's T is
 ignored), timed over 20 calls per rep. Every shape builds all its variants first and then times them in rounds, each
@@ -254,6 +256,15 @@ def peak_bytes(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> int:
     return max(sum(s) for s in sizes)
 
 
+def page_faults(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> int:
+    """Minor page faults of this process during one fwd+bwd (a 2 MiB huge page counts once)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fwd_bwd_seconds(module, x, grad, lambda: None)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", choices=["cpu", "full"], default=None, help="default: cpu without a GPU, else full")
@@ -262,6 +273,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--variants", default=",".join(ALL_VARIANTS))
     parser.add_argument("--memory", action="store_true", help="also the peak of live tensor bytes")
+    parser.add_argument("--faults", action="store_true", help="also the minor page faults of one fwd+bwd")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--decode", action="store_true", help="forward only, 1 and 4 tokens (generation)")
     args = parser.parse_args()
@@ -278,10 +290,13 @@ def main() -> None:
         variants = [v for v in variants if "lora" not in v]
         shapes = list(dict.fromkeys((h, i, e, k, t) for h, i, e, k, _ in shapes for t in (1, 4)))
     print(machine_summary(), f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, {dtype}")
-    memory = " | peak MiB" if args.memory else ""
+    if args.faults and args.decode:
+        parser.error("--faults counts a fwd+bwd; --decode times forward only")
+    extra_columns = [name for name, on in (("peak MiB", args.memory), ("minor faults", args.faults)) if on]
     timed = "forward ms" if args.decode else "fwd+bwd ms"
-    print(f"\n| H | I | E | K | T | variant | {timed} | / tf-grouped_mm | / ideal | max diff{memory} |")
-    print("|---|---|---|---|---|---|---:|---:|---:|---:|" + ("---:|" if args.memory else ""))
+    header = "".join(f" | {name}" for name in extra_columns)
+    print(f"\n| H | I | E | K | T | variant | {timed} | / tf-grouped_mm | / ideal | max diff{header} |")
+    print("|---|---|---|---|---|---|---:|---:|---:|---:|" + "---:|" * len(extra_columns))
     for shape in shapes:
         h, i, e, k, t = shape
         torch.manual_seed(args.seed)
@@ -309,15 +324,15 @@ def main() -> None:
             for variant, module in modules.items()
         }
         medians = interleaved_medians(runs, args.reps)
-        results: dict[str, tuple[float, int | None, float]] = {
-            variant: (medians[variant], peak_bytes(module, x, grad) if args.memory else None, diffs[variant])
-            for variant, module in modules.items()
-        }
+        results: dict[str, tuple[float, float, str]] = {}
+        for variant, module in modules.items():
+            extra = f" | {peak_bytes(module, x, grad) / 2**20:.0f}" if args.memory else ""
+            extra += f" | {page_faults(module, x, grad)}" if args.faults else ""
+            results[variant] = medians[variant], diffs[variant], extra
         del modules, runs
         base = results["tf-grouped_mm"][0] if "tf-grouped_mm" in results else float("nan")
         ideal = results["ideal"][0] if "ideal" in results else float("nan")
-        for variant, (seconds, peak, diff) in results.items():
-            extra = f" | {peak / 2**20:.0f}" if peak is not None else ""
+        for variant, (seconds, diff, extra) in results.items():
             print(
                 f"| {h} | {i} | {e} | {k} | {t} | {variant} | {seconds * 1e3:.1f} | {seconds / base:.2f}x "
                 f"| {seconds / ideal:.2f}x | {diff:.1e}{extra} |",
