@@ -171,6 +171,39 @@ def test_small_blocks_run_grouped_mm(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(calls) == 3
 
 
+@pytest.mark.parametrize("path", ["pieces", "grouped_mm"])
+def test_unrouted_assignments_add_nothing_and_get_no_gradient(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An index >= E (a MoE++ null expert, an assignment dropped for capacity; block.py hands them over on the CPU)
+    is left out on both paths: output and gradients equal eager's with those slots' weights masked to zero (their
+    weight gradient is then zero), and no GEMM sees their rows."""
+    if path == "grouped_mm":  # a block this small runs transformers' grouped_mm on the routed assignments
+        monkeypatch.setattr(expert_kernels, "CPU_CHUNK_BYTES", TOKENS * K * 2 * INNER * 4)
+        monkeypatch.setattr(expert_kernels, "CPU_PIECEWISE_EXPERT_BYTES", 1 << 40)
+    pieces, grouped_rows = [], []
+    piecewise, grouped = expert_kernels._PiecewiseExperts.apply, expert_kernels.grouped_mm_experts_forward
+    monkeypatch.setattr(expert_kernels._PiecewiseExperts, "apply", lambda *a: pieces.append(a[3]) or piecewise(*a))
+    monkeypatch.setattr(
+        expert_kernels, "grouped_mm_experts_forward", lambda m, h, *a: grouped_rows.append(len(h)) or grouped(m, h, *a)
+    )
+    experts = moeify_experts(bias=True, activation="silu")
+    hidden, index, weights = routing()
+    unrouted = torch.zeros_like(index, dtype=torch.bool)
+    unrouted[::3, 0] = unrouted[1::4, 1] = True
+    unrouted[5] = True  # a token with no routed expert at all
+    index = index.masked_fill(unrouted, EXPERTS).masked_fill(unrouted & (torch.arange(TOKENS)[:, None] % 2 == 0), 99)
+    got = run(experts, "moeify", (hidden, index, weights))
+    expected = run(experts, "eager", (hidden, index.masked_fill(unrouted, 0), weights.masked_fill(unrouted, 0)))
+    expected["weights"] = expected["weights"].masked_fill(unrouted, 0)
+    routed = int((~unrouted).sum())
+    if path == "pieces":
+        assert len(pieces) == 1 and sum(end - start for _, start, end in pieces[0]) == routed and not grouped_rows
+    else:
+        assert not pieces and grouped_rows == [routed]
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-5, msg=name)
+    assert got["output"][5].eq(0).all() and got["weights"][unrouted].eq(0).all()
+
+
 def test_layouts_it_does_not_cover_fall_back_to_grouped_mm() -> None:
     """gpt-oss experts (transposed weights, clamped custom gate): "moeify" is transformers' grouped_mm, bit for bit."""
     from transformers import GptOssConfig

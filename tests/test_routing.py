@@ -13,11 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 import moeify  # noqa: F401
 from moeify import MoeifyConfig, MoeifyForCausalLM
+from moeify.modeling import expert_kernels
 from moeify.modeling.router import MoeifyTopKRouter, load_balancing_loss, router_z_loss
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -228,23 +230,46 @@ def test_bias_balancing_moves_a_skewed_load_toward_uniform() -> None:
     torch.testing.assert_close(bias, bias.round(decimals=2), atol=1e-5, rtol=0)  # whole steps of +-u
 
 
-def test_null_experts_are_picked_and_cost_no_expert_gemm() -> None:
+class _ExpertGemmRows(TorchDispatchMode):
+    """Counts the rows that enter a GEMM against the experts' `(E, 2I, H)` gate_up weights, whichever the
+    implementation (per-expert `mm`, transformers' `_grouped_mm`, eager's `linear`)."""
+
+    def __init__(self, experts: torch.nn.Module) -> None:
+        super().__init__()
+        self.shape = tuple(experts.gate_up_proj.shape[1:])  # (2I, H)
+        self.rows = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = func.overloadpacket.__name__
+        if name in ("mm", "addmm", "_grouped_mm"):
+            left, right = args[1:3] if name == "addmm" else args[:2]
+            if tuple(right.shape[-2:]) == self.shape[::-1]:
+                self.rows += left.shape[0]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("implementation", ["moeify", "moeify-pieces", "grouped_mm", "eager"])
+def test_null_experts_are_picked_and_cost_no_expert_gemm(implementation: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whichever the experts implementation (moeify's takes the whole routing and leaves null assignments out
+    itself, the others get the FFN assignments compacted), only FFN assignments reach a GEMM."""
+    if implementation == "moeify-pieces":
+        monkeypatch.setattr(expert_kernels, "CPU_PIECEWISE_ROWS", 1)
     model = tiny(null_experts={"zero": 1, "copy": 1, "constant": 1})
+    model.set_experts_implementation(implementation.removesuffix("-pieces"))
     moe = block(model)
     router = moe.router
     assert router.weight.shape == (E + 3, 32)
     with torch.no_grad():
         router.weight[E:] += torch.randn(3, 32)  # make the null experts competitive
     x = torch.randn(64, 32)
-    seen: list[int] = []
-    hook = moe.experts.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].shape[0]))
+    gemm = _ExpertGemmRows(moe.experts)
     with torch.no_grad():
-        out = moe(x)
+        with gemm:
+            out = moe(x)
         _, weights, index = router(x)
-    hook.remove()
     ffn_per_token = (index < E).sum(-1)
     assert set(ffn_per_token.tolist()) >= {0, 1, 2}, "tokens use a varying number of FFN experts"
-    assert seen == [int(ffn_per_token.sum())], "only FFN assignments enter the experts' dispatch"
+    assert gemm.rows == int(ffn_per_token.sum()), "only FFN assignments reach the experts' GEMMs"
     # The output by hand: FFN experts, zero (nothing), copy (w x), constant (w (a1 x + a2 v)), shared.
     with torch.no_grad():
         expected = torch.zeros_like(x)

@@ -57,8 +57,15 @@ def moeify_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """transformers' experts-forward contract: `hidden_states` `(T, H)`, `top_k_index` / `top_k_weights` `(T, k)`
-    -> the routing-weighted sum of each token's experts `(T, H)`."""
-    if not _runs_in_pieces(self, hidden_states, top_k_index):
+    -> the routing-weighted sum of each token's experts `(T, H)`.
+
+    On the CPU, an index >= E (a MoE++ null expert, an assignment dropped for capacity) is an assignment to no routed
+    expert: it adds nothing and costs no GEMM, so the block hands over its whole routing (no compacted copy of the
+    routed assignments to gather and scatter back). Elsewhere every index must be < E, as for transformers."""
+    routed = _routed_rows(self, hidden_states, top_k_index)
+    if routed is None or not _runs_in_pieces(self, routed):
+        if routed is not None and routed < top_k_index.numel():
+            return _routed_only(self, hidden_states, top_k_index, top_k_weights)
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     order, offsets, tokens = sort_by_expert(top_k_index, self.num_experts)
     bias_gate_up, bias_down = (self.gate_up_proj_bias, self.down_proj_bias) if self.has_bias else (None, None)
@@ -77,17 +84,25 @@ def moeify_experts_forward(
     )
 
 
-def _runs_in_pieces(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> bool:
-    """Whether `experts` is a case this function runs itself: on the CPU, outside `torch.compile`, fused
-    `[gate; up]` `(E, 2I, H)` and `(E, H, I)` floating-point weights with the default gate, and a `(rows, 2I)`
-    gate_up output over `CPU_CHUNK_BYTES`, `CPU_PIECEWISE_ROWS` rows or more, or weights that get gradients here and
-    take `CPU_PIECEWISE_EXPERT_BYTES` or more per expert (a smaller block's temporaries are recycled from the heap
-    anyway, and one grouped call beats a loop over few rows unless large weight gradients are at stake)."""
+def _routed_rows(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> int | None:
+    """On the CPU outside `torch.compile`, the number of assignments to a routed expert (index < E; the others are
+    MoE++ null experts or dropped for capacity); None elsewhere, where counting would cost a host sync and every
+    index must be a routed expert."""
+    if hidden_states.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    return int((top_k_index < experts.num_experts).sum())
+
+
+def _runs_in_pieces(experts: nn.Module, rows: int) -> bool:
+    """Whether `experts` on the CPU (outside `torch.compile`) is a case this function runs itself: fused
+    `[gate; up]` `(E, 2I, H)` and `(E, H, I)` floating-point weights with the default gate, and, for its `rows`
+    routed assignments, a `(rows, 2I)` gate_up output over `CPU_CHUNK_BYTES`, `CPU_PIECEWISE_ROWS` rows or more, or
+    weights that get gradients here and take `CPU_PIECEWISE_EXPERT_BYTES` or more per expert (a smaller block's
+    temporaries are recycled from the heap anyway, and one grouped call beats a loop over few rows unless large
+    weight gradients are at stake)."""
     weight = getattr(experts, "gate_up_proj", None)
     return (
-        hidden_states.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and isinstance(weight, torch.Tensor)
+        isinstance(weight, torch.Tensor)
         and weight.dtype.is_floating_point
         and weight.ndim == 3
         and getattr(experts, "has_gate", True)
@@ -97,8 +112,8 @@ def _runs_in_pieces(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
         and not getattr(experts, "_is_expert_parallel", False)
         and getattr(type(experts), "_apply_gate", _default_apply_gate) is _default_apply_gate
         and (
-            top_k_index.numel() >= CPU_PIECEWISE_ROWS
-            or top_k_index.numel() * weight.shape[1] * weight.element_size() > CPU_CHUNK_BYTES
+            rows >= CPU_PIECEWISE_ROWS
+            or rows * weight.shape[1] * weight.element_size() > CPU_CHUNK_BYTES
             or (
                 torch.is_grad_enabled()
                 and weight.requires_grad
@@ -107,6 +122,21 @@ def _runs_in_pieces(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
             )
         )
     )
+
+
+def _routed_only(
+    experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """transformers' grouped_mm on the assignments to routed experts only (it takes every index for one), added
+    into their tokens' rows."""
+    token_idx, slot = torch.nonzero(top_k_index < experts.num_experts, as_tuple=True)
+    output = torch.zeros_like(hidden_states)
+    if not len(token_idx):
+        return output
+    routed = grouped_mm_experts_forward(
+        experts, hidden_states[token_idx], top_k_index[token_idx, slot, None], top_k_weights[token_idx, slot, None]
+    )
+    return output.index_add_(0, token_idx, routed.to(hidden_states.dtype))
 
 
 def _pieces(offsets: torch.Tensor, row_bytes: int) -> list[tuple[int, int, int]]:

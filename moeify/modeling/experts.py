@@ -93,10 +93,12 @@ def grouped_linear(inputs: torch.Tensor, weight: torch.Tensor, offsets: torch.Te
 
 def sort_by_expert(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The (token, k) assignments sorted by expert, once: their order in the flattened routing, the cumulative
-    count per expert (`offsets` for `grouped_linear`) and the token of each sorted row."""
+    count per expert (`offsets` for `grouped_linear`) and the token of each sorted row. Assignments to an index
+    >= `num_experts` (MoE++ null experts, dropped for capacity) sort last, after `offsets[-1]`."""
     expert_ids = top_k_index.reshape(-1)
     order = torch.argsort(expert_ids, stable=True)
-    offsets = torch.cumsum(torch.bincount(expert_ids, minlength=num_experts), 0, dtype=torch.int32)
+    counts = torch.bincount(expert_ids, minlength=num_experts)[:num_experts]
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
     return order, offsets, order // top_k_index.shape[-1]
 
 
