@@ -1,24 +1,32 @@
 """What each routing feature costs, and what MoE++ null experts save: one MoE block, timed in one run.
 
     python benchmarks/routing.py [--hidden 512] [--intermediate 1024] [--experts 8] [--top-k 2] [--tokens 2048]
+                                 [--dtype float32] [--implementation grouped_mm] [--expert-kind full]
+                                 [--skip-features]
 
 Part 1: forward + backward (training mode) of one `MoeifySparseMoeBlock` with each router feature switched on,
-relative to the plain softmax top-k block of the same shape (float32, experts through transformers' `grouped_mm`
-implementation, the same input and upstream gradient, median of `--repeats` after warm-up).
+relative to the plain softmax top-k block of the same shape (experts through transformers' experts
+`--implementation`, the same input and upstream gradient, median of `--repeats` after warm-up).
 
 Part 2, MoE++ throughput: the same block with E FFN experts plus null experts (1 zero, 1 copy, 1 constant) against
 the block with the same E and K and no null experts, on routings where a measured share of the assignments goes to
 null experts (their router rows are scaled up to make them more or less attractive). Tokens that pick a null
 expert never enter the expert GEMMs, so the block gets faster as that share grows (MoE++ reports 1.1-2.1x expert
-throughput). Both forward (inference) and forward + backward are timed.
+throughput). Both forward (inference) and forward + backward are timed. The last two columns time forward +
+backward again with the block made to compact the FFN assignments (gather them, run the experts on those, scatter
+back), what it does for experts that cannot skip null assignments themselves; moeify's experts implementation and
+its 4-bit / frozen training experts (`--expert-kind nf4+lora`, `frozen+lora`: LoRA r16, only LoRA trains) get the
+whole routing instead on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +62,11 @@ def build_block(args: argparse.Namespace, router: dict[str, Any]) -> torch.nn.Mo
     config = MoeifyConfig(
         text_config=text, num_experts=args.experts, num_experts_per_tok=args.top_k, moe_layers=[1], router=router
     )
-    config._experts_implementation_internal = "grouped_mm"
+    config._experts_implementation_internal = args.implementation
     torch.manual_seed(0)
     block = MoeifySparseMoeBlock(config)
     block.apply(lambda module: init_moe_weights(module, 0.02))
+    block.to(getattr(torch, args.dtype))
     if router.get("gating_residual"):  # a previous layer's logits for the residual to read
         block.router.layer_index, block.router.previous_layer, block.router.state = 1, 0, RoutingState()
         block.router.state.logits[0] = torch.randn(args.tokens, block.router.num_choices)
@@ -83,6 +92,33 @@ def time_block(block: torch.nn.Module, x: torch.Tensor, backward: bool, repeats:
     return statistics.median(times)
 
 
+def training_experts(block: torch.nn.Module, kind: str) -> torch.nn.Module:
+    """`block` with its experts as `kind`: unchanged (`full`), or 4-bit / frozen with per-expert LoRA (r16) where
+    only the LoRA factors train."""
+    if kind == "full":
+        return block
+    from moeify.quant import ExpertLora, Experts4bit, ExpertsFrozen, add_expert_lora
+
+    block.experts = Experts4bit.from_experts(block.experts) if kind == "nf4+lora" else ExpertsFrozen(block.experts)
+    add_expert_lora(block, ExpertLora(r=16, alpha=32.0))
+    for name, parameter in block.named_parameters():
+        parameter.requires_grad_("lora" in name)
+    return block
+
+
+@contextlib.contextmanager
+def compacted() -> Iterator[None]:
+    """The block compacts the FFN assignments for any experts, as for those that cannot skip null ones."""
+    from moeify.modeling import modeling_moeify
+
+    skips = modeling_moeify._skips_unrouted
+    modeling_moeify._skips_unrouted = lambda experts, hidden_states: False
+    try:
+        yield
+    finally:
+        modeling_moeify._skips_unrouted = skips
+
+
 def null_share(block: torch.nn.Module, x: torch.Tensor) -> float:
     """Share of the assignments that go to null experts on `x`."""
     with torch.no_grad():
@@ -98,41 +134,59 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--implementation", default="grouped_mm", help="transformers experts implementation (moeify's: moeify)"
+    )
+    parser.add_argument(
+        "--expert-kind", choices=["full", "nf4+lora", "frozen+lora"], default="full", help="part 2's experts"
+    )
+    parser.add_argument("--skip-features", action="store_true", help="part 2 only")
     args = parser.parse_args()
     print(machine_summary())
     print(
         f"block: H={args.hidden}, expert I={args.intermediate}, E={args.experts}, K={args.top_k}, "
-        f"{args.tokens} tokens, float32, grouped_mm experts; median of {args.repeats}\n"
+        f"{args.tokens} tokens, {args.dtype}, {args.implementation} experts; median of {args.repeats}\n"
     )
-    x = torch.randn(args.tokens, args.hidden)
+    x = torch.randn(args.tokens, args.hidden, dtype=getattr(torch, args.dtype))
     time_block(build_block(args, {}).train(), x, backward=True, repeats=1)  # first-call costs (kernels, allocator)
 
-    print("| router feature | fwd+bwd ms | vs softmax top-k |")
-    print("|---|---:|---:|")
-    base = None
-    for name, router in FEATURES.items():
-        block = build_block(args, router).train()
-        seconds = time_block(block, x, backward=True, repeats=args.repeats)
-        base = base or seconds
-        print(f"| {name} | {seconds * 1e3:.1f} | {seconds / base:.2f}x |", flush=True)
+    if not args.skip_features:
+        print("| router feature | fwd+bwd ms | vs softmax top-k |")
+        print("|---|---:|---:|")
+        base = None
+        for name, router in FEATURES.items():
+            block = build_block(args, router).train()
+            seconds = time_block(block, x, backward=True, repeats=args.repeats)
+            base = base or seconds
+            print(f"| {name} | {seconds * 1e3:.1f} | {seconds / base:.2f}x |", flush=True)
 
-    print("\nMoE++ null experts (1 zero, 1 copy, 1 constant) vs the same E and K without them")
-    print("| null rows scaled by | null share of assignments | fwd ms | fwd speed-up | fwd+bwd ms | fwd+bwd speed-up |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    vanilla = build_block(args, {}).eval()
+    print(
+        f"\nMoE++ null experts (1 zero, 1 copy, 1 constant) vs the same E and K without them, {args.expert_kind} "
+        "experts"
+    )
+    print(
+        "| null rows scaled by | null share of assignments | fwd ms | fwd speed-up | fwd+bwd ms | fwd+bwd speed-up "
+        "| fwd+bwd compacted ms | fwd+bwd / compacted |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    vanilla = training_experts(build_block(args, {}), args.expert_kind).eval()
     plain_fwd = time_block(vanilla, x, backward=False, repeats=args.repeats)
     plain_train = time_block(vanilla.train(), x, backward=True, repeats=args.repeats)
-    print(f"| (no null experts) | 0% | {plain_fwd * 1e3:.1f} | 1.00x | {plain_train * 1e3:.1f} | 1.00x |")
+    print(f"| (no null experts) | 0% | {plain_fwd * 1e3:.1f} | 1.00x | {plain_train * 1e3:.1f} | 1.00x | | |")
     for scale in (1.0, 4.0, 16.0):
         block = build_block(args, {"null_experts": {"zero": 1, "copy": 1, "constant": 1}})
         with torch.no_grad():
             block.router.weight[args.experts :] *= scale
+        block = training_experts(block, args.expert_kind)
         share = null_share(block.eval(), x)
         fwd = time_block(block, x, backward=False, repeats=args.repeats)
         train = time_block(block.train(), x, backward=True, repeats=args.repeats)
+        with compacted():
+            train_compacted = time_block(block, x, backward=True, repeats=args.repeats)
         print(
             f"| {scale:g} | {share:.0%} | {fwd * 1e3:.1f} | {plain_fwd / fwd:.2f}x | {train * 1e3:.1f} | "
-            f"{plain_train / train:.2f}x |",
+            f"{plain_train / train:.2f}x | {train_compacted * 1e3:.1f} | {train / train_compacted:.2f}x |",
             flush=True,
         )
 

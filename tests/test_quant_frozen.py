@@ -182,3 +182,46 @@ def test_adapter_of_frozen_experts_loads_in_stock_peft_with_the_same_logits(tmp_
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     torch.testing.assert_close(torch.load(result), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["frozen", "4bit"])
+def test_unrouted_assignments_enter_no_chunk_and_get_no_gradient(kind: str) -> None:
+    """On the CPU the dispatch leaves out an index >= E (a MoE++ null expert, a capacity drop; the block hands them
+    over): no chunk takes their rows, and outputs and gradients (input, routing, LoRA) equal the same routing with
+    those slots sent to expert 0 at weight zero."""
+    from moeify.quant import Experts4bit
+
+    original = experts_module(bias=True)
+    base = ExpertsFrozen(original) if kind == "frozen" else Experts4bit.from_experts(original)
+    holder = nn.ModuleDict({"experts": base})
+    add_expert_lora(holder, ExpertLora(r=4, alpha=8.0))
+    lora = holder["experts"]
+    assert lora.skips_unrouted
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    torch.manual_seed(1)
+    x = torch.randn(T, H)
+    logits = torch.randn(T, E)
+    weights, index = torch.softmax(logits, -1).topk(K, dim=-1)
+    unrouted = torch.zeros_like(index, dtype=torch.bool)
+    unrouted[::3, 0] = unrouted[1::4, 1] = unrouted[5] = True
+    sentinel = index.masked_fill(unrouted, E).masked_fill(unrouted & (torch.arange(T)[:, None] % 2 == 0), E + 3)
+    routed = int((~unrouted).sum())
+    assert sum(len(chunk.rows) for chunk in base.chunks(sentinel, x.dtype)) == routed
+
+    def step(index: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
+        lora.zero_grad(set_to_none=True)
+        inputs, top = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        out = lora(inputs, index, top if mask is None else top.masked_fill(mask, 0.0))
+        (out * torch.linspace(-1, 1, H)).sum().backward()
+        factors = [p.grad for name, p in sorted(lora.named_parameters()) if "lora" in name]
+        return [out.detach(), inputs.grad, top.grad, *factors]
+
+    got = step(sentinel, None)
+    expected = step(index.masked_fill(unrouted, 0), unrouted)
+    assert got[0][5].eq(0).all(), "a token with no routed expert gets nothing"
+    for g, w in zip(got, expected, strict=True):
+        assert w.abs().max() > 0
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)

@@ -134,14 +134,18 @@ class MoeifySparseMoeBlock(nn.Module):
 
 
 def _skips_unrouted(experts: nn.Module, hidden_states: torch.Tensor) -> bool:
-    """Whether `experts` leaves out the assignments to an index >= E (null experts, dropped for capacity) itself:
-    moeify's experts implementation on the CPU (expert_kernels.py). Handing it the whole routing saves the
-    compaction's gather and scatter (0.76-0.98x of the block's time with null experts, BENCHMARKS.md, issue 12)."""
+    """Whether `experts` leaves out the assignments to an index >= E (null experts, dropped for capacity) itself, on
+    the CPU: moeify's experts implementation (expert_kernels.py) and its 4-bit / frozen training experts
+    (`skips_unrouted`, moeify.quant). Handing them the whole routing saves the compaction's gather and scatter
+    (0.76-0.98x of the block's time with null experts, BENCHMARKS.md, issue 12)."""
     config = getattr(experts, "config", None)
     return (
         hidden_states.device.type == "cpu"
         and not torch.compiler.is_compiling()
-        and getattr(config, "_experts_implementation", None) == DEFAULT_EXPERTS
+        and (
+            getattr(experts, "skips_unrouted", False)
+            or getattr(config, "_experts_implementation", None) == DEFAULT_EXPERTS
+        )
     )
 
 

@@ -68,8 +68,12 @@ class ExpertChunk:
 
 class ExpertDispatch(nn.Module):
     """Routed experts with frozen base weights, run in chunks of sorted rows; subclasses set `num_experts`,
-    `shapes` (`{"gate_up": (2I, H), "down": (H, I)}`), `act_fn`, `has_bias` and say where weights come from."""
+    `shapes` (`{"gate_up": (2I, H), "down": (H, I)}`), `act_fn`, `has_bias` and say where weights come from.
 
+    On the CPU an index >= `num_experts` (a MoE++ null expert, an assignment dropped for capacity) is left out: it
+    sorts after every expert's rows and no chunk takes it (`skips_unrouted`, read by moeify's MoE block)."""
+
+    skips_unrouted = True  # on the CPU
     num_experts: int
     shapes: dict[str, tuple[int, int]]
     act_fn: Callable[[torch.Tensor], torch.Tensor]
@@ -105,10 +109,11 @@ class ExpertDispatch(nn.Module):
         return _DispatchFunction.apply(hidden_states, top_k_weights, top_k_index, self, spec, *tensors)
 
     def sorted_routing(self, top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The flattened (token, k) rows sorted by expert (stable), and each expert's row count."""
+        """The flattened (token, k) rows sorted by expert (stable), and each expert's row count (an index >= E
+        sorts last and counts for none)."""
         expert_ids = top_k_index.reshape(-1)
         _, order = torch.sort(expert_ids, stable=True)
-        return order, torch.bincount(expert_ids, minlength=self.num_experts)
+        return order, torch.bincount(expert_ids, minlength=self.num_experts)[: self.num_experts]
 
     def chunk_forward(
         self,

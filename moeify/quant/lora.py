@@ -44,6 +44,10 @@ class ExpertsLora(nn.Module, BaseTunerLayer):
         self.update_layer(adapter_name, lora)
 
     @property
+    def skips_unrouted(self) -> bool:
+        return self.experts.skips_unrouted
+
+    @property
     def experts(self) -> ExpertDispatch:
         module = self.base_layer
         while isinstance(module, ExpertsLora):
