@@ -42,12 +42,16 @@ def temporaries(out: Path) -> list[Path]:
 
 
 def start_and_signal(source: Path, out: Path, sig: int, *extra: str) -> subprocess.Popen:
-    """Start `moeify convert`, wait until it is writing shard bytes, send `sig`, wait for the exit."""
+    """Start `moeify convert`, wait until it is writing shard bytes, send `sig`, wait for the exit.
+
+    The child gets SIGINT's default disposition, as in a terminal: a shell that starts jobs in the background without
+    job control (a CI script run with `&`) hands them SIGINT ignored, and Python then never raises KeyboardInterrupt."""
     process = subprocess.Popen(
         [sys.executable, "-m", "moeify", "convert", str(source), "-o", str(out), *SLOW, *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # before exec: Python installs its handler
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
