@@ -137,7 +137,7 @@ def _skips_unrouted(experts: nn.Module, hidden_states: torch.Tensor) -> bool:
     """Whether `experts` leaves out the assignments to an index >= E (null experts, dropped for capacity) itself, on
     the CPU: moeify's experts implementation (expert_kernels.py) and its 4-bit / frozen training experts
     (`skips_unrouted`, moeify.quant). Handing them the whole routing saves the compaction's gather and scatter
-    (0.76-0.98x of the block's time with null experts, BENCHMARKS.md, issue 12)."""
+    (0.87-0.96x of the block's fwd+bwd time with null experts, BENCHMARKS.md, issue 12)."""
     config = getattr(experts, "config", None)
     return (
         hidden_states.device.type == "cpu"
