@@ -3,6 +3,7 @@ save -> load, and stays out of the way where it must (eval mode, step 0)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
@@ -402,3 +403,34 @@ def test_bias_balancing_in_a_plain_accelerate_loop() -> None:
         bias = block(model, layer).router.e_score_correction_bias
         assert torch.count_nonzero(bias) > 0 and bias.abs().max() <= 0.03 + 1e-6
         assert block(model, layer).router.load is None, "the count restarts after each update"
+
+
+def test_null_experts_under_peft_target_parameters_lora_match_eager() -> None:
+    """Plain peft LoRA on the experts (`target_parameters`: peft wraps the experts module and forms W + delta) with
+    null experts: the default implementation gives eager's logits and LoRA gradients (whichever way the block hands
+    the routing to the wrapped experts)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny(null_experts={"zero": 1, "copy": 1, "constant": 1})
+    with torch.no_grad():
+        for layer in base.model.layers:
+            layer.mlp.router.weight[E:] += torch.randn(3, 32)  # make the null experts competitive
+    ids = torch.randint(0, 96, (2, 16))
+    results = {}
+    for implementation in ("eager", "moeify"):
+        model = copy.deepcopy(base)
+        model.set_experts_implementation(implementation)
+        torch.manual_seed(1)
+        targets = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+        config = LoraConfig(r=4, target_modules=[], target_parameters=targets, init_lora_weights=False)
+        peft_model = get_peft_model(model, config)
+        out = peft_model(ids, labels=ids)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+        results[implementation] = out.logits.detach(), grads
+    (want, want_grads), (got, got_grads) = results["eager"], results["moeify"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got_grads.keys() == want_grads.keys() and any("lora_B" in n for n in got_grads)
+    for name, grad in want_grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
