@@ -45,7 +45,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from transformers.integrations.moe import ExpertsInterface, _default_apply_gate, grouped_mm_experts_forward
 
-from .experts import sort_by_expert
+from .experts import routed_only, sort_by_expert
 
 IMPLEMENTATION = "moeify"
 CPU_CHUNK_BYTES = 32 << 20  # glibc's largest heap-served block: the most one piece's (rows, 2I) output may take
@@ -65,7 +65,8 @@ def moeify_experts_forward(
     routed = _routed_rows(self, hidden_states, top_k_index)
     if routed is None or not _runs_in_pieces(self, routed):
         if routed is not None and routed < top_k_index.numel():
-            return _routed_only(self, hidden_states, top_k_index, top_k_weights)
+            grouped = functools.partial(grouped_mm_experts_forward, self)  # it takes every index for an expert
+            return routed_only(grouped, hidden_states, top_k_index, top_k_weights, self.num_experts)
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     order, offsets, tokens = sort_by_expert(top_k_index, self.num_experts)
     bias_gate_up, bias_down = (self.gate_up_proj_bias, self.down_proj_bias) if self.has_bias else (None, None)
@@ -122,21 +123,6 @@ def _runs_in_pieces(experts: nn.Module, rows: int) -> bool:
             )
         )
     )
-
-
-def _routed_only(
-    experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-) -> torch.Tensor:
-    """transformers' grouped_mm on the assignments to routed experts only (it takes every index for one), added
-    into their tokens' rows."""
-    token_idx, slot = torch.nonzero(top_k_index < experts.num_experts, as_tuple=True)
-    output = torch.zeros_like(hidden_states)
-    if not len(token_idx):
-        return output
-    routed = grouped_mm_experts_forward(
-        experts, hidden_states[token_idx], top_k_index[token_idx, slot, None], top_k_weights[token_idx, slot, None]
-    )
-    return output.index_add_(0, token_idx, routed.to(hidden_states.dtype))
 
 
 def _pieces(offsets: torch.Tensor, row_bytes: int) -> list[tuple[int, int, int]]:

@@ -13,6 +13,8 @@ Copied next to the weights for `trust_remote_code=True`: imports torch and trans
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -100,6 +102,24 @@ def sort_by_expert(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.T
     counts = torch.bincount(expert_ids, minlength=num_experts)[:num_experts]
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)
     return order, offsets, order // top_k_index.shape[-1]
+
+
+def routed_only(
+    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    num_experts: int,
+) -> torch.Tensor:
+    """`run` (an experts forward) on the assignments to a routed expert only (index < `num_experts`; the others are
+    MoE++ null experts or dropped for capacity), each as a one-slot routing of its token's row, and the results
+    added back into their tokens' rows: for experts that take every index for one of theirs."""
+    token_idx, slot = torch.nonzero(top_k_index < num_experts, as_tuple=True)
+    output = torch.zeros_like(hidden_states)
+    if not len(token_idx):
+        return output
+    routed = run(hidden_states[token_idx], top_k_index[token_idx, slot, None], top_k_weights[token_idx, slot, None])
+    return output.index_add_(0, token_idx, routed.to(hidden_states.dtype))
 
 
 def expert_lora(

@@ -24,7 +24,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, 
 
 from .configuration_moeify import MoeifyConfig
 from .expert_kernels import IMPLEMENTATION as DEFAULT_EXPERTS
-from .experts import MoeifyExpertDeltas, MoeifyExpertsBase, MoeifyLoraExperts, build_experts
+from .experts import MoeifyExpertDeltas, MoeifyExpertsBase, MoeifyLoraExperts, build_experts, routed_only
 from .router import MoeifyTopKRouter, RoutingState, load_balancing_loss, router_z_loss
 
 # transformers 5.25 renamed the key-value cache argument and output field `past_key_values` to `cache` (the old
@@ -114,11 +114,7 @@ class MoeifySparseMoeBlock(nn.Module):
         if _skips_unrouted(self.experts, hidden_states):
             output = self.experts(hidden_states, top_k_index, top_k_weights)
         else:
-            token_idx, slot = torch.nonzero(top_k_index < num_experts, as_tuple=True)
-            routed = self.experts(
-                hidden_states[token_idx], top_k_index[token_idx, slot, None], top_k_weights[token_idx, slot, None]
-            )
-            output = torch.zeros_like(hidden_states).index_add_(0, token_idx, routed.to(hidden_states.dtype))
+            output = routed_only(self.experts, hidden_states, top_k_index, top_k_weights, num_experts)
         null = self.router.null_experts
         first_copy = num_experts + null["zero"]
         if null["copy"]:
