@@ -97,11 +97,15 @@ def sort_by_expert(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.T
     """The (token, k) assignments sorted by expert, once: their order in the flattened routing, the cumulative
     count per expert (`offsets` for `grouped_linear`) and the token of each sorted row. Assignments to an index
     >= `num_experts` (MoE++ null experts, dropped for capacity) sort last, after `offsets[-1]`."""
-    expert_ids = top_k_index.reshape(-1)
-    order = torch.argsort(expert_ids, stable=True)
-    counts = torch.bincount(expert_ids, minlength=num_experts)[:num_experts]
-    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    order = torch.argsort(top_k_index.reshape(-1), stable=True)
+    offsets = torch.cumsum(expert_counts(top_k_index, num_experts), 0, dtype=torch.int32)
     return order, offsets, order // top_k_index.shape[-1]
+
+
+def expert_counts(top_k_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Each expert's number of (token, k) assignments; an index >= `num_experts` (MoE++ null experts, dropped for
+    capacity) counts for none."""
+    return torch.bincount(top_k_index.reshape(-1), minlength=num_experts)[:num_experts]
 
 
 def routed_only(

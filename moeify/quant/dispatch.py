@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ..modeling.experts import expert_factors, grouped_linear, grouped_lora
+from ..modeling.experts import expert_counts, expert_factors, grouped_linear, grouped_lora
 
 PROJECTIONS = ("gate_up", "down")
 
@@ -111,9 +111,8 @@ class ExpertDispatch(nn.Module):
     def sorted_routing(self, top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The flattened (token, k) rows sorted by expert (stable), and each expert's row count (an index >= E
         sorts last and counts for none)."""
-        expert_ids = top_k_index.reshape(-1)
-        _, order = torch.sort(expert_ids, stable=True)
-        return order, torch.bincount(expert_ids, minlength=self.num_experts)[: self.num_experts]
+        _, order = torch.sort(top_k_index.reshape(-1), stable=True)
+        return order, expert_counts(top_k_index, self.num_experts)
 
     def chunk_forward(
         self,
