@@ -85,11 +85,16 @@ def moeify_experts_forward(
     )
 
 
+def accepts_unrouted(hidden_states: torch.Tensor) -> bool:
+    """Whether this implementation takes an index >= E (an assignment to no routed expert) for `hidden_states`: on
+    the CPU outside `torch.compile`, where counting the routed assignments costs no host sync."""
+    return hidden_states.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _routed_rows(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> int | None:
-    """On the CPU outside `torch.compile`, the number of assignments to a routed expert (index < E; the others are
-    MoE++ null experts or dropped for capacity); None elsewhere, where counting would cost a host sync and every
-    index must be a routed expert."""
-    if hidden_states.device.type != "cpu" or torch.compiler.is_compiling():
+    """Where `accepts_unrouted`, the number of assignments to a routed expert (index < E; the others are MoE++ null
+    experts or dropped for capacity); None elsewhere, where every index must be a routed expert."""
+    if not accepts_unrouted(hidden_states):
         return None
     return int((top_k_index < experts.num_experts).sum())
 

@@ -24,6 +24,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, 
 
 from .configuration_moeify import MoeifyConfig
 from .expert_kernels import IMPLEMENTATION as DEFAULT_EXPERTS
+from .expert_kernels import accepts_unrouted
 from .experts import MoeifyExpertDeltas, MoeifyExpertsBase, MoeifyLoraExperts, build_experts, routed_only
 from .router import MoeifyTopKRouter, RoutingState, load_balancing_loss, router_z_loss
 
@@ -135,13 +136,8 @@ def _skips_unrouted(experts: nn.Module, hidden_states: torch.Tensor) -> bool:
     (`skips_unrouted`, moeify.quant). Handing them the whole routing saves the compaction's gather and scatter
     (0.87-0.96x of the block's fwd+bwd time with null experts, BENCHMARKS.md, issue 12)."""
     config = getattr(experts, "config", None)
-    return (
-        hidden_states.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and (
-            getattr(experts, "skips_unrouted", False)
-            or getattr(config, "_experts_implementation", None) == DEFAULT_EXPERTS
-        )
+    return accepts_unrouted(hidden_states) and (
+        getattr(experts, "skips_unrouted", False) or getattr(config, "_experts_implementation", None) == DEFAULT_EXPERTS
     )
 
 
