@@ -128,6 +128,32 @@ def test_bfloat16_follows_the_float32_reference() -> None:
         assert got[name].dtype == torch.bfloat16 and error < 2e-2, (name, float(error))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_short_weight_gradient_products_take_a_row_major_left_in_bfloat16(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A piece's weight gradient (`left`: the transpose of its `(rows, out)` gradient) is written, then added to, with
+    the same values whatever memory `left` is copied into; bfloat16 products over at most `CPU_ROW_MAJOR_ROWS` rows
+    get a row-major `left`, longer ones and float32 the transposed view as it came."""
+    seen = []
+    mm, addmm_ = torch.mm, torch.Tensor.addmm_
+    monkeypatch.setattr(torch, "mm", lambda left, *a, **kw: seen.append(left.is_contiguous()) or mm(left, *a, **kw))
+    monkeypatch.setattr(
+        torch.Tensor, "addmm_", lambda self, left, *a, **kw: seen.append(left.is_contiguous()) or addmm_(self, left, *a)
+    )
+    torch.manual_seed(0)
+    for rows in (expert_kernels.CPU_ROW_MAJOR_ROWS, expert_kernels.CPU_ROW_MAJOR_ROWS + 1):
+        gradient, right = torch.randn(rows, 24).to(dtype), torch.randn(rows, 16).to(dtype)
+        expected = gradient.double().T @ right.double()
+        target = torch.full((24, 16), float("nan"), dtype=dtype)
+        expert_kernels._write_or_add(target, gradient.T, right, first=True)
+        torch.testing.assert_close(target.double(), expected, atol=0.5, rtol=1e-2)
+        expert_kernels._write_or_add(target, gradient.T, right, first=False)
+        torch.testing.assert_close(target.double(), 2 * expected, atol=1.0, rtol=1e-2)
+    row_major = dtype == torch.bfloat16
+    assert seen == [row_major, row_major, False, False]
+
+
 def test_pieces_split_experts_under_the_budget() -> None:
     offsets = torch.tensor([4, 4, 5, 11], dtype=torch.int32)  # expert 1 has no rows, expert 3 six
     pieces = expert_kernels._pieces(offsets, row_bytes=2 * INNER * 4)
