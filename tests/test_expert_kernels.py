@@ -117,7 +117,10 @@ def test_weights_train_from_inputs_without_gradients() -> None:
         torch.testing.assert_close(parameter.grad, expected[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_bfloat16_follows_the_float32_reference() -> None:
+@pytest.mark.parametrize("row_major", [True, False], ids=["row-major", "transposed"])
+def test_bfloat16_follows_the_float32_reference(row_major: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also with the weight gradients' left operands copied row-major (a tiny block's columns let them)."""
+    monkeypatch.setattr(expert_kernels, "CPU_ROW_MAJOR_COLUMNS", 1 if row_major else 1 << 30)
     experts = moeify_experts(bias=False, activation="silu")
     inputs = routing()
     expected = run(experts, "eager", inputs)
@@ -134,7 +137,8 @@ def test_short_weight_gradient_products_take_a_row_major_left_in_bfloat16(
 ) -> None:
     """A piece's weight gradient (`left`: the transpose of its `(rows, out)` gradient) is written, then added to, with
     the same values whatever memory `left` is copied into; bfloat16 products over at most `CPU_ROW_MAJOR_ROWS` rows
-    get a row-major `left`, longer ones and float32 the transposed view as it came."""
+    into at least `CPU_ROW_MAJOR_COLUMNS` columns get a row-major `left`; longer or narrower ones, and float32, the
+    transposed view as it came."""
     seen = []
     mm, addmm_ = torch.mm, torch.Tensor.addmm_
     monkeypatch.setattr(torch, "mm", lambda left, *a, **kw: seen.append(left.is_contiguous()) or mm(left, *a, **kw))
@@ -142,16 +146,17 @@ def test_short_weight_gradient_products_take_a_row_major_left_in_bfloat16(
         torch.Tensor, "addmm_", lambda self, left, *a, **kw: seen.append(left.is_contiguous()) or addmm_(self, left, *a)
     )
     torch.manual_seed(0)
-    for rows in (expert_kernels.CPU_ROW_MAJOR_ROWS, expert_kernels.CPU_ROW_MAJOR_ROWS + 1):
-        gradient, right = torch.randn(rows, 24).to(dtype), torch.randn(rows, 16).to(dtype)
+    most, fewest = expert_kernels.CPU_ROW_MAJOR_ROWS, expert_kernels.CPU_ROW_MAJOR_COLUMNS
+    for rows, columns in ((most, fewest), (most + 1, fewest), (most, fewest - 1)):
+        gradient, right = torch.randn(rows, 24).to(dtype), torch.randn(rows, columns).to(dtype)
         expected = gradient.double().T @ right.double()
-        target = torch.full((24, 16), float("nan"), dtype=dtype)
+        target = torch.full((24, columns), float("nan"), dtype=dtype)
         expert_kernels._write_or_add(target, gradient.T, right, first=True)
         torch.testing.assert_close(target.double(), expected, atol=0.5, rtol=1e-2)
         expert_kernels._write_or_add(target, gradient.T, right, first=False)
         torch.testing.assert_close(target.double(), 2 * expected, atol=1.0, rtol=1e-2)
     row_major = dtype == torch.bfloat16
-    assert seen == [row_major, row_major, False, False]
+    assert seen == [row_major, row_major, False, False, False, False]
 
 
 def test_pieces_split_experts_under_the_budget() -> None:

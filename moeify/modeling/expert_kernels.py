@@ -51,7 +51,8 @@ IMPLEMENTATION = "moeify"
 CPU_CHUNK_BYTES = 32 << 20  # glibc's largest heap-served block: the most one piece's (rows, 2I) output may take
 CPU_PIECEWISE_ROWS = 4096  # from this many (token, expert) rows on, pieces whatever the bytes
 CPU_PIECEWISE_EXPERT_BYTES = 8 << 20  # training experts this large (gate_up + down, each): pieces whatever the rows
-CPU_ROW_MAJOR_ROWS = 256  # bf16 weight gradients of pieces with at most this many rows take a row-major left operand
+CPU_ROW_MAJOR_ROWS = 256  # bf16 weight gradients over at most this many rows, with at least
+CPU_ROW_MAJOR_COLUMNS = 1024  # this many columns, take their left operand row-major (`_write_or_add`)
 
 
 def moeify_experts_forward(
@@ -244,12 +245,18 @@ class _PiecewiseExperts(torch.autograd.Function):
 def _write_or_add(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor, first: bool) -> None:
     """`target = left @ right` for an expert's first piece, `target += left @ right` after (no temporary).
 
-    `left` is the transpose of a `(rows, out)` tensor. In bfloat16 with at most `CPU_ROW_MAJOR_ROWS` rows it is
-    first copied into row-major `(out, rows)` memory: oneDNN's AMX matmul on a transposed source ran these short
-    inner-dimension products (a weight gradient over a few hundred rows) up to 2x slower than on a row-major one, more
-    than the copy costs (BENCHMARKS.md, fifteenth measurements). Written by hand because torch picks no layout for
-    its callers; float32, and more rows, measured no gain."""
-    if left.dtype == torch.bfloat16 and left.shape[1] <= CPU_ROW_MAJOR_ROWS and left.stride(0) == 1:
+    `left` is the transpose of a `(rows, out)` tensor. In bfloat16, over at most `CPU_ROW_MAJOR_ROWS` rows and into
+    at least `CPU_ROW_MAJOR_COLUMNS` columns, it is first copied into row-major `(out, rows)` memory: oneDNN's AMX
+    matmul on a transposed source ran these short inner-dimension products (a weight gradient over a few hundred
+    rows) up to 2x slower than on a row-major one, more than the copy costs (BENCHMARKS.md, fifteenth measurements).
+    Written by hand because torch picks no layout for its callers; float32, more rows and fewer columns (where the
+    copy weighs more against the product) measured no gain."""
+    if (
+        left.dtype == torch.bfloat16
+        and left.stride(0) == 1
+        and left.shape[1] <= CPU_ROW_MAJOR_ROWS
+        and right.shape[1] >= CPU_ROW_MAJOR_COLUMNS
+    ):
         row_major = torch.empty(left.shape, dtype=left.dtype, device=left.device)
         row_major.T.copy_(left.T)  # written through its transpose: a faster copy than `left.contiguous()` here
         left = row_major
