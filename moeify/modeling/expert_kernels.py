@@ -12,7 +12,9 @@ plain GEMMs inside one autograd function:
   recomputing the activation from the kept output;
 - the weight gradients, the only block-sized allocations left, are asked for on transparent huge pages (Linux,
   `madvise`): they are new memory every step, written in full, and first-touch faults of 4 KiB pages cost up to a
-  third of a step at 64 experts.
+  third of a step at 64 experts;
+- a bfloat16 weight gradient over a few hundred rows gets its left operand copied row-major first: oneDNN's AMX
+  matmul ran such products on the transposed view up to 2x slower (`_write_or_add`).
 
 The reason is the CPU allocator rather than the FLOPs (the GEMMs are the same): glibc serves blocks under 32 MiB
 from its heap, recycled call after call, while the block-sized temporaries of one grouped call (235 MB at H 1024,
