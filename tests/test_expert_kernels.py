@@ -143,7 +143,9 @@ def test_short_weight_gradient_products_take_a_row_major_left_in_bfloat16(
     mm, addmm_ = torch.mm, torch.Tensor.addmm_
     monkeypatch.setattr(torch, "mm", lambda left, *a, **kw: seen.append(left.is_contiguous()) or mm(left, *a, **kw))
     monkeypatch.setattr(
-        torch.Tensor, "addmm_", lambda self, left, *a, **kw: seen.append(left.is_contiguous()) or addmm_(self, left, *a)
+        torch.Tensor,
+        "addmm_",
+        lambda self, left, *a, **kw: seen.append(left.is_contiguous()) or addmm_(self, left, *a, **kw),
     )
     torch.manual_seed(0)
     most, fewest = expert_kernels.CPU_ROW_MAJOR_ROWS, expert_kernels.CPU_ROW_MAJOR_COLUMNS
