@@ -86,11 +86,7 @@ def main() -> None:
         out, columns = (int(v) for v in shape.split(","))
         for rows in args.rows:
             got = ratios(out, columns, rows, dtype, args.experts, args.repeats)
-            copies = (
-                dtype == torch.bfloat16
-                and rows <= expert_kernels.CPU_ROW_MAJOR_ROWS
-                and columns >= expert_kernels.CPU_ROW_MAJOR_COLUMNS
-            )
+            copies = expert_kernels._row_major_pays(dtype, rows, columns)
             print(
                 f"| {out} x {columns} | {rows} | {got['row-major']:.2f}x | {got['with copy']:.2f}x | "
                 f"{'yes' if copies else 'no'} |",

@@ -253,12 +253,7 @@ def _write_or_add(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
     rows) up to 2x slower than on a row-major one, more than the copy costs (BENCHMARKS.md, fifteenth measurements).
     Written by hand because torch picks no layout for its callers; float32, more rows and fewer columns (where the
     copy weighs more against the product) measured no gain."""
-    if (
-        left.dtype == torch.bfloat16
-        and left.stride(0) == 1
-        and left.shape[1] <= CPU_ROW_MAJOR_ROWS
-        and right.shape[1] >= CPU_ROW_MAJOR_COLUMNS
-    ):
+    if left.stride(0) == 1 and _row_major_pays(left.dtype, left.shape[1], right.shape[1]):
         row_major = torch.empty(left.shape, dtype=left.dtype, device=left.device)
         row_major.T.copy_(left.T)  # written through its transpose: a faster copy than `left.contiguous()` here
         left = row_major
@@ -266,6 +261,12 @@ def _write_or_add(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
         torch.mm(left, right, out=target)
     else:
         target.addmm_(left, right)
+
+
+def _row_major_pays(dtype: torch.dtype, rows: int, columns: int) -> bool:
+    """Whether a weight gradient `(out, rows) @ (rows, columns)` gets its left operand copied row-major
+    (`_write_or_add`; `benchmarks/weight_grad_layout.py` measures the rule)."""
+    return dtype == torch.bfloat16 and rows <= CPU_ROW_MAJOR_ROWS and columns >= CPU_ROW_MAJOR_COLUMNS
 
 
 def _empty_on_huge_pages(like: torch.Tensor) -> torch.Tensor:
