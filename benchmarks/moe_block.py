@@ -13,6 +13,8 @@ For each shape (hidden H, expert intermediate I, experts E, top-k K, tokens T), 
   moeify-<impl>             the same block with transformers' experts implementation <impl> (eager, grouped_mm,
                             batched_mm: the same fused weights, dispatched by transformers)
   moeify-nf4                moeify's block with its 4-bit experts (`Experts4bit`, NF4, double quant)
+  moeify-nf4-dequant        the same with `cpu_fused_rows=0`: every expert dequantized, even for a few rows (the
+                            baseline of bitsandbytes' fused CPU kernel in `--decode`; not run unless named)
   tf-grouped_mm+peft-lora   peft `target_parameters` LoRA (r16) on the transformers block's experts (peft forms
                             `W + delta` for every expert every forward)
   moeify-nf4+lora           moeify's 4-bit experts with per-expert LoRA (r16) inside the grouped dispatch
@@ -116,14 +118,15 @@ class _DispatchBlock(nn.Module):
     """moeify's router and 4-bit (or frozen full-precision) experts, optionally with per-expert LoRA factors handed
     to the dispatch."""
 
-    def __init__(self, full: nn.Module, lora: bool, frozen: bool = False) -> None:
+    def __init__(self, full: nn.Module, lora: bool, frozen: bool = False, fused_rows: int | None = None) -> None:
         super().__init__()
-        from moeify.quant import Experts4bit, ExpertsFrozen
+        from moeify.quant import ExpertQuantization, Experts4bit, ExpertsFrozen
         from moeify.quant.dispatch import LoraFactors
 
         self.router = full.router
         self.router.requires_grad_(not lora)
-        self.experts = ExpertsFrozen(full.experts) if frozen else Experts4bit.from_experts(full.experts)
+        settings = ExpertQuantization() if fused_rows is None else ExpertQuantization(cpu_fused_rows=fused_rows)
+        self.experts = ExpertsFrozen(full.experts) if frozen else Experts4bit.from_experts(full.experts, settings)
         self.factors: dict[str, LoraFactors] = {}
         if lora:
             e = self.experts.num_experts
@@ -194,7 +197,12 @@ def build(variant: str, reference: nn.Module, shape: tuple[int, ...], dtype: tor
         raise ValueError("batched_mm would materialise > 4 GiB of per-token expert weights (it is for decoding)")
     if variant.startswith(("moeify-nf4", "moeify-frozen")):
         full = moeify_block(reference, "grouped_mm")
-        return _DispatchBlock(full, lora=variant.endswith("+lora"), frozen=variant.startswith("moeify-frozen"))
+        return _DispatchBlock(
+            full,
+            lora=variant.endswith("+lora"),
+            frozen=variant.startswith("moeify-frozen"),
+            fused_rows=0 if variant == "moeify-nf4-dequant" else None,
+        )
     return moeify_block(reference, variant.removeprefix("moeify-"))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
 from tiny_models import NATIVE_MOE_CLASSES, native_moe
@@ -13,7 +14,7 @@ from transformers import LlamaConfig, MixtralConfig, MixtralForCausalLM
 from moeify.modeling import MoeifyConfig, MoeifyForCausalLM
 from moeify.modeling.experts import build_experts
 from moeify.quant import ExpertLora, ExpertQuantization, Experts4bit, ExpertsLora, add_expert_lora, quantize_experts
-from moeify.quant.experts_4bit import _dequantize_4bit_cpu_into
+from moeify.quant.experts_4bit import _cpu_fused_kernel, _dequantize_4bit_cpu_into
 
 H, I, E, K, T = 64, 128, 4, 2, 12  # noqa: E741
 
@@ -524,3 +525,117 @@ def test_every_native_class_computes_its_dequantized_self(name: str) -> None:
             experts.down_proj.copy_(module.dequantize("down", torch.arange(E), torch.float32))
         ids = torch.randint(0, 96, (2, 9))
         torch.testing.assert_close(ours(ids).logits, stock(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+# Generation on the CPU: bitsandbytes' fused 4-bit kernel instead of dequantizing.
+
+needs_fused_cpu_kernel = pytest.mark.skipif(
+    not _cpu_fused_kernel(), reason="bitsandbytes registers its fused 4-bit CPU kernel on AVX512-BF16 CPUs only"
+)
+
+
+def spy_fused(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
+    """Record the rows each call of bitsandbytes' `gemv_4bit` got, and every `Experts4bit.dequantize` call."""
+    seen: dict[str, list] = {"fused": [], "dequantized": []}
+    gemv, dequantize = bnb_functional.gemv_4bit, Experts4bit.dequantize
+
+    def fused(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        seen["fused"].append(len(x))
+        return gemv(x, *args, **kwargs)
+
+    def dequantized(self: Experts4bit, name: str, *args: object, **kwargs: object) -> torch.Tensor:
+        seen["dequantized"].append(name)
+        return dequantize(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(bnb_functional, "gemv_4bit", fused)
+    monkeypatch.setattr(Experts4bit, "dequantize", dequantized)
+    return seen
+
+
+@needs_fused_cpu_kernel
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("lora", [None, ExpertLora(r=4, alpha=8)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_generation_runs_the_fused_cpu_kernel_on_the_stored_weights(
+    quant_type: str, double_quant: bool, lora: ExpertLora | None, bias: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under no_grad, bf16, a few rows per expert: no expert is dequantized, each expert's rows go through
+    bitsandbytes' `gemv_4bit` on its packed-for-CPU layout, and the result is the float32 eager reference of the
+    same 4-bit weights within bf16's precision (the stored layout given to that kernel is off by more than the
+    outputs' own size)."""
+    quant = ExpertQuantization(quant_type=quant_type, double_quant=double_quant)  # type: ignore[arg-type]
+    module: nn.Module = Experts4bit.from_experts(full_precision_experts(bias), quant)
+    if lora is not None:
+        module = with_lora(module, lora)
+        with torch.no_grad():
+            for name, param in module.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.1)
+    x, logits = routing(tokens=3)
+    weights, index = route(logits)
+    reference = eager_reference(module, x.detach(), index, weights.detach())
+    seen = spy_fused(monkeypatch)
+    with torch.no_grad():
+        ours = module.to(torch.bfloat16)(x.bfloat16(), index, weights.bfloat16())
+    assert seen["dequantized"] == []
+    experts = index.unique().numel()
+    assert len(seen["fused"]) == 2 * experts and max(seen["fused"]) <= 3
+    assert ours.dtype == torch.bfloat16
+    error = ((ours.float() - reference).norm() / reference.norm()).item()
+    assert error < 0.02
+
+
+@needs_fused_cpu_kernel
+def test_fused_cpu_kernel_only_for_few_bfloat16_rows_without_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More rows for one expert than `cpu_fused_rows`, autograd, float32, or `cpu_fused_rows=0`: dequantize as
+    before, and build no second layout."""
+    module = Experts4bit.from_experts(full_precision_experts(), ExpertQuantization(cpu_fused_rows=2)).bfloat16()
+    seen = spy_fused(monkeypatch)
+    x = torch.randn(4, H, dtype=torch.bfloat16)
+    weights = torch.full((4, K), 0.5, dtype=torch.bfloat16)
+    with torch.no_grad():
+        module(x, torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2]]), weights)  # expert 0: 3 rows
+        module.float()(x.float(), torch.tensor([[0, 1], [2, 3]] * 2), weights.float())
+        module.bfloat16()
+    assert seen["fused"] == [] and module._cpu_fused == {}
+    assert seen["dequantized"] == ["gate_up", "down"] * 2
+    module(x.requires_grad_(), torch.tensor([[0, 1], [2, 3]] * 2), weights).sum().backward()
+    assert seen["fused"] == [] and module._cpu_fused == {}
+    assert x.grad is not None and x.grad.abs().max() > 0
+    off = Experts4bit.from_experts(full_precision_experts(), ExpertQuantization(cpu_fused_rows=0)).bfloat16()
+    with torch.no_grad():
+        off(x.detach(), torch.tensor([[0, 1], [2, 3]] * 2), weights)
+    assert seen["fused"] == [] and off._cpu_fused == {}
+    with torch.no_grad():
+        module(x.detach(), torch.tensor([[0, 1], [2, 3]] * 2), weights)  # 2 rows each: at the limit
+    assert seen["fused"] == [2] * 8 and set(module._cpu_fused) == {"gate_up", "down"}
+
+
+@needs_fused_cpu_kernel
+def test_fused_layout_follows_new_weights_and_is_never_saved() -> None:
+    """The kernel's layout is built once, dropped when the stored weights change (`load_state_dict`, quantizing
+    again, moving), and never part of the state dict."""
+    module = Experts4bit.from_experts(full_precision_experts(seed=0)).bfloat16()
+    other = Experts4bit.from_experts(full_precision_experts(seed=1)).bfloat16()
+    keys = set(module.state_dict())
+    x, logits = routing(tokens=2)
+    weights, index = route(logits)
+    x, weights = x.detach().bfloat16(), weights.detach().bfloat16()
+
+    def generate(experts: Experts4bit) -> torch.Tensor:
+        with torch.no_grad():
+            return experts(x, index, weights)
+
+    first = generate(module)
+    assert set(module._cpu_fused) == {"gate_up", "down"} and set(module.state_dict()) == keys
+    module.load_state_dict(other.state_dict())
+    torch.testing.assert_close(generate(module), generate(other), atol=0, rtol=0)
+    assert not torch.equal(generate(module), first)
+    module.store_(full_precision_experts(seed=0).gate_up_proj, full_precision_experts(seed=0).down_proj)
+    torch.testing.assert_close(generate(module), first, atol=0, rtol=0)
+    module.to("cpu")
+    assert module._cpu_fused == {}
+    with pytest.raises(ValueError, match="cpu_fused_rows must be >= 0"):
+        ExpertQuantization(cpu_fused_rows=-1).validate(H, I)
+    assert ExpertQuantization(cpu_fused_rows=0).storage == ExpertQuantization()

@@ -18,6 +18,9 @@ BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # On accelerators the caching allocator recycles any size, and fewer, larger grouped GEMMs launch less.
 CPU_DEQUANTIZED_BYTES = 48 << 20
 ACCELERATOR_DEQUANTIZED_BYTES = 1 << 30
+# bitsandbytes' fused 4-bit CPU kernel read the packed weights 3-6x faster than dequantizing them and multiplying for
+# one row of an expert, and as fast at about 16 (BENCHMARKS.md, issue 12, sixteenth measurements): up to 8 rows.
+CPU_FUSED_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,10 @@ class ExpertQuantization:
         max_dequantized_bytes: at most this many bytes of dequantized expert weights exist at once (but always one
             expert's); more active experts are processed in chunks. Default (None): 48 MiB on the CPU, 1 GiB on an
             accelerator (`dequantized_budget`). A runtime setting: not part of what a 4-bit checkpoint stores.
+        cpu_fused_rows: without autograd (generation) on a CPU with AVX512-BF16, bfloat16 inputs, experts that get
+            at most this many rows each are multiplied by bitsandbytes' fused 4-bit kernel, never dequantized
+            (default 8; 0 turns it off). That kernel reads its own layout of the packed weights, built on first use
+            and kept: the experts' 4-bit bytes once more (a quarter of their bfloat16 size). A runtime setting.
     """
 
     quant_type: QuantType = "nf4"
@@ -41,6 +48,7 @@ class ExpertQuantization:
     double_quant: bool = True
     storage_dtype: torch.dtype = torch.bfloat16
     max_dequantized_bytes: int | None = None
+    cpu_fused_rows: int = CPU_FUSED_ROWS
 
     def dequantized_budget(self, device: torch.device) -> int:
         """`max_dequantized_bytes`, or the default for `device`'s kind."""
@@ -50,8 +58,9 @@ class ExpertQuantization:
 
     @property
     def storage(self) -> ExpertQuantization:
-        """These settings without the runtime `max_dequantized_bytes`: how the experts are stored."""
-        return replace(self, max_dequantized_bytes=None)
+        """These settings without the runtime ones (`max_dequantized_bytes`, `cpu_fused_rows`): how the experts are
+        stored."""
+        return replace(self, max_dequantized_bytes=None, cpu_fused_rows=CPU_FUSED_ROWS)
 
     def validate(self, *sizes: int) -> None:
         """Raise `ValueError` with what to change when these settings cannot store matrices of `sizes`."""
@@ -70,6 +79,10 @@ class ExpertQuantization:
         if self.max_dequantized_bytes is not None and self.max_dequantized_bytes < 1:
             raise ValueError(
                 f"max_dequantized_bytes must be >= 1 (or None for the default), got {self.max_dequantized_bytes}."
+            )
+        if self.cpu_fused_rows < 0:
+            raise ValueError(
+                f"cpu_fused_rows must be >= 0 (0 turns the fused CPU kernel off), got {self.cpu_fused_rows}."
             )
 
 

@@ -106,7 +106,8 @@ class ExpertDispatch(nn.Module):
         lora = lora or {}
         spec = tuple((name, lora[name].scale, lora[name].dropout) for name in PROJECTIONS if name in lora)
         tensors = [t for name, _, _ in spec for t in (lora[name].lora_A, lora[name].lora_B)]
-        return _DispatchFunction.apply(hidden_states, top_k_weights, top_k_index, self, spec, *tensors)
+        inference = not torch.is_grad_enabled()  # inside the autograd function grad mode is always off
+        return _DispatchFunction.apply(hidden_states, top_k_weights, top_k_index, self, spec, inference, *tensors)
 
     def sorted_routing(self, top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The flattened (token, k) rows sorted by expert (stable), and each expert's row count (an index >= E
@@ -120,20 +121,26 @@ class ExpertDispatch(nn.Module):
         hidden_states: torch.Tensor,
         flat_weights: torch.Tensor,
         lora: dict[str, LoraFactors],
+        inference: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The chunk's (token, expert) pairs in sorted order: their weighted outputs `(rows, H)`, and what backward
-        needs besides the weights and the inputs: the gate_up output `h` `(rows, 2I)`."""
+        needs besides the weights and the inputs: the gate_up output `h` `(rows, 2I)`. `inference`: no backward
+        follows (`fused_projection` may run)."""
         x = hidden_states[chunk.tokens]
-        h = self.projection("gate_up", x, chunk, lora)
+        h = self.projection("gate_up", x, chunk, lora, inference)
         gate, up = h.chunk(2, dim=-1)
-        y = self.projection("down", self.act_fn(gate) * up, chunk, lora)
+        y = self.projection("down", self.act_fn(gate) * up, chunk, lora, inference)
         return y.mul_(flat_weights[chunk.rows, None].to(y.dtype)), h
 
-    def projection(self, name: str, x: torch.Tensor, chunk: ExpertChunk, lora: dict[str, LoraFactors]) -> torch.Tensor:
+    def projection(
+        self, name: str, x: torch.Tensor, chunk: ExpertChunk, lora: dict[str, LoraFactors], inference: bool = False
+    ) -> torch.Tensor:
         """`x` (the chunk's rows) through projection `name` of each row's expert, plus its LoRA."""
-        weight = self.weight(name, chunk, x.dtype)
-        out = grouped_linear(x, weight, chunk.offsets)
-        del weight  # never kept: backward takes it again
+        out = self.fused_projection(name, x, chunk) if inference else None
+        if out is None:
+            weight = self.weight(name, chunk, x.dtype)
+            out = grouped_linear(x, weight, chunk.offsets)
+            del weight  # never kept: backward takes it again
         if self.has_bias:
             out.add_(self.bias(name)[chunk.expanded].to(out.dtype))
         delta = self.lora_branch(name, x, chunk, lora)
@@ -153,6 +160,11 @@ class ExpertDispatch(nn.Module):
             return None
         own = selected[name] if selected is not None else None
         return lora_delta(x, lora[name], self.num_experts, chunk.offsets, chunk.experts, own)
+
+    def fused_projection(self, name: str, x: torch.Tensor, chunk: ExpertChunk) -> torch.Tensor | None:
+        """Without autograd, projection `name` of the chunk's rows `x` `(rows, out)` by a kernel that takes the
+        stored weights as they are, or None where `weight` and a grouped GEMM should run (the default)."""
+        return None
 
     def input_grad(self, name: str, grad: torch.Tensor, chunk: ExpertChunk) -> torch.Tensor:
         """The gradient of projection `name`'s input from its output's `grad`, through the frozen weights."""
@@ -189,6 +201,7 @@ class _DispatchFunction(torch.autograd.Function):
         top_k_index: torch.Tensor,
         module: ExpertDispatch,
         spec: tuple[tuple[str, float, nn.Module | None], ...],
+        inference: bool,
         *lora: torch.Tensor,
     ) -> torch.Tensor:
         ctx.module, ctx.spec, ctx.num_lora = module, spec, len(lora)
@@ -198,7 +211,7 @@ class _DispatchFunction(torch.autograd.Function):
         factors = _factors(spec, lora)
         activations = []
         for chunk in module.chunks(top_k_index, hidden_states.dtype):
-            out, h = module.chunk_forward(chunk, hidden_states, flat_weights, factors)
+            out, h = module.chunk_forward(chunk, hidden_states, flat_weights, factors, inference)
             output.index_add_(0, chunk.tokens, out)
             activations.append(h)
         ctx.save_for_backward(hidden_states, top_k_weights, top_k_index, *lora, *activations)
@@ -216,9 +229,9 @@ class _DispatchFunction(torch.autograd.Function):
         # autograd would build and add a full-size gradient per chunk); peft's layout is restored once at the end.
         lora_grads = [
             _expert_major_zeros(t, module.num_experts, is_b=i % 2 == 1) if need else None
-            for i, (t, need) in enumerate(zip(lora, needs[5:], strict=True))
+            for i, (t, need) in enumerate(zip(lora, needs[6:], strict=True))
         ]
-        backprop = needs[0] or any(needs[5:])  # anything besides the routing weights' gradient
+        backprop = needs[0] or any(needs[6:])  # anything besides the routing weights' gradient
         grad_hidden = torch.zeros_like(hidden_states) if needs[0] else None
         grad_weights = torch.zeros_like(top_k_weights).reshape(-1) if needs[1] else None
         flat_weights = top_k_weights.reshape(-1)
@@ -260,7 +273,7 @@ class _DispatchFunction(torch.autograd.Function):
         lora_grads = [
             _peft_layout(grad, is_b=i % 2 == 1) if grad is not None else None for i, grad in enumerate(lora_grads)
         ]
-        return (grad_hidden, grad_weights, None, None, None, *lora_grads)
+        return (grad_hidden, grad_weights, None, None, None, None, *lora_grads)
 
 
 def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -13,11 +13,17 @@ tokens are dequantized, in chunks of at most `max_dequantized_bytes` (default: 4
 accelerators, see `moeify.quant.config`), each chunk as grouped GEMMs with its experts' LoRA on their own rows. The
 dequantized weights are never kept: backward dequantizes each chunk again for the input gradient. The 4-bit base is
 frozen.
+
+Generation on a CPU with AVX512-BF16 (no autograd, bfloat16, a few rows per expert: `cpu_fused_rows`) skips the
+dequantization: bitsandbytes' fused 4-bit kernel (`gemv_4bit`, what its own `Linear4bit` runs there in eval mode)
+multiplies each expert's rows by its packed weights directly, 3-6x faster than dequantizing an expert for one row.
+It reads its own layout of the packed weights, converted by bitsandbytes on first use and kept beside the stored one.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Callable, Iterator
 
 import bitsandbytes.functional as bnb_functional
@@ -71,6 +77,9 @@ class Experts4bit(ExpertDispatch):
                 self.register_buffer(f"{name}_bias", torch.zeros(num_experts, out_dim))
         self.register_buffer("code", torch.zeros(16))  # the 4-bit codebook (NF4 or FP4 values)
         self.register_buffer("nested_code", torch.zeros(256))  # the 8-bit codebook of double quantization
+        # Projection -> (packed (E, out, in / 2) uint8, scales (E, in / blocksize, out) bf16) in the layout of
+        # bitsandbytes' fused CPU kernel (`fused_projection`); built on first use, dropped when the weights change.
+        self._cpu_fused: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # Building and storage.
 
@@ -126,6 +135,7 @@ class Experts4bit(ExpertDispatch):
     def quantize_expert_(self, name: str, expert: int, weight: torch.Tensor) -> None:
         """Store one expert's `weight` `(out, in)` of projection `name` (loaders store one expert at a time)."""
         q = self.quantization
+        self._cpu_fused.clear()
         data, state = bnb_functional.quantize_4bit(
             weight.contiguous(),
             blocksize=q.blocksize,
@@ -200,6 +210,7 @@ class Experts4bit(ExpertDispatch):
             for name in [n for n in tensors if n not in self._castable]
         }
         super()._apply(fn, recurse)
+        self._cpu_fused.clear()  # rebuilt from the moved storage if needed
         for name, tensor in storage.items():
             device = fn(torch.empty(0, device=tensor.device)).device
             tensor.data = tensor.data.to(device)
@@ -229,6 +240,71 @@ class Experts4bit(ExpertDispatch):
 
     def bias(self, name: str) -> torch.Tensor:
         return getattr(self, f"{name}_bias")
+
+    def fused_projection(self, name: str, x: torch.Tensor, chunk: ExpertChunk) -> torch.Tensor | None:
+        """Projection `name` of the chunk's rows by bitsandbytes' fused 4-bit CPU kernel, expert by expert, where it
+        is faster than dequantizing: bfloat16 rows on a CPU with AVX512-BF16 (the only case bitsandbytes registers
+        it for), at most `cpu_fused_rows` of them per expert; else None. Called without autograd only."""
+        limit = self.quantization.cpu_fused_rows
+        if not limit or x.dtype != torch.bfloat16 or x.device.type != "cpu" or not _cpu_fused_kernel():
+            return None
+        counts = chunk.counts.tolist()
+        if max(counts) > limit:
+            return None
+        layout = self._cpu_fused_layout(name)
+        if layout is None:
+            return None
+        packed, scales = layout
+        out_dim, in_dim = self.shapes[name]
+        out = x.new_empty(len(x), out_dim)
+        start = 0
+        for expert, count in zip(chunk.experts.tolist(), counts, strict=True):
+            state = QuantState(
+                absmax=scales[expert],
+                shape=torch.Size([out_dim, in_dim]),
+                code=self.code,
+                blocksize=self.quantization.blocksize,
+                quant_type=self.quantization.quant_type,
+                dtype=torch.bfloat16,
+            )
+            out[start : start + count] = bnb_functional.gemv_4bit(x[start : start + count], packed[expert], state=state)
+            start += count
+        return out
+
+    def _cpu_fused_layout(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Projection `name`'s experts in the fused CPU kernel's layout, built once; None where bitsandbytes cannot
+        convert them (its converter takes output sizes in multiples of 32 and is private API: absent, no fusing).
+
+        bitsandbytes' own converter, expert by expert, rather than ours: the layout is its kernel's, and whatever a
+        new release changes in one it changes in the other."""
+        layout = self._cpu_fused.get(name)
+        convert = getattr(bnb_functional, "_convert_weight_packed_for_cpu", None)
+        out_dim, in_dim = self.shapes[name]
+        if layout is not None or convert is None or out_dim % 32:
+            return layout
+        packed = getattr(self, f"{name}_packed").view(torch.uint8)
+        scales = self.absmax(name, slice(None))  # float32 (E, blocks), double quantization undone
+        experts = []
+        for expert in range(self.num_experts):
+            state = QuantState(
+                absmax=scales[expert],
+                shape=torch.Size([out_dim, in_dim]),
+                code=self.code,
+                blocksize=self.quantization.blocksize,
+                quant_type=self.quantization.quant_type,
+                dtype=torch.bfloat16,
+            )
+            weight, state = convert(packed[expert], state)
+            experts.append((weight, state.absmax))
+        layout = self._cpu_fused[name] = (
+            torch.stack([weight for weight, _ in experts]),
+            torch.stack([absmax for _, absmax in experts]),
+        )
+        return layout
+
+    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
+        self._cpu_fused.clear()  # the stored weights are about to change
+        super()._load_from_state_dict(*args, **kwargs)  # type: ignore[arg-type]
 
     def chunks(self, top_k_index: torch.Tensor, dtype: torch.dtype) -> Iterator[ExpertChunk]:
         """The routing, sorted by expert once, cut into chunks of active experts that fit the dequantization budget."""
@@ -300,6 +376,14 @@ def _dequantize_4bit_cpu_into(
 
 
 _KERNEL_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@functools.cache
+def _cpu_fused_kernel() -> bool:
+    """Whether bitsandbytes registered its fused 4-bit CPU kernel (`gemv_4bit` on packed-for-CPU weights): it does
+    on CPUs with AVX512-BF16 only; elsewhere its `gemv_4bit` expects the stored layout."""
+    check = getattr(bnb_functional, "has_avx512bf16", None)
+    return bool(check is not None and check())
 
 
 def quantize_experts(model: nn.Module, quantization: ExpertQuantization | None = None) -> list[str]:
