@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -235,13 +236,22 @@ def test_linears_through_bitsandbytes_config_equal_transformers_own_path(
     assert kinds["model.layers.0.mlp.experts"] != "Linear4bit"
     reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, quantization_config=bnb).eval()
     quantize_experts(reference)
+    for module in reference.modules():  # the same kernel as ours (no bf16 repacking for the fused CPU kernel)
+        if type(module).__name__ == "Linear4bit":
+            module.support_avx512bf16_for_cpu = False
     ids = torch.randint(0, 300, (2, 11))
+    never_evaluated = copy.deepcopy(model)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(ids).logits, reference(ids).logits, atol=0, rtol=0)
-    model.train()
-    model(input_ids=ids, labels=ids).loss.backward()
-    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    # Training after an evaluation backpropagates through the 4-bit linears as before it (bitsandbytes would have
+    # repacked them for its fused CPU kernel, which has no backward).
+    for trained in (model.train(), never_evaluated.train()):
+        trained(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert any("q_proj.lora_A" in n for n in grads) and any("experts.lora_A" in n for n in grads)
+    for name, param in never_evaluated.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(grads[name], param.grad, atol=0, rtol=0)
     with pytest.raises(MoeifyError, match="load it without linear_quantization"):
         save_4bit(model, tmp_path / "x")
 

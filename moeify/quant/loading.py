@@ -207,6 +207,7 @@ def _default_targets(model: nn.Module, shared_experts: str) -> list[str] | str:
 
 def _quantize_linears(model: PreTrainedModel, config: BitsAndBytesConfig, trained: tuple[str, ...] = ()) -> None:
     """Swap the (meta) linear modules for bitsandbytes' `Linear4bit`, as transformers' bitsandbytes quantizer does."""
+    import bitsandbytes as bnb
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
     if not config.load_in_4bit:
@@ -217,6 +218,13 @@ def _quantize_linears(model: PreTrainedModel, config: BitsAndBytesConfig, traine
     skip = ["lm_head", *ROUTER_MODULES, inside, *trained, *(config.llm_int8_skip_modules or [])]
     replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=config)
     model.is_loaded_in_4bit = True  # peft wraps `Linear4bit` with its 4-bit LoRA layer only when this is set
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            # On AVX512-BF16 CPUs, bitsandbytes (0.50) repacks a `Linear4bit` for its fused kernel on the first
+            # forward in eval mode without autograd, and keeps it repacked: training forwards after an evaluation
+            # then run that kernel, which has no backward (no gradient reaches the layer's input; with a bias, an
+            # error). A model loaded for training evaluates between steps, so its layers never repack.
+            module.support_avx512bf16_for_cpu = False
 
 
 def _check_settings(
