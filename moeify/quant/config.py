@@ -18,9 +18,10 @@ BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # On accelerators the caching allocator recycles any size, and fewer, larger grouped GEMMs launch less.
 CPU_DEQUANTIZED_BYTES = 48 << 20
 ACCELERATOR_DEQUANTIZED_BYTES = 1 << 30
-# bitsandbytes' fused 4-bit CPU kernel read the packed weights 3-6x faster than dequantizing them and multiplying for
-# one row of an expert, and as fast at about 16 (BENCHMARKS.md, issue 12, sixteenth measurements): up to 8 rows.
-CPU_FUSED_ROWS = 8
+# bitsandbytes' fused 4-bit CPU kernel took 0.19x-0.31x of the time of dequantizing an expert and multiplying for one
+# of its rows, 0.83x-0.92x for 16 and 1.04x-1.11x for 24 (`benchmarks/fused_4bit_rows.py`, BENCHMARKS.md issue 12,
+# sixteenth measurements): up to 16 rows.
+CPU_FUSED_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class ExpertQuantization:
             accelerator (`dequantized_budget`). A runtime setting: not part of what a 4-bit checkpoint stores.
         cpu_fused_rows: without autograd (generation) on a CPU with AVX512-BF16, bfloat16 inputs, experts that get
             at most this many rows each are multiplied by bitsandbytes' fused 4-bit kernel, never dequantized
-            (default 8; 0 turns it off). That kernel reads its own layout of the packed weights, built on first use
+            (default 16; 0 turns it off). That kernel reads its own layout of the packed weights, built on first use
             and kept: the experts' 4-bit bytes once more (a quarter of their bfloat16 size). A runtime setting.
     """
 
