@@ -342,10 +342,15 @@ def main() -> None:
         ideal = results["ideal"][0] if "ideal" in results else float("nan")
         for variant, (seconds, diff, extra) in results.items():
             print(
-                f"| {h} | {i} | {e} | {k} | {t} | {variant} | {seconds * 1e3:.1f} | {seconds / base:.2f}x "
-                f"| {seconds / ideal:.2f}x | {diff:.1e}{extra} |",
+                f"| {h} | {i} | {e} | {k} | {t} | {variant} | {seconds * 1e3:.1f} | {_ratio(seconds, base)} "
+                f"| {_ratio(seconds, ideal)} | {diff:.1e}{extra} |",
                 flush=True,
             )
+
+
+def _ratio(seconds: float, baseline: float) -> str:
+    """`seconds / baseline` as a table cell; "-" where the baseline was not run (no ideal under `--decode`)."""
+    return "-" if math.isnan(baseline) else f"{seconds / baseline:.2f}x"
 
 
 if __name__ == "__main__":
