@@ -34,11 +34,17 @@ def full_precision_experts(bias: bool = False, seed: int = 0) -> nn.Module:
     return experts
 
 
-def with_lora(module: Experts4bit, lora: ExpertLora) -> ExpertsLora:
+def with_lora(module: Experts4bit, lora: ExpertLora, nonzero: bool = False) -> ExpertsLora:
+    """`module` with per-expert LoRA; `nonzero`: B drawn at random (it starts at zero) so the LoRA path counts."""
     holder = nn.ModuleDict({"experts": module})
     add_expert_lora(holder, lora)
     wrapped = holder["experts"]
     assert isinstance(wrapped, ExpertsLora) and isinstance(wrapped.base_layer, ExpertsLora)
+    if nonzero:
+        with torch.no_grad():
+            for name, param in wrapped.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.1)
     return wrapped
 
 
@@ -95,11 +101,7 @@ def test_matches_eager_reference(
     quant = ExpertQuantization(double_quant=double_quant, max_dequantized_bytes=1 if chunked else 1 << 30)
     module: nn.Module = Experts4bit.from_experts(full_precision_experts(bias).to(device), quant)
     if lora is not None:
-        module = with_lora(module, lora)
-        with torch.no_grad():  # B starts at zero; make the LoRA path count
-            for name, param in module.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(std=0.1)
+        module = with_lora(module, lora, nonzero=True)
     x, logits = routing(device=device)
     weights, index = route(logits)
     ours, reference = module(x, index, weights), eager_reference(module, x, index, weights)
@@ -121,11 +123,7 @@ def test_router_only_gradient_matches_eager_reference(lora: ExpertLora | None, b
     never saved (W_down^T grad against the activations, plus the LoRA and bias terms)."""
     module: nn.Module = Experts4bit.from_experts(full_precision_experts(bias).to(device))
     if lora is not None:
-        module = with_lora(module, lora)
-        with torch.no_grad():
-            for name, param in module.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(std=0.1)
+        module = with_lora(module, lora, nonzero=True)
         for param in lora_parameters(module):
             param.requires_grad_(False)
     x, logits = routing(device=device)
@@ -567,11 +565,7 @@ def test_generation_runs_the_fused_cpu_kernel_on_the_stored_weights(
     quant = ExpertQuantization(quant_type=quant_type, double_quant=double_quant)  # type: ignore[arg-type]
     module: nn.Module = Experts4bit.from_experts(full_precision_experts(bias), quant)
     if lora is not None:
-        module = with_lora(module, lora)
-        with torch.no_grad():
-            for name, param in module.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(std=0.1)
+        module = with_lora(module, lora, nonzero=True)
     x, logits = routing(tokens=3)
     weights, index = route(logits)
     reference = eager_reference(module, x.detach(), index, weights.detach())

@@ -255,18 +255,10 @@ class Experts4bit(ExpertDispatch):
         if layout is None:
             return None
         packed, scales = layout
-        out_dim, in_dim = self.shapes[name]
-        out = x.new_empty(len(x), out_dim)
+        out = x.new_empty(len(x), self.shapes[name][0])
         start = 0
         for expert, count in zip(chunk.experts.tolist(), counts, strict=True):
-            state = QuantState(
-                absmax=scales[expert],
-                shape=torch.Size([out_dim, in_dim]),
-                code=self.code,
-                blocksize=self.quantization.blocksize,
-                quant_type=self.quantization.quant_type,
-                dtype=torch.bfloat16,
-            )
+            state = self._cpu_fused_state(name, scales[expert])
             out[start : start + count] = bnb_functional.gemv_4bit(x[start : start + count], packed[expert], state=state)
             start += count
         return out
@@ -279,28 +271,31 @@ class Experts4bit(ExpertDispatch):
         new release changes in one it changes in the other."""
         layout = self._cpu_fused.get(name)
         convert = getattr(bnb_functional, "_convert_weight_packed_for_cpu", None)
-        out_dim, in_dim = self.shapes[name]
-        if layout is not None or convert is None or out_dim % 32:
+        if layout is not None or convert is None or self.shapes[name][0] % 32:
             return layout
         packed = getattr(self, f"{name}_packed").view(torch.uint8)
         scales = self.absmax(name, slice(None))  # float32 (E, blocks), double quantization undone
         experts = []
         for expert in range(self.num_experts):
-            state = QuantState(
-                absmax=scales[expert],
-                shape=torch.Size([out_dim, in_dim]),
-                code=self.code,
-                blocksize=self.quantization.blocksize,
-                quant_type=self.quantization.quant_type,
-                dtype=torch.bfloat16,
-            )
-            weight, state = convert(packed[expert], state)
+            weight, state = convert(packed[expert], self._cpu_fused_state(name, scales[expert]))
             experts.append((weight, state.absmax))
         layout = self._cpu_fused[name] = (
             torch.stack([weight for weight, _ in experts]),
             torch.stack([absmax for _, absmax in experts]),
         )
         return layout
+
+    def _cpu_fused_state(self, name: str, absmax: torch.Tensor) -> QuantState:
+        """bitsandbytes' description of one expert's matrix of projection `name` with scales `absmax`, computing in
+        bfloat16 (the fused CPU kernel's only dtype)."""
+        return QuantState(
+            absmax=absmax,
+            shape=torch.Size(self.shapes[name]),
+            code=self.code,
+            blocksize=self.quantization.blocksize,
+            quant_type=self.quantization.quant_type,
+            dtype=torch.bfloat16,
+        )
 
     def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
         self._cpu_fused.clear()  # the stored weights are about to change
