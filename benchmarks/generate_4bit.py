@@ -44,6 +44,7 @@ def main() -> None:
     from moeify.converter import convert
     from moeify.plan import ConvertOptions
     from moeify.quant import quantize_experts
+    from moeify.quant.config import CPU_FUSED_ROWS
     from moeify.quant.experts_4bit import _cpu_fused_kernel
 
     if not _cpu_fused_kernel():
@@ -68,13 +69,12 @@ def main() -> None:
         full = statistics.median(generate()[0] for _ in range(args.repeats))
         experts = [model.get_submodule(name) for name in quantize_experts(model)]
 
-        def with_fused_rows(rows: int | None) -> tuple[float, torch.Tensor]:
+        def with_fused_rows(rows: int) -> tuple[float, torch.Tensor]:
             for module in experts:
-                default = type(module.quantization)().cpu_fused_rows
-                module.quantization = replace(module.quantization, cpu_fused_rows=default if rows is None else rows)
+                module.quantization = replace(module.quantization, cpu_fused_rows=rows)
             return generate()
 
-        first, _ = with_fused_rows(None)
+        first, _ = with_fused_rows(CPU_FUSED_ROWS)
         layout = sum(t.numel() * t.element_size() for m in experts for pair in m._cpu_fused.values() for t in pair)
         stored = sum(t.numel() * t.element_size() for m in experts for t in [*m.parameters(), *m.buffers()])
         times: dict[str, list[float]] = {"fused": [], "dequantize": []}
@@ -82,7 +82,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             order = ("fused", "dequantize") if repeat % 2 == 0 else ("dequantize", "fused")
             for name in order:
-                seconds, tokens[name] = with_fused_rows(None if name == "fused" else 0)
+                seconds, tokens[name] = with_fused_rows(CPU_FUSED_ROWS if name == "fused" else 0)
                 times[name].append(seconds)
     fused, dequantize = (statistics.median(times[name]) for name in ("fused", "dequantize"))
     print(f"\n{args.tokens} new tokens, E {args.experts}, top-{args.top_k}, {len(experts)} MoE layers:")
