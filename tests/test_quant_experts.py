@@ -630,6 +630,27 @@ def test_fused_layout_follows_new_weights_and_is_never_saved() -> None:
     torch.testing.assert_close(generate(module), first, atol=0, rtol=0)
     module.to("cpu")
     assert module._cpu_fused == {}
+
+
+@needs_fused_cpu_kernel
+def test_fused_layout_kept_through_evaluation_and_dropped_for_training() -> None:
+    """The layout survives `eval()` and further generation (built once), and `train()` frees it: training never
+    reads it, and it is as large as the stored experts."""
+    module = Experts4bit.from_experts(full_precision_experts()).bfloat16().eval()
+    x, logits = routing(tokens=2)
+    weights, index = route(logits)
+    with torch.no_grad():
+        first = module(x.detach().bfloat16(), index, weights.detach().bfloat16())
+    layout = module._cpu_fused["gate_up"]
+    module.eval()
+    with torch.no_grad():
+        again = module(x.detach().bfloat16(), index, weights.detach().bfloat16())
+    assert module._cpu_fused["gate_up"] is layout
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    module.train(False)
+    assert module._cpu_fused["gate_up"] is layout
+    nn.Sequential(module).train()
+    assert module._cpu_fused == {} and module.training
     with pytest.raises(ValueError, match="cpu_fused_rows must be >= 0"):
         ExpertQuantization(cpu_fused_rows=-1).validate(H, I)
     assert ExpertQuantization(cpu_fused_rows=0).storage == ExpertQuantization()
