@@ -27,10 +27,12 @@ Every variant routes with its own router (a linear layer, softmax top-k) and tra
 weights for the full-precision blocks, the LoRA factors (and input) with LoRA, the input and router for 4-bit.
 Printed: time per fwd+bwd, its ratio to tf-grouped_mm and to ideal, the max |output difference| from tf-eager (the
 same function: float noise for the full-precision variants, quantization error for 4-bit, 0 for LoRA at init; not
-applicable to ideal); with `--memory`, the peak of live tensor bytes
-during one more run (`torch.cuda.max_memory_allocated` on CUDA; the profiler's memory timeline on CPU); with
-`--faults`, the process's minor page faults during one more run (`getrusage`, Unix): on the CPU, memory the C
-allocator mapped afresh and the kernel zero-filled page by page, the cost the CPU dispatch is built to avoid.
+applicable to ideal. In bf16 / fp16 it can reach the size of an expert's output: moeify's router scores in float32,
+transformers' gate in the model dtype, so a few near-tied tokens pick different experts, e.g. 5 of 4096 at E 8 / K 2);
+with `--memory`, the peak of live tensor bytes during one more run (`torch.cuda.max_memory_allocated` on CUDA; the
+profiler's memory timeline on CPU); with `--faults`, the process's minor page faults during one more run
+(`getrusage`, Unix): on the CPU, memory the C allocator mapped afresh and the kernel zero-filled page by page, the
+cost the CPU dispatch is built to avoid.
 The cpu grid is the issue's grid cut to what 2 cores finish in minutes (H 1024); `--grid full` is the issue's.
 `--decode`: generation's case instead, forward only under `torch.no_grad()` for 1 and 4 tokens (the grid's T is
 ignored), timed over 20 calls per rep. Every shape builds all its variants first and then times them in rounds, each
