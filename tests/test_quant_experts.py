@@ -630,6 +630,9 @@ def test_fused_layout_follows_new_weights_and_is_never_saved() -> None:
     torch.testing.assert_close(generate(module), first, atol=0, rtol=0)
     module.to("cpu")
     assert module._cpu_fused == {}
+    with pytest.raises(ValueError, match="cpu_fused_rows must be >= 0"):
+        ExpertQuantization(cpu_fused_rows=-1).validate(H, I)
+    assert ExpertQuantization(cpu_fused_rows=0).storage == ExpertQuantization()
 
 
 @needs_fused_cpu_kernel
@@ -651,6 +654,3 @@ def test_fused_layout_kept_through_evaluation_and_dropped_for_training() -> None
     assert module._cpu_fused["gate_up"] is layout
     nn.Sequential(module).train()
     assert module._cpu_fused == {} and module.training
-    with pytest.raises(ValueError, match="cpu_fused_rows must be >= 0"):
-        ExpertQuantization(cpu_fused_rows=-1).validate(H, I)
-    assert ExpertQuantization(cpu_fused_rows=0).storage == ExpertQuantization()
