@@ -41,7 +41,8 @@ class ExpertQuantization:
         cpu_fused_rows: without autograd (generation) on a CPU with AVX512-BF16, bfloat16 inputs, experts that get
             at most this many rows each are multiplied by bitsandbytes' fused 4-bit kernel, never dequantized
             (default 16; 0 turns it off). That kernel reads its own layout of the packed weights, built on first use
-            and kept: the experts' 4-bit bytes once more (a quarter of their bfloat16 size). A runtime setting.
+            and kept until the weights change or the module goes back to training mode: the experts' 4-bit bytes
+            once more (a quarter of their bfloat16 size). A runtime setting.
     """
 
     quant_type: QuantType = "nf4"

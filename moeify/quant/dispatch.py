@@ -162,8 +162,9 @@ class ExpertDispatch(nn.Module):
         return lora_delta(x, lora[name], self.num_experts, chunk.offsets, chunk.experts, own)
 
     def fused_projection(self, name: str, x: torch.Tensor, chunk: ExpertChunk) -> torch.Tensor | None:
-        """Without autograd, projection `name` of the chunk's rows `x` `(rows, out)` by a kernel that takes the
-        stored weights as they are, or None where `weight` and a grouped GEMM should run (the default)."""
+        """Without autograd, projection `name` of the chunk's rows `x` `(rows, out)` by a kernel that reads the
+        stored (packed) weights without dequantizing them, or None where `weight` and a grouped GEMM should run (the
+        default)."""
         return None
 
     def input_grad(self, name: str, grad: torch.Tensor, chunk: ExpertChunk) -> torch.Tensor:
