@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import LlamaConfig, MixtralConfig
+from transformers.activations import ACT2FN
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
@@ -29,9 +30,12 @@ def moeify_experts(
     bias: bool, activation: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> torch.nn.Module:
     text = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=1, num_attention_heads=2)
-    text.hidden_act = activation
-    config = MoeifyConfig(text_config=text, num_experts=EXPERTS, num_experts_per_tok=K, mlp_bias=bias)
-    return randomised((MoeifyExpertsWithBias if bias else MoeifyExperts)(config)).to(dtype=dtype, device=device)
+    config = MoeifyConfig(
+        text_config=text, num_experts=EXPERTS, num_experts_per_tok=K, mlp_bias=bias, mlp_activation=activation
+    )
+    experts = (MoeifyExpertsWithBias if bias else MoeifyExperts)(config)
+    assert type(experts.act_fn) is type(ACT2FN[activation])
+    return randomised(experts).to(dtype=dtype, device=device)
 
 
 def randomised(experts: torch.nn.Module) -> torch.nn.Module:
