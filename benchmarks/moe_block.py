@@ -10,6 +10,8 @@ For each shape (hidden H, expert intermediate I, experts E, top-k K, tokens T), 
   tf-eager, tf-grouped_mm   transformers' `MixtralSparseMoeBlock`, `experts_implementation` eager / grouped_mm
   moeify                    moeify's `MoeifySparseMoeBlock` as it runs by default: `experts_implementation="moeify"`
                             (one expert's GEMMs at a time on the CPU, transformers' grouped_mm elsewhere)
+  moeify-moeify_grouped     the same block with moeify's opt-in `experts_implementation="moeify_grouped"`: one
+                            autograd function of grouped GEMMs on every device (the candidate for accelerators)
   moeify-<impl>             the same block with transformers' experts implementation <impl> (eager, grouped_mm,
                             batched_mm: the same fused weights, dispatched by transformers)
   moeify-nf4                moeify's block with its 4-bit experts (`Experts4bit`, NF4, double quant)
@@ -64,6 +66,7 @@ ALL_VARIANTS = (
     "tf-eager",
     "tf-grouped_mm",
     "moeify",
+    "moeify-moeify_grouped",
     "moeify-eager",
     "moeify-grouped_mm",
     "moeify-batched_mm",

@@ -8,7 +8,8 @@
 # Stages, in order of value, each under its own time limit (seconds; override with the variables) so that a slow
 # stage cannot eat the others' share of a 15-minute lease, and each logging as it goes (a stage cut short keeps
 # what it printed):
-#   1. CUDA_TESTS_S=90    pytest -m cuda: the CUDA half of the 4-bit / frozen experts tests and load_for_training
+#   1. CUDA_TESTS_S=90    pytest -m cuda: the CUDA half of the 4-bit / frozen experts tests, load_for_training and
+#                         the experts implementations ("moeify_grouped" against eager)
 #   2. MOE_BLOCK_S=150    benchmarks/moe_block.py, bf16: issue 12's GPU target shapes (E 64, fine-grained) first
 #   3. QLORA_S=160        benchmarks/qlora_memory.py on CUDA, checkpointing off then on (issue 8)
 # About 7 minutes in all: a device call runs 10 minutes at most, and a lease is 15 minutes with the machine's start.
@@ -70,7 +71,7 @@ stage() {  # name, seconds, command...
 }
 
 stage cuda-tests "${CUDA_TESTS_S:-90}" python3 -m pytest -q -m cuda -p no:cacheprovider \
-  tests/test_quant_experts.py tests/test_quant_frozen.py tests/test_quant_loading.py
+  tests/test_quant_experts.py tests/test_quant_frozen.py tests/test_quant_loading.py tests/test_expert_kernels.py
 
 if [ -n "$smoke" ]; then
   shapes=(256,256,64,8,64 256,896,8,2,64)
@@ -82,7 +83,7 @@ else
   qlora=(--steps 2 --variants a,b,c,e --work /tmp/moeify-device-checks)
 fi
 # Every variant but moeify-batched_mm (transformers' per-token weight copies: terabytes at these shapes).
-variants=tf-eager,tf-grouped_mm,moeify-eager,moeify-grouped_mm,moeify-nf4,tf-grouped_mm+peft-lora,moeify-nf4+lora
+variants=tf-eager,tf-grouped_mm,moeify-moeify_grouped,moeify-eager,moeify-grouped_mm,moeify-nf4,tf-grouped_mm+peft-lora,moeify-nf4+lora
 variants+=,moeify-frozen+lora,ideal
 stage moe-block "${MOE_BLOCK_S:-150}" python3 benchmarks/moe_block.py --reps 5 --memory --variants "$variants" \
   --shapes "${shapes[@]}"

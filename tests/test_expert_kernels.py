@@ -1,5 +1,6 @@
-"""`experts_implementation="moeify"`: the per-expert CPU dispatch against transformers' eager experts, on moeify's own
-experts and on native classes, and its fallback to transformers' grouped_mm where it does not apply."""
+"""`experts_implementation="moeify"` (the per-expert CPU dispatch) and `"moeify_grouped"` (one grouped autograd
+function) against transformers' eager experts, on moeify's own experts and on native classes, and their fallback to
+transformers' grouped_mm where they do not apply."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from moeify.modeling import MoeifyConfig, expert_kernels
 from moeify.modeling.experts import MoeifyExperts, MoeifyExpertsWithBias
 
 TOKENS, HIDDEN, INNER, EXPERTS, K = 24, 16, 12, 6, 2
+IMPLEMENTATIONS = ["moeify", "moeify_grouped"]
 
 
 @pytest.fixture(autouse=True)
@@ -70,10 +72,20 @@ def run(experts: torch.nn.Module, implementation: str, inputs: tuple[torch.Tenso
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("activation", ["silu", "gelu_pytorch_tanh"])
-def test_moeify_experts_equal_eager_in_output_and_gradients(bias: bool, activation: str, device: str) -> None:
+@pytest.mark.parametrize(
+    "implementation, gathering",
+    [("moeify", False), ("moeify_grouped", False), ("moeify_grouped", True)],
+    ids=["moeify", "moeify_grouped-index_add", "moeify_grouped-gathering"],
+)
+def test_moeify_experts_equal_eager_in_output_and_gradients(
+    bias: bool, activation: str, implementation: str, gathering: bool, device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both sums of each token's rows that "moeify_grouped" has (`index_add_` on the CPU, gathering elsewhere) are
+    run on every device."""
+    monkeypatch.setattr(expert_kernels, "_sums_by_gathering", lambda device: gathering)
     experts = moeify_experts(bias, activation, device=device)
     inputs = routing(device=device)
-    expected, got = run(experts, "eager", inputs), run(experts, "moeify", inputs)
+    expected, got = run(experts, "eager", inputs), run(experts, implementation, inputs)
     assert expected.keys() == got.keys() and len(expected) == 5 + 2 * bias
     for name, value in expected.items():
         assert value.abs().max() > 0, name
@@ -82,25 +94,27 @@ def test_moeify_experts_equal_eager_in_output_and_gradients(bias: bool, activati
         assert got[name][[1, 4]].eq(0).all(), name
 
 
-def test_native_mixtral_experts_run_it_too() -> None:
-    """`import moeify` registers the implementation for transformers' own classes (what a native export loads as)."""
-    assert "moeify" in ALL_EXPERTS_FUNCTIONS
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_native_mixtral_experts_run_it_too(implementation: str) -> None:
+    """`import moeify` registers the implementations for transformers' own classes (what a native export loads as)."""
+    assert implementation in ALL_EXPERTS_FUNCTIONS
     config = MixtralConfig(hidden_size=HIDDEN, intermediate_size=INNER, num_local_experts=EXPERTS)
     config.num_experts_per_tok = K
     experts = randomised(MixtralExperts(config))
     inputs = routing()
-    expected, got = run(experts, "eager", inputs), run(experts, "moeify", inputs)
+    expected, got = run(experts, "eager", inputs), run(experts, implementation, inputs)
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_frozen_weights_and_no_grad() -> None:
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_frozen_weights_and_no_grad(implementation: str) -> None:
     """Weights that do not train get no gradient (and cost none); under no_grad the output is the same."""
     experts = moeify_experts(bias=True, activation="silu")
     inputs = routing()
     expected = run(experts, "eager", inputs)
     experts.requires_grad_(False)
-    got = run(experts, "moeify", inputs)
+    got = run(experts, implementation, inputs)
     assert all(got[name] is None for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"))
     for name in ("output", "hidden", "weights"):
         torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-5, msg=name)
@@ -108,12 +122,13 @@ def test_frozen_weights_and_no_grad() -> None:
         torch.testing.assert_close(experts(*inputs), expected["output"], atol=1e-5, rtol=1e-5)
 
 
-def test_weights_train_from_inputs_without_gradients() -> None:
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_weights_train_from_inputs_without_gradients(implementation: str) -> None:
     """Neither the input nor the routing weights want a gradient: the expert weights still get the eager ones."""
     experts = moeify_experts(bias=True, activation="silu")
     inputs = routing()
     expected = run(experts, "eager", inputs)
-    experts.config._experts_implementation = "moeify"
+    experts.config._experts_implementation = implementation
     experts.zero_grad(set_to_none=True)
     out = experts(*inputs)
     (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
@@ -208,19 +223,23 @@ def test_small_blocks_run_grouped_mm(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(calls) == 3
 
 
-@pytest.mark.parametrize("path", ["pieces", "grouped_mm"])
+@pytest.mark.parametrize("path", ["pieces", "grouped_mm", "moeify_grouped"])
 def test_unrouted_assignments_add_nothing_and_get_no_gradient(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """An index >= E (a MoE++ null expert, an assignment dropped for capacity; block.py hands them over on the CPU)
-    is left out on both paths: output and gradients equal eager's with those slots' weights masked to zero (their
+    is left out on every path: output and gradients equal eager's with those slots' weights masked to zero (their
     weight gradient is then zero), and no GEMM sees their rows."""
     if path == "grouped_mm":  # a block this small runs transformers' grouped_mm on the routed assignments
         monkeypatch.setattr(expert_kernels, "CPU_CHUNK_BYTES", TOKENS * K * 2 * INNER * 4)
         monkeypatch.setattr(expert_kernels, "CPU_PIECEWISE_EXPERT_BYTES", 1 << 40)
-    pieces, grouped_rows = [], []
+    pieces, grouped_rows, function_rows = [], [], []
     piecewise, grouped = expert_kernels._PiecewiseExperts.apply, expert_kernels.grouped_mm_experts_forward
+    function = expert_kernels._GroupedExperts.apply
     monkeypatch.setattr(expert_kernels._PiecewiseExperts, "apply", lambda *a: pieces.append(a[3]) or piecewise(*a))
     monkeypatch.setattr(
         expert_kernels, "grouped_mm_experts_forward", lambda m, h, *a: grouped_rows.append(len(h)) or grouped(m, h, *a)
+    )
+    monkeypatch.setattr(
+        expert_kernels._GroupedExperts, "apply", lambda *a: function_rows.append(len(a[2])) or function(*a)
     )
     experts = moeify_experts(bias=True, activation="silu")
     hidden, index, weights = routing()
@@ -228,36 +247,41 @@ def test_unrouted_assignments_add_nothing_and_get_no_gradient(path: str, monkeyp
     unrouted[::3, 0] = unrouted[1::4, 1] = True
     unrouted[5] = True  # a token with no routed expert at all
     index = index.masked_fill(unrouted, EXPERTS).masked_fill(unrouted & (torch.arange(TOKENS)[:, None] % 2 == 0), 99)
-    got = run(experts, "moeify", (hidden, index, weights))
+    got = run(experts, "moeify_grouped" if path == "moeify_grouped" else "moeify", (hidden, index, weights))
     expected = run(experts, "eager", (hidden, index.masked_fill(unrouted, 0), weights.masked_fill(unrouted, 0)))
     expected["weights"] = expected["weights"].masked_fill(unrouted, 0)
     routed = int((~unrouted).sum())
     if path == "pieces":
-        assert len(pieces) == 1 and sum(end - start for _, start, end in pieces[0]) == routed and not grouped_rows
+        assert len(pieces) == 1 and sum(end - start for _, start, end in pieces[0]) == routed
+    elif path == "grouped_mm":
+        assert grouped_rows == [routed]
     else:
-        assert not pieces and grouped_rows == [routed]
+        assert function_rows == [routed]
+    assert len(pieces) + len(grouped_rows) + len(function_rows) == 1
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-5, msg=name)
     assert got["output"][5].eq(0).all() and got["weights"][unrouted].eq(0).all()
 
 
-def test_layouts_it_does_not_cover_fall_back_to_grouped_mm() -> None:
-    """gpt-oss experts (transposed weights, clamped custom gate): "moeify" is transformers' grouped_mm, bit for bit."""
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_layouts_it_does_not_cover_fall_back_to_grouped_mm(implementation: str) -> None:
+    """gpt-oss experts (transposed weights, clamped custom gate): both are transformers' grouped_mm, bit for bit."""
     from transformers import GptOssConfig
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
     config = GptOssConfig(hidden_size=HIDDEN, intermediate_size=INNER, num_local_experts=EXPERTS, num_experts_per_tok=K)
     experts = randomised(GptOssExperts(config))
     inputs = routing()
-    expected, got = run(experts, "grouped_mm", inputs), run(experts, "moeify", inputs)
+    expected, got = run(experts, "grouped_mm", inputs), run(experts, implementation, inputs)
     for name, value in expected.items():
         assert torch.equal(got[name], value), name
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_model_default_equals_eager_with_and_without_checkpointing(checkpointing: bool) -> None:
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_model_equals_eager_with_and_without_checkpointing(checkpointing: bool, implementation: str) -> None:
     """A MoeifyForCausalLM runs "moeify" by default; its logits and every gradient equal the eager experts', also
-    when gradient checkpointing runs each layer's forward again in backward."""
+    when gradient checkpointing runs each layer's forward again in backward (and so with "moeify_grouped")."""
     from moeify import MoeifyForCausalLM
 
     text = LlamaConfig(
@@ -271,13 +295,13 @@ def test_model_default_equals_eager_with_and_without_checkpointing(checkpointing
     model.train()
     ids = torch.randint(0, 64, (2, 9))
     results = {}
-    for implementation in ("eager", "moeify"):
-        model.set_experts_implementation(implementation)
+    for name in ("eager", implementation):
+        model.set_experts_implementation(name)
         model.zero_grad(set_to_none=True)
         logits = model(ids).logits
         (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
-        results[implementation] = logits.detach(), {n: p.grad for n, p in model.named_parameters()}
-    (logits, grads), (expected_logits, expected) = results["moeify"], results["eager"]
+        results[name] = logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+    (logits, grads), (expected_logits, expected) = results[implementation], results["eager"]
     torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
     assert any("experts.gate_up_proj" in n for n in expected) and all(g is not None for g in expected.values())
     for name, grad in expected.items():

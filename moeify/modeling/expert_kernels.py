@@ -31,6 +31,12 @@ size, and the loop would need the counts on the host), `torch.compile`, and layo
 (transposed or interleaved weights, no gate, a custom gate, post-expert norms, expert parallelism). Registered on
 import; the default of moeify's own models.
 
+`experts_implementation="moeify_grouped"` (opt-in) runs every covered block, on any device, as one autograd function
+of grouped GEMMs (`_GroupedExperts`): transformers' grouped_mm forward, but only the `(rows, 2I)` gate_up output kept
+for backward, the weight gradients as one K-grouped `grouped_mm` each, and each token's rows summed by gathering
+(deterministic) off the CPU. It is the candidate for accelerators, where "moeify" hands over to transformers; on this
+CPU it measured about as fast as transformers' grouped_mm, with a lower peak (BENCHMARKS.md, issue 12).
+
 Copied next to the weights for `trust_remote_code=True`: imports torch and transformers only.
 """
 
@@ -43,6 +49,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 from transformers.integrations.moe import ExpertsInterface, _default_apply_gate, grouped_mm_experts_forward
@@ -50,6 +57,7 @@ from transformers.integrations.moe import ExpertsInterface, _default_apply_gate,
 from .experts import routed_only, sort_by_expert
 
 IMPLEMENTATION = "moeify"
+GROUPED_IMPLEMENTATION = "moeify_grouped"
 CPU_CHUNK_BYTES = 32 << 20  # glibc's largest heap-served block: the most one piece's (rows, 2I) output may take
 CPU_PIECEWISE_ROWS = 4096  # from this many (token, expert) rows on, pieces whatever the bytes
 CPU_PIECEWISE_EXPERT_BYTES = 8 << 20  # training experts this large (gate_up + down, each): pieces whatever the rows
@@ -110,6 +118,23 @@ def _runs_in_pieces(experts: nn.Module, rows: int) -> bool:
     weights that get gradients here and take `CPU_PIECEWISE_EXPERT_BYTES` or more per expert (a smaller block's
     temporaries are recycled from the heap anyway, and one grouped call beats a loop over few rows unless large
     weight gradients are at stake)."""
+    if not _covers(experts):
+        return False
+    weight = experts.gate_up_proj
+    return (
+        rows >= CPU_PIECEWISE_ROWS
+        or rows * weight.shape[1] * weight.element_size() > CPU_CHUNK_BYTES
+        or (
+            torch.is_grad_enabled()
+            and weight.requires_grad
+            and (weight[0].numel() + experts.down_proj[0].numel()) * weight.element_size() >= CPU_PIECEWISE_EXPERT_BYTES
+        )
+    )
+
+
+def _covers(experts: nn.Module) -> bool:
+    """Whether moeify's own dispatches cover `experts`' layout: fused `[gate; up]` `(E, 2I, H)` and `(E, H, I)`
+    floating-point weights with the default gate, no post-expert norm, no expert parallelism."""
     weight = getattr(experts, "gate_up_proj", None)
     return (
         isinstance(weight, torch.Tensor)
@@ -121,16 +146,6 @@ def _runs_in_pieces(experts: nn.Module, rows: int) -> bool:
         and not getattr(experts, "has_post_expert_norm", False)
         and not getattr(experts, "_is_expert_parallel", False)
         and getattr(type(experts), "_apply_gate", _default_apply_gate) is _default_apply_gate
-        and (
-            rows >= CPU_PIECEWISE_ROWS
-            or rows * weight.shape[1] * weight.element_size() > CPU_CHUNK_BYTES
-            or (
-                torch.is_grad_enabled()
-                and weight.requires_grad
-                and (weight[0].numel() + experts.down_proj[0].numel()) * weight.element_size()
-                >= CPU_PIECEWISE_EXPERT_BYTES
-            )
-        )
     )
 
 
@@ -244,6 +259,161 @@ class _PiecewiseExperts(torch.autograd.Function):
         return grad_hidden, grad_weights, None, None, None, *grads, None
 
 
+def moeify_grouped_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """`experts_implementation="moeify_grouped"`: every routed row in grouped GEMMs inside one autograd function
+    (`_GroupedExperts`), on any device; transformers' `grouped_mm` forward for the layouts it does not cover (see
+    `_covers`). Same contract as `moeify_experts_forward`, including indices >= E on the CPU."""
+    if not _covers(self) or not hasattr(F, "grouped_mm"):
+        return moeify_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    return _grouped(self, hidden_states, top_k_index, top_k_weights, _routed_rows(self, hidden_states, top_k_index))
+
+
+def _grouped(
+    experts: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    routed: int | None,
+) -> torch.Tensor:
+    """`_GroupedExperts` on `experts`; `routed`: the number of assignments to a routed expert where known (the
+    CPU), None where every index is one."""
+    order, offsets, tokens = sort_by_expert(top_k_index, experts.num_experts)
+    inverse = None  # where each token's rows are gathered back together (see `_sum_per_token`)
+    if routed is not None and routed < order.numel():  # the rest (index >= E) sort last and add nothing
+        order, tokens = order[:routed], tokens[:routed]
+    elif _sums_by_gathering(hidden_states.device):
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=order.device)
+    bias_gate_up, bias_down = (experts.gate_up_proj_bias, experts.down_proj_bias) if experts.has_bias else (None, None)
+    return _GroupedExperts.apply(
+        hidden_states,
+        top_k_weights.reshape(-1)[order],
+        tokens,
+        offsets,
+        top_k_index.reshape(-1)[order] if experts.has_bias else None,
+        inverse,
+        experts.act_fn,
+        experts.gate_up_proj,
+        experts.down_proj,
+        bias_gate_up,
+        bias_down,
+    )
+
+
+class _GroupedExperts(torch.autograd.Function):
+    """All experts at once on rows sorted by expert (`tokens[j]`: the token of row j, `weights[j]`: its routing
+    weight, `offsets`: cumulative rows per expert), as grouped GEMMs: `grouped_mm` forward and for the input
+    gradient, and K-grouped `grouped_mm(grad.T, rows)` for the `(E, out, in)` weight gradients, one call each.
+
+    Against transformers' `grouped_mm` forward under autograd it keeps only the `(rows, 2I)` gate_up output for
+    backward (transformers' path keeps the gathered input, the activation, its product and the expert output too;
+    the input is gathered again and the activation recomputed here), multiplies the routing weights into the
+    gradients instead of keeping the unweighted output, and forms their gradient from backward's own products.
+    Sums of each token's rows: `index_add_` into a float32 sum on the CPU (a parallel scatter there); elsewhere,
+    where `index_add_` of floats uses atomics (not deterministic), each token's `k` rows are gathered back and
+    summed (`inverse`), as transformers does."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden_states: torch.Tensor,
+        weights: torch.Tensor,
+        tokens: torch.Tensor,
+        offsets: torch.Tensor,
+        expert_ids: torch.Tensor | None,
+        inverse: torch.Tensor | None,
+        act_fn: nn.Module,
+        gate_up: torch.Tensor,
+        down: torch.Tensor,
+        bias_gate_up: torch.Tensor | None,
+        bias_down: torch.Tensor | None,
+    ) -> torch.Tensor:
+        dtype, inner = gate_up.dtype, down.shape[-1]
+        rows = hidden_states[tokens].to(dtype)
+        projected = F.grouped_mm(rows, gate_up.transpose(-2, -1), offs=offsets)
+        if bias_gate_up is not None:
+            projected += bias_gate_up[expert_ids]
+        out = F.grouped_mm(act_fn(projected[:, :inner]) * projected[:, inner:], down.transpose(-2, -1), offs=offsets)
+        if bias_down is not None:
+            out += bias_down[expert_ids]
+        out.mul_(weights[:, None].to(dtype))
+        ctx.act_fn = act_fn
+        saved = hidden_states, weights, tokens, offsets, expert_ids, inverse, gate_up, down, bias_down, projected
+        ctx.save_for_backward(*saved)
+        return _sum_per_token(out, tokens, inverse, hidden_states)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden_states, weights, tokens, offsets, expert_ids, inverse, gate_up, down, bias_down, projected = (
+            ctx.saved_tensors
+        )
+        needs = ctx.needs_input_grad
+        dtype, inner = gate_up.dtype, down.shape[-1]
+        weight = weights[:, None].to(dtype)
+        gate, up = projected[:, :inner], projected[:, inner:]
+        with torch.enable_grad():  # any activation: its own backward, from the kept pre-activation
+            gate_leaf = gate.detach().requires_grad_()
+            activated = ctx.act_fn(gate_leaf)
+        grad_out = grad_output[tokens].to(dtype)  # the gradient of the weighted output, before the weight
+        grad_inner = F.grouped_mm(grad_out, down, offs=offsets)  # W_down^T grad: unweighted, of act(gate) * up
+        inner_out = activated.detach() * up
+        grad_weights = None
+        if needs[1]:  # <grad, W_down a + b>, without keeping the (rows, H) expert output
+            dots = torch.linalg.vecdot(grad_inner, inner_out)
+            if bias_down is not None:
+                dots += torch.linalg.vecdot(grad_out, bias_down[expert_ids])
+            grad_weights = dots.to(weights.dtype)
+        weighted_grad_out = grad_out.mul_(weight)
+        grad_down = F.grouped_mm(weighted_grad_out.T, inner_out, offs=offsets) if needs[8] else None
+        grad_bias_down = _sum_per_expert(weighted_grad_out, expert_ids, len(down)) if needs[10] else None
+        del grad_out, weighted_grad_out, inner_out  # each (rows, H) or (rows, I): freed as soon as done with
+        grad_inner.mul_(weight)
+        grad_projected = torch.empty_like(projected)
+        torch.mul(grad_inner, activated.detach(), out=grad_projected[:, inner:])
+        (grad_projected[:, :inner],) = torch.autograd.grad(activated, gate_leaf, grad_inner.mul_(up))
+        del grad_inner, activated, gate_leaf
+        grad_hidden = None
+        if needs[0]:  # before the gate_up gradient: its (rows, H) products are freed first
+            grad_hidden = _sum_per_token(
+                F.grouped_mm(grad_projected, gate_up, offs=offsets), tokens, inverse, hidden_states
+            )
+        grad_gate_up = None
+        if needs[7]:
+            grad_gate_up = F.grouped_mm(grad_projected.T, hidden_states[tokens].to(dtype), offs=offsets)
+        grad_bias_gate_up = _sum_per_expert(grad_projected, expert_ids, len(gate_up)) if needs[9] else None
+        grads = grad_gate_up, grad_down, grad_bias_gate_up, grad_bias_down
+        return grad_hidden, grad_weights, None, None, None, None, None, *grads
+
+
+def _sums_by_gathering(device: torch.device) -> bool:
+    """Whether each token's rows are summed by gathering them together (deterministic) rather than `index_add_`:
+    off the CPU, where `index_add_` of floats uses atomics."""
+    return device.type != "cpu"
+
+
+def _sum_per_token(
+    rows: torch.Tensor, tokens: torch.Tensor, inverse: torch.Tensor | None, like: torch.Tensor
+) -> torch.Tensor:
+    """Each token's sum of its `rows` (sorted by expert, `tokens[j]` the token of row j), in float32 for reduced
+    precision, as `like`'s dtype and shape: `index_add_` where `inverse` is None; otherwise `inverse` (the position
+    in the sorted rows of each flattened `(token, k)` assignment) gathers each token's k rows together."""
+    accumulation = _accumulation_dtype(like.dtype)
+    if inverse is None:
+        total = torch.zeros(like.shape, dtype=accumulation, device=like.device)
+        return total.index_add_(0, tokens, rows.to(accumulation)).to(like.dtype)
+    gathered = rows.index_select(0, inverse).view(like.shape[0], -1, like.shape[-1])
+    return gathered.sum(1, dtype=accumulation).to(like.dtype)
+
+
+def _sum_per_expert(rows: torch.Tensor, expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """A bias gradient `(E, out)`: the sum of each expert's `rows` (`expert_ids[j]`: the expert of row j)."""
+    total = torch.zeros(num_experts, rows.shape[-1], dtype=_accumulation_dtype(rows.dtype), device=rows.device)
+    return total.index_add_(0, expert_ids, rows.to(total.dtype)).to(rows.dtype)
+
+
 def _write_or_add(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor, first: bool) -> None:
     """`target = left @ right` for an expert's first piece, `target += left @ right` after (no temporary).
 
@@ -308,3 +478,4 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 ExpertsInterface.register(IMPLEMENTATION, moeify_experts_forward)
+ExpertsInterface.register(GROUPED_IMPLEMENTATION, moeify_grouped_experts_forward)
