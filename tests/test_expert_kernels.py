@@ -15,7 +15,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 import moeify  # noqa: F401  (registers the implementation)
 from moeify.modeling import MoeifyConfig, expert_kernels
-from moeify.modeling.experts import MoeifyExperts, MoeifyExpertsWithBias
+from moeify.modeling.experts import MoeifyExperts, MoeifyExpertsWithBias, expert_counts
 
 TOKENS, HIDDEN, INNER, EXPERTS, K = 24, 16, 12, 6, 2
 IMPLEMENTATIONS = ["moeify", "moeify_grouped"]
@@ -317,6 +317,31 @@ def test_accelerators_run_grouped_mm() -> None:
     expected, got = run(experts, "grouped_mm", inputs), run(experts, "moeify", inputs)
     for name, value in expected.items():
         assert torch.equal(got[name], value), name
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_grouped_forward_and_backward_never_wait_for_the_gpu() -> None:
+    """ "moeify_grouped" on CUDA asks the device for nothing on the host (no `.item()`, no `bincount` sizing): torch's
+    sync debug mode raises on any synchronizing call, so a CUDA graph or an overlapped stream can hold the block."""
+    experts = moeify_experts(bias=False, activation="silu", device="cuda")
+    experts.config._experts_implementation = "moeify_grouped"
+    hidden, index, weights = routing(device="cuda")
+    hidden.requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        experts(hidden, index, weights).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert hidden.grad is not None and experts.gate_up_proj.grad is not None
+
+
+def test_expert_counts_leave_out_unrouted_indices() -> None:
+    """Counts per expert without `bincount` (which syncs on accelerators): indices >= E, one past or far past, count
+    for none."""
+    index = torch.tensor([[0, 5], [5, 6], [2, 99], [0, 0]])
+    assert expert_counts(index, 6).tolist() == [3, 0, 1, 0, 0, 2]
 
 
 def test_no_grad_keeps_no_gate_up_outputs(monkeypatch: pytest.MonkeyPatch) -> None:

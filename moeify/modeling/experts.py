@@ -104,8 +104,11 @@ def sort_by_expert(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.T
 
 def expert_counts(top_k_index: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Each expert's number of (token, k) assignments; an index >= `num_experts` (MoE++ null experts, dropped for
-    capacity) counts for none."""
-    return torch.bincount(top_k_index.reshape(-1), minlength=num_experts)[:num_experts]
+    capacity) counts for none. No host sync on accelerators (`torch.bincount` reads the largest index to size its
+    output), so a CUDA graph can hold it."""
+    flat = top_k_index.reshape(-1).long().clamp(max=num_experts)  # every index >= E into one extra bin, dropped
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))[:num_experts]
 
 
 def routed_only(

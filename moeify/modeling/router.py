@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_moeify import NULL_EXPERT_KINDS, MoeifyConfig
+from .experts import expert_counts
 
 
 class RoutingState:
@@ -118,8 +119,7 @@ class MoeifyTopKRouter(nn.Module):
             top_k_index, top_k_weights = self.drop_overflow(top_k_index, top_k_weights)
         if self.training and self.e_score_correction_bias is not None:
             with torch.no_grad():
-                routed = top_k_index[top_k_index < self.num_experts]
-                counts = torch.bincount(routed, minlength=self.num_experts).float()
+                counts = expert_counts(top_k_index, self.num_experts).float()  # null experts count for none
                 self.load = counts if self.load is None else self.load + counts
         return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
 
