@@ -319,6 +319,41 @@ def test_accelerators_run_grouped_mm() -> None:
         assert torch.equal(got[name], value), name
 
 
+def test_grouped_compiles_through_transformers_path() -> None:
+    """Under `torch.compile` (whose grouped_mm takes bfloat16 only) "moeify_grouped" is transformers' compilable
+    path: a float32 block compiles, and its output and gradients equal eager's."""
+    experts = moeify_experts(bias=False, activation="silu")
+    inputs = routing()
+    expected = run(experts, "eager", inputs)
+    experts.config._experts_implementation = "moeify_grouped"
+    hidden = inputs[0].clone().requires_grad_()
+    experts.zero_grad(set_to_none=True)
+    out = torch.compile(experts)(hidden, *inputs[1:])
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    torch.testing.assert_close(out, expected["output"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hidden.grad, expected["hidden"], atol=1e-5, rtol=1e-5)
+    for name, parameter in experts.named_parameters():
+        torch.testing.assert_close(parameter.grad, expected[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_grouped_hands_over_where_grouped_mm_does_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU torch before 2.11 (its grouped_mm wants aligned weights): "moeify_grouped" runs "moeify" instead, and
+    the grouped function is not called."""
+    calls = []
+    function = expert_kernels._GroupedExperts.apply
+    monkeypatch.setattr(expert_kernels._GroupedExperts, "apply", lambda *a: calls.append(1) or function(*a))
+    experts = moeify_experts(bias=True, activation="silu")
+    inputs = routing()
+    expected = run(experts, "moeify", inputs)
+    run(experts, "moeify_grouped", inputs)
+    assert len(calls) == 1
+    monkeypatch.setattr(torch, "__version__", "2.10.0+cpu")
+    got = run(experts, "moeify_grouped", inputs)
+    assert len(calls) == 1
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_grouped_forward_and_backward_never_wait_for_the_gpu() -> None:

@@ -264,10 +264,25 @@ def moeify_grouped_experts_forward(
 ) -> torch.Tensor:
     """`experts_implementation="moeify_grouped"`: every routed row in grouped GEMMs inside one autograd function
     (`_GroupedExperts`), on any device; transformers' `grouped_mm` forward for the layouts it does not cover (see
-    `_covers`). Same contract as `moeify_experts_forward`, including indices >= E on the CPU."""
-    if not _covers(self) or not hasattr(F, "grouped_mm"):
+    `_covers`) and where torch's `grouped_mm` does not run (`_grouped_mm_runs`). Same contract as
+    `moeify_experts_forward`, including indices >= E on the CPU."""
+    if not _covers(self) or not _grouped_mm_runs(hidden_states.device):
         return moeify_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     return _grouped(self, hidden_states, top_k_index, top_k_weights, _routed_rows(self, hidden_states, top_k_index))
+
+
+def _grouped_mm_runs(device: torch.device) -> bool:
+    """Whether torch's `grouped_mm` runs for `_GroupedExperts` on `device`, in any floating dtype: not under
+    `torch.compile` (its meta function takes bfloat16 only; transformers' path has a compilable fallback), on CUDA
+    from compute capability 8.0, on the CPU from torch 2.11 (earlier CPU kernels want 16-byte aligned weights, which
+    memory-mapped checkpoints do not guarantee)."""
+    if not hasattr(F, "grouped_mm") or torch.compiler.is_compiling():
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type == "cpu":
+        return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 11)
+    return True
 
 
 def _grouped(
