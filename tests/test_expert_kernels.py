@@ -29,9 +29,9 @@ def pieces_of_three_rows(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def moeify_experts(
-    bias: bool, activation: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    bias: bool, activation: str, dtype: torch.dtype = torch.float32, device: str = "cpu", inner: int = INNER
 ) -> torch.nn.Module:
-    text = LlamaConfig(hidden_size=HIDDEN, intermediate_size=INNER, num_hidden_layers=1, num_attention_heads=2)
+    text = LlamaConfig(hidden_size=HIDDEN, intermediate_size=inner, num_hidden_layers=1, num_attention_heads=2)
     config = MoeifyConfig(
         text_config=text, num_experts=EXPERTS, num_experts_per_tok=K, mlp_bias=bias, mlp_activation=activation
     )
@@ -317,6 +317,27 @@ def test_accelerators_run_grouped_mm() -> None:
     expected, got = run(experts, "grouped_mm", inputs), run(experts, "moeify", inputs)
     for name, value in expected.items():
         assert torch.equal(got[name], value), name
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype, inner", [(torch.float32, 13), (torch.bfloat16, 12)], ids=["float32-I13", "bf16-I12"])
+def test_sizes_grouped_mm_does_not_take_run_in_pieces(
+    implementation: str, dtype: torch.dtype, inner: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows of I elements that are not a multiple of 16 bytes (torch's grouped_mm, and so transformers' path, refuses
+    them): both implementations run them in pieces on the CPU, even a block small enough for grouped_mm otherwise,
+    and equal eager."""
+    assert inner * torch.empty((), dtype=dtype).element_size() % 16
+    monkeypatch.setattr(expert_kernels, "CPU_CHUNK_BYTES", 1 << 40)
+    monkeypatch.setattr(expert_kernels, "CPU_PIECEWISE_EXPERT_BYTES", 1 << 40)
+    experts = moeify_experts(bias=True, activation="silu", dtype=dtype, inner=inner)
+    inputs = routing(dtype=dtype)
+    with pytest.raises(RuntimeError, match="16 bytes"):
+        run(experts, "grouped_mm", inputs)
+    expected, got = run(experts, "eager", inputs), run(experts, implementation, inputs)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, atol=tolerance, rtol=tolerance, msg=name)
 
 
 def test_grouped_compiles_through_transformers_path() -> None:

@@ -1,9 +1,10 @@
 """moeify's experts implementation, `experts_implementation="moeify"` in transformers' experts interface.
 
 On the CPU, a block whose `(rows, 2I)` gate_up output would exceed `CPU_CHUNK_BYTES` (32 MiB), that has
-`CPU_PIECEWISE_ROWS` (4096) rows or more, or that trains experts of `CPU_PIECEWISE_EXPERT_BYTES` (8 MiB) each or more,
-runs its tokens, sorted by expert once, in pieces of one expert's rows, each piece's gate_up output under 32 MiB, as
-plain GEMMs inside one autograd function:
+`CPU_PIECEWISE_ROWS` (4096) rows or more, that trains experts of `CPU_PIECEWISE_EXPERT_BYTES` (8 MiB) each or more,
+or whose H or I rows are not a multiple of 16 bytes (torch's `grouped_mm` refuses them), runs its tokens, sorted
+by expert once, in pieces of one expert's rows, each piece's gate_up output under 32 MiB, as plain GEMMs inside one
+autograd function:
 
 - forward keeps each piece's gate_up output for backward and nothing else (transformers' grouped_mm path keeps the
   gathered input, the gate_up output, the activation and its product as separate block-sized tensors);
@@ -117,12 +118,13 @@ def _runs_in_pieces(experts: nn.Module, rows: int) -> bool:
     routed assignments, a `(rows, 2I)` gate_up output over `CPU_CHUNK_BYTES`, `CPU_PIECEWISE_ROWS` rows or more, or
     weights that get gradients here and take `CPU_PIECEWISE_EXPERT_BYTES` or more per expert (a smaller block's
     temporaries are recycled from the heap anyway, and one grouped call beats a loop over few rows unless large
-    weight gradients are at stake)."""
+    weight gradients are at stake), or sizes `grouped_mm` does not take (`_grouped_mm_aligned`)."""
     if not _covers(experts):
         return False
     weight = experts.gate_up_proj
     return (
-        rows >= CPU_PIECEWISE_ROWS
+        not _grouped_mm_aligned(experts)
+        or rows >= CPU_PIECEWISE_ROWS
         or rows * weight.shape[1] * weight.element_size() > CPU_CHUNK_BYTES
         or (
             torch.is_grad_enabled()
@@ -130,6 +132,13 @@ def _runs_in_pieces(experts: nn.Module, rows: int) -> bool:
             and (weight[0].numel() + experts.down_proj[0].numel()) * weight.element_size() >= CPU_PIECEWISE_EXPERT_BYTES
         )
     )
+
+
+def _grouped_mm_aligned(experts: nn.Module) -> bool:
+    """Whether torch's `grouped_mm` takes `experts`' sizes: rows of its operands (H and I elements) a multiple of 16
+    bytes. transformers' grouped_mm path fails on others (e.g. I 12 in bfloat16); the pieces' plain GEMMs take any."""
+    size = experts.gate_up_proj.element_size()
+    return all(dim * size % 16 == 0 for dim in (experts.gate_up_proj.shape[-1], experts.down_proj.shape[-1]))
 
 
 def _covers(experts: nn.Module) -> bool:
@@ -264,9 +273,9 @@ def moeify_grouped_experts_forward(
 ) -> torch.Tensor:
     """`experts_implementation="moeify_grouped"`: every routed row in grouped GEMMs inside one autograd function
     (`_GroupedExperts`), on any device; transformers' `grouped_mm` forward for the layouts it does not cover (see
-    `_covers`) and where torch's `grouped_mm` does not run (`_grouped_mm_runs`). Same contract as
+    `_covers`) and where torch's `grouped_mm` does not run (`_grouped_mm_aligned`, `_grouped_mm_runs`). Same contract as
     `moeify_experts_forward`, including indices >= E on the CPU."""
-    if not _covers(self) or not _grouped_mm_runs(hidden_states.device):
+    if not _covers(self) or not _grouped_mm_aligned(self) or not _grouped_mm_runs(hidden_states.device):
         return moeify_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     return _grouped(self, hidden_states, top_k_index, top_k_weights, _routed_rows(self, hidden_states, top_k_index))
 
