@@ -13,6 +13,7 @@ from tiny_models import DENSE_FOLDER, PROMPTS, dense_model
 
 from moeify.cli import main
 from moeify.converter import convert
+from moeify.errors import MoeifyError
 from moeify.plan import ConvertOptions
 
 
@@ -313,6 +314,14 @@ def test_full_fine_tuning_runs_native_experts_with_moeify(
     assert type(model).__name__ == "Qwen2MoeForCausalLM"
     assert model.config._experts_implementation == "moeify"
     assert model.model.layers[0].mlp.experts.config._experts_implementation == "moeify"
+    # The recipe picks another implementation (moe.experts_implementation), e.g. the grouped candidate for GPUs.
+    chosen = load_recipe(path, ["quantization.experts=none", "lora=null", "moe.experts_implementation=moeify_grouped"])
+    model = load_model(chosen, str(tmp_path / "moe"))
+    assert model.model.layers[0].mlp.experts.config._experts_implementation == "moeify_grouped"
+    with pytest.raises(MoeifyError, match="experts_implementation"):
+        load_recipe(path, ["quantization.experts=none", "lora=null", "moe.experts_implementation=fastest"])
+    with pytest.raises(MoeifyError, match="applies to full fine-tuning"):
+        load_recipe(path, ["quantization.experts=none", "moe.experts_implementation=eager"])
 
 
 def test_chat_messages_with_loss_on_assistant_turns_only(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from ..errors import MoeifyError
 
 Precision = Literal["nf4", "fp4", "none"]
 LoraTarget = Literal["attention", "experts", "shared_experts"]
+ExpertsImplementation = Literal["moeify", "moeify_grouped", "grouped_mm", "batched_mm", "eager"]
 
 
 def _doc(text: str, **kwargs: Any) -> Any:
@@ -112,6 +113,12 @@ class MoeRecipe:
         "aux-loss-free balancing step size (moeify format; the model must have been converted with "
         "--bias-update-rate, which creates the bias); null = the model's setting",
         default=None,
+    )
+    experts_implementation: ExpertsImplementation = _doc(
+        "how the experts run in full fine-tuning (lora: null), transformers' experts_implementation: moeify "
+        "(transformers' grouped_mm off the CPU) | moeify_grouped (one grouped autograd function, any device) | "
+        "grouped_mm | batched_mm | eager",
+        default="moeify",
     )
 
     def router_settings(self) -> dict[str, float | None]:
@@ -202,6 +209,11 @@ def check_recipe(recipe: Recipe) -> None:
         raise MoeifyError(f"data.eval_fraction: must be in [0, 1), got {recipe.data.eval_fraction}.")
     if recipe.lora is None and (recipe.quantization.experts, recipe.quantization.linear) != ("none", "none"):
         raise MoeifyError("lora: null (full fine-tuning) needs quantization.experts and .linear set to none.")
+    if recipe.lora is not None and recipe.moe.experts_implementation != "moeify":
+        raise MoeifyError(
+            "moe.experts_implementation: applies to full fine-tuning (lora: null); with LoRA the frozen experts run "
+            "moeify's own dispatch. Remove it, or set lora: null."
+        )
     from transformers import TrainingArguments
 
     hints = typing.get_type_hints(TrainingArguments)

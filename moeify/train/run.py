@@ -208,8 +208,8 @@ def load_model(recipe: Recipe, path: str, device: torch.device | None = None) ->
     if checkpointing:
         enable_checkpointing(model)
     if lora is None:
-        if not dense:  # transformers' grouped_mm off the CPU; on it, the same GEMMs with less allocation
-            model.set_experts_implementation("moeify")
+        if not dense:  # default "moeify": transformers' grouped_mm off the CPU; on it, the same GEMMs, less allocation
+            model.set_experts_implementation(recipe.moe.experts_implementation)
         return model  # every parameter trains
     modules = _default_targets(model, shared)
     targets: list[str] = []
