@@ -230,10 +230,7 @@ class _PiecewiseExperts(torch.autograd.Function):
         written: set[int] = set()
         for (expert, start, end), projected in zip(ctx.pieces, gate_up_outputs, strict=True):
             rows, weight = tokens[start:end], weights[start:end, None].to(dtype)
-            gate, up = projected[:, :inner], projected[:, inner:]
-            with torch.enable_grad():  # any activation: its own backward, from the kept pre-activation
-                gate_leaf = gate.detach().requires_grad_()
-                activated = ctx.act_fn(gate_leaf)
+            gate_leaf, activated, up = _recomputed_activation(ctx.act_fn, projected, inner)
             grad_out = grad_output[rows].to(dtype)  # the gradient of the weighted output, before the weight
             grad_inner = grad_out @ down[expert]  # W_down^T grad: the unweighted gradient of act(gate) * up
             inner_out = activated.detach() * up
@@ -249,10 +246,7 @@ class _PiecewiseExperts(torch.autograd.Function):
                 _write_or_add(grad_down[expert], weighted_grad_out.T, inner_out, first)
             if grad_bias_down is not None:
                 grad_bias_down[expert] += weighted_grad_out.sum(0)
-            grad_inner.mul_(weight)
-            grad_projected = torch.empty_like(projected)
-            torch.mul(grad_inner, activated.detach(), out=grad_projected[:, inner:])
-            (grad_projected[:, :inner],) = torch.autograd.grad(activated, gate_leaf, grad_inner.mul_(up))
+            grad_projected = _gate_up_grad(grad_inner.mul_(weight), gate_leaf, activated, up)
             if grad_gate_up is not None:
                 _write_or_add(grad_gate_up[expert], grad_projected.T, hidden_states[rows].to(dtype), first)
             if grad_bias_gate_up is not None:
@@ -272,9 +266,9 @@ def moeify_grouped_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """`experts_implementation="moeify_grouped"`: every routed row in grouped GEMMs inside one autograd function
-    (`_GroupedExperts`), on any device; transformers' `grouped_mm` forward for the layouts it does not cover (see
-    `_covers`) and where torch's `grouped_mm` does not run (`_grouped_mm_aligned`, `_grouped_mm_runs`). Same contract as
-    `moeify_experts_forward`, including indices >= E on the CPU."""
+    (`_GroupedExperts`), on any device. Where that does not apply it is `"moeify"` (`moeify_experts_forward`): layouts
+    it does not cover (`_covers`), sizes torch's `grouped_mm` refuses (`_grouped_mm_aligned`), and where it does not
+    run (`_grouped_mm_runs`). Same contract as `moeify_experts_forward`, including indices >= E on the CPU."""
     if not _covers(self) or not _grouped_mm_aligned(self) or not _grouped_mm_runs(hidden_states.device):
         return moeify_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     return _grouped(self, hidden_states, top_k_index, top_k_weights, _routed_rows(self, hidden_states, top_k_index))
@@ -377,10 +371,7 @@ class _GroupedExperts(torch.autograd.Function):
         needs = ctx.needs_input_grad
         dtype, inner = gate_up.dtype, down.shape[-1]
         weight = weights[:, None].to(dtype)
-        gate, up = projected[:, :inner], projected[:, inner:]
-        with torch.enable_grad():  # any activation: its own backward, from the kept pre-activation
-            gate_leaf = gate.detach().requires_grad_()
-            activated = ctx.act_fn(gate_leaf)
+        gate_leaf, activated, up = _recomputed_activation(ctx.act_fn, projected, inner)
         grad_out = grad_output[tokens].to(dtype)  # the gradient of the weighted output, before the weight
         grad_inner = F.grouped_mm(grad_out, down, offs=offsets)  # W_down^T grad: unweighted, of act(gate) * up
         inner_out = activated.detach() * up
@@ -394,10 +385,7 @@ class _GroupedExperts(torch.autograd.Function):
         grad_down = F.grouped_mm(weighted_grad_out.T, inner_out, offs=offsets) if needs[8] else None
         grad_bias_down = _sum_per_expert(weighted_grad_out, expert_ids, len(down)) if needs[10] else None
         del grad_out, weighted_grad_out, inner_out  # each (rows, H) or (rows, I): freed as soon as done with
-        grad_inner.mul_(weight)
-        grad_projected = torch.empty_like(projected)
-        torch.mul(grad_inner, activated.detach(), out=grad_projected[:, inner:])
-        (grad_projected[:, :inner],) = torch.autograd.grad(activated, gate_leaf, grad_inner.mul_(up))
+        grad_projected = _gate_up_grad(grad_inner.mul_(weight), gate_leaf, activated, up)
         del grad_inner, activated, gate_leaf
         grad_hidden = None
         if needs[0]:  # before the gate_up gradient: its (rows, H) products are freed first
@@ -436,6 +424,29 @@ def _sum_per_expert(rows: torch.Tensor, expert_ids: torch.Tensor, num_experts: i
     """A bias gradient `(E, out)`: the sum of each expert's `rows` (`expert_ids[j]`: the expert of row j)."""
     total = torch.zeros(num_experts, rows.shape[-1], dtype=_accumulation_dtype(rows.dtype), device=rows.device)
     return total.index_add_(0, expert_ids, rows.to(total.dtype)).to(rows.dtype)
+
+
+def _recomputed_activation(
+    act_fn: nn.Module, projected: torch.Tensor, inner: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From a kept gate_up output `[gate; up]` `(rows, 2I)`: the gate as a fresh leaf, `act(gate)` recorded on it
+    (any activation gets its own backward), and `up`."""
+    with torch.enable_grad():
+        gate_leaf = projected[:, :inner].detach().requires_grad_()
+        activated = act_fn(gate_leaf)
+    return gate_leaf, activated, projected[:, inner:]
+
+
+def _gate_up_grad(
+    grad_inner: torch.Tensor, gate_leaf: torch.Tensor, activated: torch.Tensor, up: torch.Tensor
+) -> torch.Tensor:
+    """The gradient `(rows, 2I)` of the gate_up output from the gradient of `act(gate) * up` (`grad_inner`, which
+    is overwritten), written into one tensor: `[grad * up * act'(gate); grad * act(gate)]`."""
+    inner = up.shape[-1]
+    grad_projected = grad_inner.new_empty(len(grad_inner), 2 * inner)
+    torch.mul(grad_inner, activated.detach(), out=grad_projected[:, inner:])
+    (grad_projected[:, :inner],) = torch.autograd.grad(activated, gate_leaf, grad_inner.mul_(up))
+    return grad_projected
 
 
 def _write_or_add(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor, first: bool) -> None:
