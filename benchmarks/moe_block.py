@@ -1,7 +1,7 @@
 """One MoE block, forward + backward: transformers' Mixtral block against moeify's, every implementation, side by side.
 
     python benchmarks/moe_block.py [--grid cpu|full] [--shapes H,I,E,K,T ...] [--dtype float32|bfloat16]
-                                   [--reps 3] [--variants ...] [--memory] [--faults] [--decode]
+                                   [--reps 3] [--variants ...] [--memory] [--faults] [--decode] [--profile N]
 
 For each shape (hidden H, expert intermediate I, experts E, top-k K, tokens T), each variant times
 `y = block(x); (y * g).sum().backward()` with a fixed random `g`, in interleaved rounds (below); the median of
@@ -34,7 +34,8 @@ transformers' gate in the model dtype, so a few near-tied tokens pick different 
 with `--memory`, the peak of live tensor bytes during one more run (`torch.cuda.max_memory_allocated` on CUDA; the
 profiler's memory timeline on CPU); with `--faults`, the process's minor page faults during one more run
 (`getrusage`, Unix): on the CPU, memory the C allocator mapped afresh and the kernel zero-filled page by page, the
-cost the CPU dispatch is built to avoid.
+cost the CPU dispatch is built to avoid; with `--profile N`, after the table, each variant's N costliest operators
+in one more fwd+bwd (`torch.profiler`, by self time on the device: where a variant spends what the table sums up).
 The cpu grid is the issue's grid cut to what 2 cores finish in minutes (H 1024); `--grid full` is the issue's.
 `--decode`: generation's case instead, forward only under `torch.no_grad()` for 1 and 4 tokens (the grid's T is
 ignored), timed over 20 calls per rep. Every shape builds all its variants first and then times them in rounds, each
@@ -289,6 +290,7 @@ def main() -> None:
     parser.add_argument("--faults", action="store_true", help="also the minor page faults of one fwd+bwd")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--decode", action="store_true", help="forward only, 1 and 4 tokens (generation)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="also each variant's N costliest ops")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
@@ -303,8 +305,9 @@ def main() -> None:
         variants = [v for v in variants if "lora" not in v]
         shapes = list(dict.fromkeys((h, i, e, k, t) for h, i, e, k, _ in shapes for t in (1, 4)))
     print(machine_summary(), f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, {dtype}")
-    if args.faults and args.decode:
-        parser.error("--faults counts a fwd+bwd; --decode times forward only")
+    if (args.faults or args.profile) and args.decode:
+        parser.error("--faults and --profile look at a fwd+bwd; --decode times forward only")
+    profiles: list[str] = []
     extra_columns = [name for name, on in (("peak MiB", args.memory), ("minor faults", args.faults)) if on]
     timed = "forward ms" if args.decode else "fwd+bwd ms"
     header = "".join(f" | {name}" for name in extra_columns)
@@ -342,6 +345,8 @@ def main() -> None:
             extra = f" | {peak_bytes(module, x, grad) / 2**20:.0f}" if args.memory else ""
             extra += f" | {page_faults(module, x, grad)}" if args.faults else ""
             results[variant] = medians[variant], diffs[variant], extra
+            if args.profile:
+                profiles.append(f"\n{shape} {variant}\n{operator_table(module, x, grad, sync, args.profile)}")
         del modules, runs
         base = results["tf-grouped_mm"][0] if "tf-grouped_mm" in results else float("nan")
         ideal = results["ideal"][0] if "ideal" in results else float("nan")
@@ -351,6 +356,21 @@ def main() -> None:
                 f"| {_ratio(seconds, ideal)} | {diff:.1e}{extra} |",
                 flush=True,
             )
+    print(*profiles, sep="\n")
+
+
+def operator_table(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, sync: Callable[[], None], rows: int) -> str:
+    """The `rows` operators of one fwd+bwd with the most self time on the device (the CPU's own time on a CPU)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if x.is_cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        output(module, x).backward(grad)
+        sync()
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    key = "self_device_time_total" if x.is_cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
 def _ratio(seconds: float, baseline: float) -> str:

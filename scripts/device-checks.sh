@@ -11,8 +11,10 @@
 #   1. CUDA_TESTS_S=90    pytest -m cuda: the CUDA half of the 4-bit / frozen experts tests, load_for_training and
 #                         the experts implementations ("moeify_grouped" against eager)
 #   2. MOE_BLOCK_S=150    benchmarks/moe_block.py, bf16: issue 12's GPU target shapes (E 64, fine-grained) first
-#   3. QLORA_S=160        benchmarks/qlora_memory.py on CUDA, checkpointing off then on (issue 8)
-# About 7 minutes in all: a device call runs 10 minutes at most, and a lease is 15 minutes with the machine's start.
+#   3. MOE_PROFILE_S=45   moe_block.py --profile at the first GPU target shape: where transformers' grouped_mm and
+#                         "moeify_grouped" spend their step (the operators to fuse next)
+#   4. QLORA_S=160        benchmarks/qlora_memory.py on CUDA, checkpointing off then on (issue 8)
+# About 8 minutes in all: a device call runs 10 minutes at most, and a lease is 15 minutes with the machine's start.
 # DEVICE_CHECKS_SMOKE=1 runs every stage on tiny sizes (to try the script on a CPU machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -87,6 +89,8 @@ variants=tf-eager,tf-grouped_mm,moeify-moeify_grouped,moeify-eager,moeify-groupe
 variants+=,moeify-frozen+lora,ideal
 stage moe-block "${MOE_BLOCK_S:-150}" python3 benchmarks/moe_block.py --reps 5 --memory --variants "$variants" \
   --shapes "${shapes[@]}"
+stage moe-profile "${MOE_PROFILE_S:-45}" python3 benchmarks/moe_block.py --reps 1 \
+  --variants tf-grouped_mm,moeify-moeify_grouped --shapes "${shapes[0]}" --profile 15
 stage qlora-off "$(( ${QLORA_S:-160} / 2 ))" python3 benchmarks/qlora_memory.py "${qlora[@]}" --no-checkpointing
 stage qlora-on "$(( ${QLORA_S:-160} / 2 ))" python3 benchmarks/qlora_memory.py "${qlora[@]}"
 cat "$out/summary.log"
