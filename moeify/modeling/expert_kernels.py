@@ -55,7 +55,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from transformers.integrations.moe import ExpertsInterface, _default_apply_gate, grouped_mm_experts_forward
 
-from .experts import routed_only, sort_by_expert
+from .experts import grouped_mm_takes, routed_only, sort_by_expert
 
 IMPLEMENTATION = "moeify"
 GROUPED_IMPLEMENTATION = "moeify_grouped"
@@ -137,8 +137,8 @@ def _runs_in_pieces(experts: nn.Module, rows: int) -> bool:
 def _grouped_mm_aligned(experts: nn.Module) -> bool:
     """Whether torch's `grouped_mm` takes `experts`' sizes: rows of its operands (H and I elements) a multiple of 16
     bytes. transformers' grouped_mm path fails on others (e.g. I 12 in bfloat16); the pieces' plain GEMMs take any."""
-    size = experts.gate_up_proj.element_size()
-    return all(dim * size % 16 == 0 for dim in (experts.gate_up_proj.shape[-1], experts.down_proj.shape[-1]))
+    sizes = experts.gate_up_proj.shape[-1], experts.down_proj.shape[-1]
+    return grouped_mm_takes(sizes, experts.gate_up_proj.element_size())
 
 
 def _covers(experts: nn.Module) -> bool:

@@ -83,14 +83,19 @@ class MoeifyExpertsWithBias(MoeifyExpertsBase):
 def grouped_linear(inputs: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """`inputs` rows grouped by `offsets` (cumulative row counts, int32), group g times `weight[g]` `(out, in)`."""
     weight_t = weight.transpose(-2, -1)
-    # grouped_mm needs rows of a multiple of 16 bytes (its backward too): a LoRA rank of 2 in float32 is not.
-    aligned = all(size * weight.element_size() % 16 == 0 for size in weight.shape[-2:])
-    if hasattr(F, "grouped_mm") and aligned:
+    # A LoRA rank of 2 in float32 is not a size grouped_mm takes (its backward too).
+    if hasattr(F, "grouped_mm") and grouped_mm_takes(weight.shape[-2:], weight.element_size()):
         return F.grouped_mm(inputs.to(weight.dtype), weight_t, offs=offsets)
     # Otherwise one matmul per group (still no per-token weight copies).
     starts = torch.cat([offsets.new_zeros(1), offsets[:-1]]).tolist()
     parts = [inputs[s:e] @ weight_t[g] for g, (s, e) in enumerate(zip(starts, offsets.tolist(), strict=True))]
     return torch.cat(parts) if parts else inputs.new_zeros(0, weight.shape[-2])
+
+
+def grouped_mm_takes(sizes: tuple[int, ...] | torch.Size, element_size: int) -> bool:
+    """Whether torch's `grouped_mm` takes operands whose rows have these `sizes` (elements of `element_size`
+    bytes): each row a multiple of 16 bytes (it refuses others: "strides should be multiple of 16 bytes")."""
+    return all(size * element_size % 16 == 0 for size in sizes)
 
 
 def sort_by_expert(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
