@@ -340,6 +340,49 @@ def test_sizes_grouped_mm_does_not_take_run_in_pieces(
         torch.testing.assert_close(got[name], value, atol=tolerance, rtol=tolerance, msg=name)
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype, inner", [(torch.float32, 13), (torch.bfloat16, 12)], ids=["float32-I13", "bf16-I12"])
+def test_sizes_grouped_mm_does_not_take_run_eager_off_the_cpu(
+    implementation: str, dtype: torch.dtype, inner: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the pieces do not run (accelerators, `torch.compile`; here the CPU made to look like one), such sizes
+    are not handed to transformers' grouped_mm, which refuses them: both implementations run the class's own eager
+    forward, bit for bit."""
+    monkeypatch.setattr(expert_kernels, "accepts_unrouted", lambda hidden_states: False)
+    calls = []
+    eager = type(moeify_experts(bias=True, activation="silu")).forward.__wrapped__
+    monkeypatch.setattr(expert_kernels, "_eager_forward", lambda experts: lambda *a: calls.append(1) or eager(*a))
+    experts = moeify_experts(bias=True, activation="silu", dtype=dtype, inner=inner)
+    inputs = routing(dtype=dtype)
+    expected, got = run(experts, "eager", inputs), run(experts, implementation, inputs)
+    assert calls == [1]
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_sizes_grouped_mm_does_not_take_run_on_cuda(implementation: str) -> None:
+    """The same on a real accelerator: I 12 in bfloat16 equals eager there, where transformers' path refuses it."""
+    experts = moeify_experts(bias=True, activation="silu", dtype=torch.bfloat16, device="cuda", inner=12)
+    inputs = routing(dtype=torch.bfloat16, device="cuda")
+    expected, got = run(experts, "eager", inputs), run(experts, implementation, inputs)
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_block_with_every_assignment_unrouted_still_backpropagates(implementation: str) -> None:
+    """All of a block's assignments on MoE++ null experts (or dropped): its output is zero and still on the graph,
+    so a backward through the block alone reaches its inputs, with zero gradients."""
+    experts = moeify_experts(bias=True, activation="silu")
+    hidden, index, weights = routing()
+    got = run(experts, implementation, (hidden, torch.full_like(index, EXPERTS), weights))
+    assert got["output"].eq(0).all()
+    assert got["hidden"].eq(0).all() and got["weights"].eq(0).all()
+
+
 def test_grouped_compiles_through_transformers_path() -> None:
     """Under `torch.compile` (whose grouped_mm takes bfloat16 only) "moeify_grouped" is transformers' compilable
     path: a float32 block compiles, and its output and gradients equal eager's."""

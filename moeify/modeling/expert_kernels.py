@@ -29,7 +29,8 @@ gradients on huge pages save more than the loop over experts costs.
 Everything else runs transformers' `grouped_mm` forward, unchanged: smaller blocks (their temporaries are recycled
 anyway, and at a few hundred rows one grouped call beats a loop), accelerators (their caching allocators recycle any
 size, and the loop would need the counts on the host), `torch.compile`, and layouts this function does not cover
-(transposed or interleaved weights, no gate, a custom gate, post-expert norms, expert parallelism). Registered on
+(transposed or interleaved weights, no gate, a custom gate, post-expert norms, expert parallelism). Off the CPU or
+under `torch.compile`, sizes `grouped_mm` refuses run the experts class's own (eager) forward instead. Registered on
 import; the default of moeify's own models.
 
 `experts_implementation="moeify_grouped"` (opt-in) runs every covered block, on any device, as one autograd function
@@ -76,6 +77,8 @@ def moeify_experts_forward(
     expert: it adds nothing and costs no GEMM, so the block hands over its whole routing (no compacted copy of the
     routed assignments to gather and scatter back). Elsewhere every index must be < E, as for transformers."""
     routed = _routed_rows(self, hidden_states, top_k_index)
+    if routed is None and _covers(self) and not _grouped_mm_aligned(self):
+        return _eager_forward(self)(self, hidden_states, top_k_index, top_k_weights)
     if routed is None or not _runs_in_pieces(self, routed):
         if routed is not None and routed < top_k_index.numel():
             grouped = functools.partial(grouped_mm_experts_forward, self)  # it takes every index for an expert
@@ -139,6 +142,14 @@ def _grouped_mm_aligned(experts: nn.Module) -> bool:
     bytes. transformers' grouped_mm path fails on others (e.g. I 12 in bfloat16); the pieces' plain GEMMs take any."""
     sizes = experts.gate_up_proj.shape[-1], experts.down_proj.shape[-1]
     return grouped_mm_takes(sizes, experts.gate_up_proj.element_size())
+
+
+def _eager_forward(experts: nn.Module) -> Callable[..., torch.Tensor]:
+    """The experts class's own forward (its `"eager"` implementation): where the pieces do not run (accelerators,
+    `torch.compile`) and torch's `grouped_mm` refuses the sizes (`_grouped_mm_aligned`), which transformers' path
+    would hand to it. transformers' `use_experts_implementation` wraps the original forward with `functools.wraps`,
+    so `__wrapped__` is it; a class without one keeps transformers' grouped_mm path."""
+    return getattr(type(experts).forward, "__wrapped__", grouped_mm_experts_forward)
 
 
 def _covers(experts: nn.Module) -> bool:

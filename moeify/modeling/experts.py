@@ -128,8 +128,8 @@ def routed_only(
     added back into their tokens' rows: for experts that take every index for one of theirs."""
     token_idx, slot = torch.nonzero(top_k_index < num_experts, as_tuple=True)
     output = torch.zeros_like(hidden_states)
-    if not len(token_idx):
-        return output
+    if not len(token_idx):  # zeros still on the graph (empty sums), so a block's backward reaches its inputs
+        return output + hidden_states[:0].sum() + top_k_weights[:0].sum().to(output.dtype)
     routed = run(hidden_states[token_idx], top_k_index[token_idx, slot, None], top_k_weights[token_idx, slot, None])
     return output.index_add_(0, token_idx, routed.to(hidden_states.dtype))
 
