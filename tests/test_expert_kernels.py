@@ -15,7 +15,13 @@ from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 import moeify  # noqa: F401  (registers the implementation)
 from moeify.modeling import MoeifyConfig, expert_kernels
-from moeify.modeling.experts import MoeifyExperts, MoeifyExpertsWithBias, expert_counts
+from moeify.modeling.experts import (
+    MoeifyExperts,
+    MoeifyExpertsWithBias,
+    expert_counts,
+    grouped_linear,
+    grouped_mm_runs,
+)
 
 TOKENS, HIDDEN, INNER, EXPERTS, K = 24, 16, 12, 6, 2
 IMPLEMENTATIONS = ["moeify", "moeify_grouped"]
@@ -441,6 +447,47 @@ def test_expert_counts_leave_out_unrouted_indices() -> None:
     for none."""
     index = torch.tensor([[0, 5], [5, 6], [2, 99], [0, 0]])
     assert expert_counts(index, 6).tolist() == [3, 0, 1, 0, 0, 2]
+
+
+@pytest.mark.parametrize(
+    "case, grouped",
+    [("runs", True), ("cpu torch 2.10", False), ("rank 2 in float32", False), ("under torch.compile", False)],
+)
+def test_grouped_linear_loops_where_grouped_mm_does_not_run(
+    case: str, grouped: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 4-bit dispatch's and the LoRA's grouped products take torch's `grouped_mm` only where it runs and takes
+    the sizes; elsewhere one matmul per group, with the same result and gradients."""
+    calls = []
+    grouped_mm = torch.nn.functional.grouped_mm
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k))
+    if case == "cpu torch 2.10":
+        monkeypatch.setattr(torch, "__version__", "2.10.0+cpu")
+    if case == "under torch.compile":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.manual_seed(0)
+    out_dim = 2 if case == "rank 2 in float32" else 8
+    inputs = torch.randn(10, 4, requires_grad=True)
+    weight = torch.randn(3, out_dim, 4, requires_grad=True)
+    offsets = torch.tensor([4, 4, 10], dtype=torch.int32)  # the second group is empty
+    grad = torch.randn(10, out_dim)
+    got = grouped_linear(inputs, weight, offsets)
+    got.backward(grad)
+    assert bool(calls) == grouped
+    expected = torch.cat([inputs[:4] @ weight[0].T, inputs[4:] @ weight[2].T])
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(inputs.grad, torch.cat([grad[:4] @ weight[0], grad[4:] @ weight[2]]))
+    torch.testing.assert_close(weight.grad[0], grad[:4].T @ inputs[:4])
+    assert weight.grad[1].eq(0).all()
+
+
+@pytest.mark.parametrize("capability, runs", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_grouped_mm_runs_on_cuda_from_ampere(
+    capability: tuple[int, int], runs: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A T4 (7.5) has no `grouped_mm`: the grouped products and "moeify_grouped" loop or hand over there."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert grouped_mm_runs(torch.device("cuda")) is runs
 
 
 def test_no_grad_keeps_no_gate_up_outputs(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -56,7 +56,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from transformers.integrations.moe import ExpertsInterface, _default_apply_gate, grouped_mm_experts_forward
 
-from .experts import grouped_mm_takes, routed_only, sort_by_expert
+from .experts import grouped_mm_runs, grouped_mm_takes, routed_only, sort_by_expert
 
 IMPLEMENTATION = "moeify"
 GROUPED_IMPLEMENTATION = "moeify_grouped"
@@ -279,24 +279,10 @@ def moeify_grouped_experts_forward(
     """`experts_implementation="moeify_grouped"`: every routed row in grouped GEMMs inside one autograd function
     (`_GroupedExperts`), on any device. Where that does not apply it is `"moeify"` (`moeify_experts_forward`): layouts
     it does not cover (`_covers`), sizes torch's `grouped_mm` refuses (`_grouped_mm_aligned`), and where it does not
-    run (`_grouped_mm_runs`). Same contract as `moeify_experts_forward`, including indices >= E on the CPU."""
-    if not _covers(self) or not _grouped_mm_aligned(self) or not _grouped_mm_runs(hidden_states.device):
+    run (`grouped_mm_runs`). Same contract as `moeify_experts_forward`, including indices >= E on the CPU."""
+    if not _covers(self) or not _grouped_mm_aligned(self) or not grouped_mm_runs(hidden_states.device):
         return moeify_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     return _grouped(self, hidden_states, top_k_index, top_k_weights, _routed_rows(self, hidden_states, top_k_index))
-
-
-def _grouped_mm_runs(device: torch.device) -> bool:
-    """Whether torch's `grouped_mm` runs for `_GroupedExperts` on `device`, in any floating dtype: not under
-    `torch.compile` (its meta function takes bfloat16 only; transformers' path has a compilable fallback), on CUDA
-    from compute capability 8.0, on the CPU from torch 2.11 (earlier CPU kernels want 16-byte aligned weights, which
-    memory-mapped checkpoints do not guarantee)."""
-    if not hasattr(F, "grouped_mm") or torch.compiler.is_compiling():
-        return False
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 0)
-    if device.type == "cpu":
-        return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 11)
-    return True
 
 
 def _grouped(

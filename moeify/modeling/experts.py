@@ -83,13 +83,28 @@ class MoeifyExpertsWithBias(MoeifyExpertsBase):
 def grouped_linear(inputs: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """`inputs` rows grouped by `offsets` (cumulative row counts, int32), group g times `weight[g]` `(out, in)`."""
     weight_t = weight.transpose(-2, -1)
-    # A LoRA rank of 2 in float32 is not a size grouped_mm takes (its backward too).
-    if hasattr(F, "grouped_mm") and grouped_mm_takes(weight.shape[-2:], weight.element_size()):
+    # A LoRA rank of 2 in float32 is not a size grouped_mm takes (its backward too), nor is a GPU before Ampere a
+    # device it runs on.
+    if grouped_mm_runs(inputs.device) and grouped_mm_takes(weight.shape[-2:], weight.element_size()):
         return F.grouped_mm(inputs.to(weight.dtype), weight_t, offs=offsets)
     # Otherwise one matmul per group (still no per-token weight copies).
     starts = torch.cat([offsets.new_zeros(1), offsets[:-1]]).tolist()
     parts = [inputs[s:e] @ weight_t[g] for g, (s, e) in enumerate(zip(starts, offsets.tolist(), strict=True))]
     return torch.cat(parts) if parts else inputs.new_zeros(0, weight.shape[-2])
+
+
+def grouped_mm_runs(device: torch.device) -> bool:
+    """Whether torch's `grouped_mm` runs on `device`, in any floating dtype: not under `torch.compile` (its meta
+    function takes bfloat16 only), on CUDA from compute capability 8.0 (a T4 or V100 has none), on the CPU from torch
+    2.11 (earlier CPU kernels want 16-byte aligned weights, which memory-mapped checkpoints do not guarantee). The
+    rule transformers' `_can_use_grouped_mm` applies to its own path, for ours."""
+    if not hasattr(F, "grouped_mm") or torch.compiler.is_compiling():
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type == "cpu":
+        return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 11)
+    return True
 
 
 def grouped_mm_takes(sizes: tuple[int, ...] | torch.Size, element_size: int) -> bool:
