@@ -13,6 +13,7 @@ Copied next to the weights for `trust_remote_code=True`: imports torch and trans
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -103,8 +104,16 @@ def grouped_mm_runs(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type == "cpu":
-        return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 11)
+        return _release(torch.__version__) >= (2, 11)
     return True
+
+
+@functools.cache
+def _release(version: str) -> tuple[int, int]:
+    """`(major, minor)` of a torch version string ("2.13.0+cpu", "2.12.0a0+git..."); cached per string, as
+    `grouped_linear` asks on every call."""
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int("".join(char for char in minor if char.isdigit()) or 0)
 
 
 def grouped_mm_takes(sizes: tuple[int, ...] | torch.Size, element_size: int) -> bool:
