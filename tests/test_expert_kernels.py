@@ -366,6 +366,22 @@ def test_sizes_grouped_mm_does_not_take_run_eager_off_the_cpu(
         assert torch.equal(got[name], value), name
 
 
+def test_the_eager_forward_is_the_class_own_through_every_wrapper() -> None:
+    """The eager forward those sizes take is the experts class's undecorated one, also for a subclass that
+    transformers' decorator wrapped again (one level of `__wrapped__` would be the dispatching wrapper: a loop)."""
+    from transformers.integrations import use_experts_implementation
+
+    from moeify.modeling.experts import MoeifyExpertsBase
+
+    @use_experts_implementation
+    class WrappedAgain(MoeifyExperts):
+        pass
+
+    for experts in (moeify_experts(bias=False, activation="silu"), WrappedAgain.__new__(WrappedAgain)):
+        assert expert_kernels._eager_forward(experts) is MoeifyExpertsBase.forward
+    assert expert_kernels._eager_forward(torch.nn.Linear(2, 2)) is expert_kernels.grouped_mm_experts_forward
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

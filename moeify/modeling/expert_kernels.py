@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import inspect
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -148,8 +149,10 @@ def _eager_forward(experts: nn.Module) -> Callable[..., torch.Tensor]:
     """The experts class's own forward (its `"eager"` implementation): where the pieces do not run (accelerators,
     `torch.compile`) and torch's `grouped_mm` refuses the sizes (`_grouped_mm_aligned`), which transformers' path
     would hand to it. transformers' `use_experts_implementation` wraps the original forward with `functools.wraps`,
-    so `__wrapped__` is it; a class without one keeps transformers' grouped_mm path."""
-    return getattr(type(experts).forward, "__wrapped__", grouped_mm_experts_forward)
+    so unwrapping (through every such wrapper, for a subclass decorated again) gives it; a class without one keeps
+    transformers' grouped_mm path."""
+    forward = type(experts).forward
+    return inspect.unwrap(forward) if hasattr(forward, "__wrapped__") else grouped_mm_experts_forward
 
 
 def _covers(experts: nn.Module) -> bool:
