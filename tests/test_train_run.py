@@ -183,15 +183,15 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(
 ) -> None:
     from moeify.train import run
 
-    original = run.causal_lm_loss
+    original = run.causal_lm_loss_terms
     calls = []
 
     def poisoned(*args: object, **kwargs: object):  # noqa: ANN202
         calls.append(1)
-        loss = original(*args, **kwargs)
-        return loss * float("nan") if len(calls) == 3 else loss
+        terms = original(*args, **kwargs)
+        return terms._replace(token_loss_sum=terms.token_loss_sum * float("nan")) if len(calls) == 3 else terms
 
-    monkeypatch.setattr(run, "causal_lm_loss", poisoned)
+    monkeypatch.setattr(run, "causal_lm_loss_terms", poisoned)
     recipe = _tiny_run(tmp_path, tmp_path_factory, "nan", max_steps=6, save_steps=2)
     capsys.readouterr()
     assert main(["train", str(recipe)]) == 2

@@ -67,6 +67,40 @@ def transformers_python(version: str) -> Path:
     return python
 
 
+def training_python(version: str) -> Path:
+    """The Python of a cached venv that runs moeify's training with `transformers==version`: a `.pth` file puts the
+    running interpreter's site-packages (torch, peft, accelerate, bitsandbytes, datasets, ...) on its path after
+    its own, where pip installs that transformers release and whatever of its dependencies the running ones do not
+    satisfy (pip never uninstalls outside the venv). moeify itself comes from PYTHONPATH."""
+    import sysconfig
+
+    site = Path(sysconfig.get_path("purelib"))
+    folder = venv_root() / f"training-transformers-{version}-{hashlib.sha256(str(site).encode()).hexdigest()[:12]}"
+    python = folder / "bin" / "python"
+    if (folder / _DONE).exists():
+        return python
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
+    own = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (Path(own) / "moeify-test-site.pth").write_text(f"{site}\n")
+    install = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    proc = subprocess.run([*install, f"transformers=={version}"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pip install transformers=={version} failed:\n{proc.stderr[-3000:]}")
+    check = "import peft, torch, transformers; print(transformers.__version__)"
+    proc = subprocess.run([str(python), "-c", check], capture_output=True, text=True)
+    if proc.returncode != 0 or proc.stdout.strip() != version:
+        raise RuntimeError(f"the venv at {folder} does not import transformers {version}:\n{proc.stderr[-3000:]}")
+    (folder / _DONE).write_text(version)
+    return python
+
+
 def torch_links() -> Path:
     """A folder outside any venv with links to the running torch, its dist-info and the top-level modules of its
     required dependencies (transitively), built once per torch installation."""

@@ -15,6 +15,8 @@ for any device.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +24,18 @@ from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 32 << 20  # float32 logits of one chunk
+
+
+class LossTerms(NamedTuple):
+    """A batch's loss before its reduction: what gradient accumulation needs to weigh micro-batches by tokens."""
+
+    token_loss_sum: torch.Tensor  # summed next-token cross-entropy (float32)
+    predicted_tokens: torch.Tensor  # how many positions were predicted (labels != -100 after the shift)
+    router_loss: torch.Tensor  # the weighted router losses of this batch (a per-batch mean, 0 without them)
+
+    def mean(self) -> torch.Tensor:
+        """The batch's loss: mean cross-entropy over its predicted tokens plus its router losses."""
+        return self.token_loss_sum / self.predicted_tokens.clamp(min=1) + self.router_loss
 
 
 def causal_lm_loss(
@@ -33,8 +47,24 @@ def causal_lm_loss(
     router_loss: bool = True,
     z_loss_coef: float = 0.0,
 ) -> torch.Tensor:
-    """Mean next-token cross-entropy of `model` (a transformers causal LM, or a peft / DDP / FSDP wrapper of one),
-    plus its router auxiliary loss when the config asks for one (`output_router_logits`, `router_aux_loss_coef`).
+    """Mean next-token cross-entropy of `model` plus its router losses: `causal_lm_loss_terms(...).mean()`."""
+    return causal_lm_loss_terms(
+        model, input_ids, labels, attention_mask, chunk_tokens, router_loss=router_loss, z_loss_coef=z_loss_coef
+    ).mean()
+
+
+def causal_lm_loss_terms(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    chunk_tokens: int | None = None,
+    router_loss: bool = True,
+    z_loss_coef: float = 0.0,
+) -> LossTerms:
+    """Next-token cross-entropy of `model` (a transformers causal LM, or a peft / DDP / FSDP wrapper of one), summed
+    over the predicted tokens, with their count, and its router auxiliary loss when the config asks for one
+    (`output_router_logits`, `router_aux_loss_coef`).
 
     The model's own forward runs (through any wrapper, so distributed engines see it) with `logits_to_keep=1`; the
     decoder's final hidden states are taken with a forward hook, and the LM head and cross-entropy run on chunks of
@@ -43,9 +73,11 @@ def causal_lm_loss(
     the auxiliary loss out (evaluation). moeify's own models weigh their router losses by their config's `router`
     section (`aux_loss_coef`, `z_loss_coef`); for the stock classes, `z_loss_coef` adds the router z-loss (ST-MoE,
     Zoph et al. 2022): the mean over MoE layers and (non-padding) tokens of `logsumexp(router_logits)^2`. A
-    model whose LM head this function does not know (not a bias-free Linear) gets `model(..., labels=labels).loss`.
+    model whose LM head this function does not know (not a bias-free Linear) gets `model(..., labels=labels).loss`
+    (its router loss then stays inside the token term).
     """
     labels = input_ids if labels is None else labels
+    predicted = (labels[:, 1:] != IGNORE_INDEX).sum()
     base = _unwrap(model)
     config = base.config.get_text_config()
     head = base.get_output_embeddings()
@@ -59,7 +91,8 @@ def causal_lm_loss(
                 "moe.z_loss_coef: the router z-loss needs moeify's loss, which this model (or DeepSpeed ZeRO-3) "
                 "cannot use; set it to 0."
             )
-        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        return LossTerms(loss.float() * predicted.to(loss.device), predicted.to(loss.device), loss.new_zeros(()))
     captured: list[torch.Tensor] = []
     router_logits: list[torch.Tensor] = []
     hooks = [base.get_decoder().register_forward_hook(lambda _m, _i, out: captured.append(out[0]))]
@@ -75,10 +108,10 @@ def causal_lm_loss(
         for hook in hooks:
             hook.remove()
     hidden = captured[-1]
-    targets = labels[:, 1:].reshape(-1)
-    keep = targets != IGNORE_INDEX
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
-    targets = targets[keep]
+    targets = labels[:, 1:].reshape(-1).to(hidden.device)
+    # Ignored positions go through the head too (cross_entropy skips them): selecting the others first would read
+    # their count on the host, a synchronisation per step on accelerators.
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     softcap = getattr(config, "final_logit_softcapping", None)
     scaling = getattr(config, "logits_scaling", None)  # GraniteMoe divides its logits by this
     chunk_tokens = chunk_tokens or max(1, CHUNK_BYTES // (4 * head.weight.shape[0]))
@@ -88,23 +121,23 @@ def causal_lm_loss(
         total = total + checkpoint(
             _chunk_loss, hidden[start:end], targets[start:end], head.weight, softcap, scaling, use_reentrant=False
         )
-    loss = total / max(len(targets), 1)
+    router = total.new_zeros(())
     aux = getattr(outputs, "aux_loss", None)
     if router_loss and reports_losses:
         # moeify's model computes its router losses whenever it trains with non-zero weights (its config's
         # `router` section) and reports them unweighted: weigh them here as its own loss would.
         settings = base.config.router
         if aux is not None:
-            loss = loss + settings["aux_loss_coef"] * aux.to(loss.device)
+            router = router + settings["aux_loss_coef"] * aux.to(router.device)
         if getattr(outputs, "z_loss", None) is not None:
-            loss = loss + settings["z_loss_coef"] * outputs.z_loss.to(loss.device)
+            router = router + settings["z_loss_coef"] * outputs.z_loss.to(router.device)
     elif router_loss and aux is not None and getattr(base.config, "output_router_logits", False):
         # Mixtral and Qwen-MoE keep the coefficient they were built with; moeify's model reads its config.
         coef = getattr(base, "router_aux_loss_coef", base.config.router_aux_loss_coef)
-        loss = loss + coef * aux.to(loss.device)
+        router = router + coef * aux.to(router.device)
     if router_logits:
-        loss = loss + z_loss_coef * router_z_loss(router_logits, attention_mask).to(loss.device)
-    return loss
+        router = router + z_loss_coef * router_z_loss(router_logits, attention_mask).to(router.device)
+    return LossTerms(total, predicted.to(total.device), router)
 
 
 def router_z_loss(router_logits: list[torch.Tensor], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,4 +168,4 @@ def _chunk_loss(
         logits = logits / scaling
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+    return F.cross_entropy(logits.float(), targets, reduction="sum", ignore_index=IGNORE_INDEX)

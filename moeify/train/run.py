@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from ..errors import MoeifyError
-from .loss import causal_lm_loss
+from .loss import IGNORE_INDEX, causal_lm_loss, causal_lm_loss_terms
 from .recipe import LoraRecipe, Recipe, checkpointing_argument, trainer_settings, wants_checkpointing
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -24,10 +24,36 @@ _ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 class MoeTrainer(Trainer):
-    """`Trainer` whose loss is `causal_lm_loss` (the model's own loss, without the full float32 logits)."""
+    """`Trainer` whose loss is `causal_lm_loss_terms` (the model's own loss, without the full float32 logits).
 
-    loss_is_scaled_for_ga = False  # a per-batch mean: Trainer divides it by the accumulation steps
+    Gradient accumulation and several processes weigh every predicted token alike, as one batch would: the token
+    term of each micro-batch is divided by the predicted tokens of the whole accumulated batch over all processes
+    (`num_items_in_batch`, counted in `get_batch_samples`), and its router losses (per-batch means, like Mixtral's
+    and Megatron's) by the accumulation steps. A non-finite loss on any process stops every process at the next
+    optimizer step (`_check_finite`), before the update reaches the weights.
+    """
+
     z_loss_coef = 0.0  # the recipe's moe.z_loss_coef
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # compute_loss normalises by num_items_in_batch itself: Trainer must pass it and must not divide by the
+        # accumulation steps again. transformers 5.16 decides both from this attribute alone (later releases also
+        # read `loss_is_scaled_for_ga`, whose default follows it), so this is the setting every release honours.
+        self.model_accepts_loss_kwargs = True
+        self._batch_loss: torch.Tensor | None = None  # on the device: read once per optimizer step
+        self.add_callback(_FiniteLossCheck(self))
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """The micro-batches of one optimizer step and their predicted tokens (labels after the shift that are not
+        -100), summed over processes; Trainer's own count depends on how it classifies the model's loss."""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not batches or "labels" not in batches[0]:
+            return batches, None
+        count = sum((batch["labels"][:, 1:] != IGNORE_INDEX).sum() for batch in batches).to(device)
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            count = self.accelerator.gather(count.reshape(1)).sum()
+        return batches, count
 
     def prediction_step(
         self,
@@ -76,17 +102,54 @@ class MoeTrainer(Trainer):
     ) -> Any:
         if return_outputs:  # evaluation that wants the logits too
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = causal_lm_loss(
+        terms = causal_lm_loss_terms(
             model, inputs["input_ids"], inputs.get("labels"), inputs.get("attention_mask"), z_loss_coef=self.z_loss_coef
         )
-        if model.training and not torch.isfinite(loss):  # one host sync per step: cheap next to the step
-            last = complete_checkpoints(self.args.output_dir)
-            where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was saved before it"
-            raise MoeifyError(
-                f"the training loss is {float(loss)} at step {self.state.global_step + 1}; {where}. Lower "
-                "training.learning_rate, or check the data of that step."
-            )
-        return loss
+        if not model.training:
+            return terms.mean()
+        batch_loss = terms.mean().detach()
+        # The first non-finite loss since the last optimizer step is kept on the device, read once per step.
+        previous = self._batch_loss
+        self._batch_loss = (
+            batch_loss if previous is None else torch.where(torch.isfinite(previous), batch_loss, previous)
+        )
+        if num_items_in_batch is None:
+            return terms.mean()  # Trainer divides it by the accumulation steps
+        # Each process's gradients are averaged over processes (DDP, FSDP): scaling by their number makes the
+        # average the token-weighted mean over all of them.
+        processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        loss = terms.token_loss_sum * processes / num_items_in_batch
+        return loss + terms.router_loss / self.current_gradient_accumulation_steps
+
+    def check_finite_loss(self) -> None:
+        """Raise on every process if any process met a non-finite loss since the last optimizer step, naming the
+        step and the last complete checkpoint; one host read and one all-reduce of a flag per optimizer step."""
+        if self._batch_loss is None:
+            return
+        local = self._batch_loss
+        self._batch_loss = None
+        bad = (~torch.isfinite(local)).to(torch.int32).reshape(1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if not bad.item():
+            return
+        value = float(local) if not torch.isfinite(local) else "not finite on another process"
+        last = complete_checkpoints(self.args.output_dir)
+        where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was saved before it"
+        raise MoeifyError(
+            f"the training loss is {value} at step {self.state.global_step + 1}; {where}. Lower "
+            "training.learning_rate, or check the data of that step."
+        )
+
+
+class _FiniteLossCheck(TrainerCallback):
+    """Runs `MoeTrainer.check_finite_loss` before each optimizer step, where every process arrives together."""
+
+    def __init__(self, trainer: MoeTrainer) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer.check_finite_loss()
 
 
 def train(recipe: Recipe) -> dict[str, Any]:
