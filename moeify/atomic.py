@@ -7,6 +7,7 @@ import errno
 import os
 import re
 import shutil
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,7 +37,7 @@ def check_output_folder(out: Path, overwrite: bool) -> None:
 def atomic_output(out: Path) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it replaces `out` (an old `out` is kept until the new one
     is in place), on any error it is removed and disk errors become one clear `MoeifyError`."""
-    tmp = out.parent / f".{out.name}.moeify-tmp-{os.getpid()}"
+    tmp = out.parent / f".{out.name}.moeify-tmp-{_owner()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
@@ -52,17 +53,31 @@ def atomic_output(out: Path) -> Iterator[Path]:
 def _clean_stale_temporaries(out: Path) -> None:
     """Remove the temporary folders that killed runs left beside OUT.
 
-    A previous OUT set aside by `--overwrite` (`.OUT.moeify-old-PID`) is put back if OUT itself is missing,
-    i.e. the kill came between the two renames that swap the new output in.
+    A previous OUT set aside by `--overwrite` (`.OUT.moeify-old-HOST-PID`) is put back if OUT itself is missing,
+    i.e. the kill came between the two renames that swap the new output in. A folder named for another host is
+    never touched: on a shared file system its process may be alive, and this host cannot ask.
     """
     for candidate in sorted(out.parent.glob(f".{out.name}.moeify-*")):
-        match = re.search(r"-(\d+)$", candidate.name)
-        if match and _pid_alive(int(match.group(1))):
+        match = re.search(r"\.moeify-(?:tmp|old)-(?:(?P<host>.+)-)?(?P<pid>\d+)$", candidate.name)
+        if match and match["host"] is not None and match["host"] != _host():
+            continue
+        if match and _pid_alive(int(match["pid"])):
             continue
         if ".moeify-old-" in candidate.name and not out.exists():
             os.replace(candidate, out)
         else:
             shutil.rmtree(candidate, ignore_errors=True)
+
+
+def _host() -> str:
+    """This machine's name as it appears in temporary folder names (no path separators)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "localhost"
+
+
+def _owner() -> str:
+    """`HOST-PID`: who a temporary folder belongs to, so that cleanup on a shared file system (several nodes writing
+    beside the same OUT) can tell a live process of another host from a dead one of its own."""
+    return f"{_host()}-{os.getpid()}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -82,7 +97,7 @@ def _replace(tmp: Path, out: Path) -> None:
     if not out.exists():
         os.replace(tmp, out)
         return
-    old = out.parent / f".{out.name}.moeify-old-{os.getpid()}"
+    old = out.parent / f".{out.name}.moeify-old-{_owner()}"
     os.replace(out, old)
     try:
         os.replace(tmp, out)

@@ -113,6 +113,34 @@ def test_interrupted_swap_is_undone(medium_dense: Path, tmp_path: Path) -> None:
     assert temporaries(out) == []
 
 
+def test_cleanup_never_removes_another_hosts_temporary(medium_dense: Path, tmp_path: Path) -> None:
+    """On a shared file system a temporary folder of another node may belong to a live process this host cannot
+    see: only this host's dead ones (and unnamed ones of old releases) are removed."""
+    from moeify.atomic import _host
+
+    dead = 4194304  # above Linux's pid_max
+    other = tmp_path / f".out.moeify-tmp-another-node-7-{dead}"
+    mine = tmp_path / f".out.moeify-tmp-{_host()}-{dead}"
+    unnamed = tmp_path / f".out.moeify-tmp-{dead}"
+    for folder in (other, mine, unnamed):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+    convert(str(medium_dense), tmp_path / "out", ConvertOptions(num_experts=2, top_k=1), progress=False)
+    assert temporaries(tmp_path / "out") == [other]
+    assert (other / "model.safetensors").read_bytes() == b"partial"
+
+
+def test_temporaries_name_their_host(tmp_path: Path) -> None:
+    import os
+    import socket
+
+    from moeify.atomic import atomic_output
+
+    with atomic_output(tmp_path / "out") as tmp:
+        assert tmp.name.endswith(f"-{os.getpid()}")
+        assert f".out.moeify-tmp-{socket.gethostname()}-" in tmp.name
+
+
 def mount_tmpfs(folder: Path, options: str) -> None:
     folder.mkdir()
     result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)

@@ -1,5 +1,7 @@
 """`accelerate launch` of `python -m moeify.train` on two CPU processes (gloo) with recipes/accelerate/ddp.yaml:
-the same global batch gives the same losses as one process, 4-bit experts + LoRA included.
+the same global batch gives the same losses as one process (4-bit experts + LoRA, and full fine-tuning of a model
+with a gating residual, null experts and capacity); a model to upcycle is converted once; only the main process
+writes the run's results; a NaN on one process stops both, naming the step.
 
 FSDP2 through accelerate is not tested here: accelerate 1.15 turns FSDP on only over an accelerator backend (its
 state.py upgrades MULTI_GPU-like types to FSDP, never MULTI_CPU). `fully_shard` itself runs on CPU with 4-bit
@@ -23,6 +25,19 @@ from moeify.converter import convert
 from moeify.plan import ConvertOptions
 
 ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = Path(__file__).resolve().parent / "launch_train.py"
+needs_accelerate = pytest.mark.skipif(
+    shutil.which("accelerate") is None, reason="the accelerate command is not on PATH"
+)
+
+
+def _launch(tmp_path: Path, *arguments: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`accelerate launch` of tests/launch_train.py on two CPU processes (gloo, recipes/accelerate/ddp.yaml)."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", PYTHONPATH=str(ROOT))
+    command = [shutil.which("accelerate"), "launch", "--config_file", str(ROOT / "recipes/accelerate/ddp.yaml")]
+    return subprocess.run(
+        [*command, str(LAUNCH), *arguments], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _recipe(tmp_path: Path, moe: Path, name: str, batch: int) -> Path:
@@ -53,7 +68,7 @@ def _losses(folder: Path) -> list[float]:
     return [entry["loss"] for entry in history if "loss" in entry]
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate command is not on PATH")
+@needs_accelerate
 def test_ddp_on_two_processes_matches_one_process(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     dense = dense_model("qwen2", tmp_path_factory.getbasetemp() / DENSE_FOLDER)
     moe = tmp_path / "moe"
@@ -113,3 +128,75 @@ def test_deepspeed_zero3_trains_4bit_experts_like_one_process(
     assert proc.returncode == 0, proc.stderr[-3000:]
     for a, b in zip(_losses(tmp_path / "one"), _losses(tmp_path / "two"), strict=True):
         assert b == pytest.approx(a, rel=1e-4)
+
+
+@needs_accelerate
+def test_full_fine_tuning_with_residual_null_experts_and_capacity_matches_one_process(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Every parameter trains under DDP: the first MoE layer's gating-residual map, which no forward uses, is frozen
+    (DDP stops on a parameter without a gradient). Capacity is per batch, so a factor that drops nothing here keeps
+    two processes of batch 2 equal to one of batch 4 while the capacity code runs; the aux loss (a per-batch
+    statistic) is off for the same reason."""
+    dense = dense_model("llama", tmp_path_factory.getbasetemp() / DENSE_FOLDER)
+    moe = tmp_path / "moe"
+    router = {"gating_residual": True, "null_experts": {"zero": 1, "copy": 1, "constant": 1}, "capacity_factor": 4.0}
+    convert(str(dense), moe, ConvertOptions(num_experts=4, top_k=2, format="moeify", router=router), progress=False)
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS * 8))
+    full = ["lora=null", "quantization.experts=none", "quantization.compute_dtype=float32", "moe.aux_loss_coef=0"]
+    assert main(["train", str(_recipe(tmp_path, moe, "one", batch=4)), *full]) == 0
+    proc = _launch(tmp_path, str(_recipe(tmp_path, moe, "two", batch=2)), *full)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 6
+    assert two == pytest.approx(one, rel=1e-4)
+    assert len(set(one)) == 6  # it trained
+
+
+@needs_accelerate
+def test_upcycled_once_and_only_the_main_process_writes_results(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    dense = dense_model("qwen2", tmp_path_factory.getbasetemp() / DENSE_FOLDER)
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS * 8))
+    recipe = yaml.safe_load(_recipe(tmp_path, dense, "run", batch=2).read_text())
+    recipe["model"] = {"source": str(dense), "convert": {"num_experts": 4, "top_k": 2}}
+    recipe["output"]["merge"] = True
+    recipe["training"]["max_steps"] = 2
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(recipe))
+    log = tmp_path / "record.log"
+    proc = _launch(tmp_path, str(tmp_path / "run.yaml"), "--record", str(log), "--output-dir", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert log.read_text().splitlines() == ["convert 0"]  # rank 1 waited, converted nothing and wrote nothing
+    run = tmp_path / "run"
+    for name in ("train_results.json", "recipe.yaml", "README.md", "upcycled/config.json", "merged/config.json"):
+        assert (run / name).exists(), name
+
+
+@needs_accelerate
+def test_a_nan_on_one_process_stops_both_naming_the_step(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Process 1's loss turns NaN at its third micro-batch: both processes stop at that step's optimizer step
+    (no process waits in an all-reduce for one that raised), naming the step and the last complete checkpoint."""
+    dense = dense_model("qwen2", tmp_path_factory.getbasetemp() / DENSE_FOLDER)
+    moe = tmp_path / "moe"
+    convert(str(dense), moe, ConvertOptions(num_experts=4, top_k=2), progress=False)
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS * 8))
+    recipe = _recipe(tmp_path, moe, "nan", batch=2)
+    proc = _launch(
+        tmp_path,
+        str(recipe),
+        "--nan-on-rank",
+        "1",
+        "--at-call",
+        "3",
+        "training.save_steps=2",
+        "training.save_strategy=steps",
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    checkpoint = tmp_path / "nan" / "checkpoint-2"
+    assert f"the training loss is nan at step 3; the last good checkpoint is {checkpoint}" in proc.stderr
+    assert "the training loss is not finite on another process at step 3" in proc.stderr
+    assert not (tmp_path / "nan" / "checkpoint-4").exists()

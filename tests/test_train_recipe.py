@@ -52,6 +52,14 @@ def write(tmp_path: Path, recipe: dict) -> Path:
         ({"model": {"path": None}}, "model: give exactly one of `path`"),
         ({"data": {"eval_fraction": 1.5}}, "data.eval_fraction: must be in [0, 1)"),
         ({"lora": None}, "lora: null (full fine-tuning) needs quantization.experts and .linear set to none."),
+        (
+            {"model": {"path": "/no/such/moe"}},
+            "model.path '/no/such/moe' is neither a local folder nor a Hub id (org/name or org/name@revision).",
+        ),
+        (
+            {"model": {"path": None, "source": "runs/dense/model"}},
+            "model.source 'runs/dense/model' is neither a local folder nor a Hub id",
+        ),
     ],
 )
 def test_recipe_errors_say_what_to_fix(change: dict, message: str, tmp_path: Path) -> None:
@@ -101,6 +109,12 @@ def test_cli_recipe_error_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.
     assert main(["train", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("moeify train: error: training.lerning_rate") and len(err.splitlines()) == 1
+    missing = tmp_path / "no" / "such" / "moe"
+    path = write(tmp_path, {**GOOD, "model": {"path": str(missing)}, "output": {"dir": str(tmp_path / "run")}})
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"model.path '{missing}' is neither a local folder nor a Hub id" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]  # nothing written
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gemma3"])

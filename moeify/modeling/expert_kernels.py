@@ -83,7 +83,7 @@ def moeify_experts_forward(
     if routed is None or not _runs_in_pieces(self, routed):
         if routed is not None and routed < top_k_index.numel():
             grouped = functools.partial(grouped_mm_experts_forward, self)  # it takes every index for an expert
-            return routed_only(grouped, hidden_states, top_k_index, top_k_weights, self.num_experts)
+            return routed_only(grouped, hidden_states, top_k_index, top_k_weights, self.num_experts, self.parameters())
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     order, offsets, tokens = sort_by_expert(top_k_index, self.num_experts)
     bias_gate_up, bias_down = (self.gate_up_proj_bias, self.down_proj_bias) if self.has_bias else (None, None)

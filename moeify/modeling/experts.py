@@ -14,7 +14,7 @@ Copied next to the weights for `trust_remote_code=True`: imports torch and trans
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -146,14 +146,23 @@ def routed_only(
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
     num_experts: int,
+    parameters: Iterable[torch.Tensor] = (),
 ) -> torch.Tensor:
     """`run` (an experts forward) on the assignments to a routed expert only (index < `num_experts`; the others are
     MoE++ null experts or dropped for capacity), each as a one-slot routing of its token's row, and the results
-    added back into their tokens' rows: for experts that take every index for one of theirs."""
+    added back into their tokens' rows: for experts that take every index for one of theirs.
+
+    When no assignment is routed the output is zeros that stay on the graph through empty sums of the inputs and
+    of `parameters` (the experts' weights): a block's backward reaches its inputs, and every weight gets a (zero)
+    gradient, as DDP needs from each process in every step."""
     token_idx, slot = torch.nonzero(top_k_index < num_experts, as_tuple=True)
     output = torch.zeros_like(hidden_states)
-    if not len(token_idx):  # zeros still on the graph (empty sums), so a block's backward reaches its inputs
-        return output + hidden_states[:0].sum() + top_k_weights[:0].sum().to(output.dtype)
+    if not len(token_idx):
+        empty = hidden_states[:0].sum() + top_k_weights[:0].sum().to(output.dtype)
+        for weight in parameters:
+            if weight.requires_grad:
+                empty = empty + weight.reshape(-1)[:0].sum().to(output.dtype)
+        return output + empty
     routed = run(hidden_states[token_idx], top_k_index[token_idx, slot, None], top_k_weights[token_idx, slot, None])
     return output.index_add_(0, token_idx, routed.to(hidden_states.dtype))
 

@@ -115,7 +115,9 @@ class MoeifySparseMoeBlock(nn.Module):
         if _skips_unrouted(self.experts, hidden_states):
             output = self.experts(hidden_states, top_k_index, top_k_weights)
         else:
-            output = routed_only(self.experts, hidden_states, top_k_index, top_k_weights, num_experts)
+            output = routed_only(
+                self.experts, hidden_states, top_k_index, top_k_weights, num_experts, self.experts.parameters()
+            )
         null = self.router.null_experts
         first_copy = num_experts + null["zero"]
         if null["copy"]:

@@ -70,7 +70,9 @@ def load_for_training(
         lora: per-expert LoRA (r 16, alpha 32 by default).
         attention_lora: peft `LoraConfig` for the other modules (default: r 16, alpha 32); without
             `target_modules`, on the q/k/v/o projections and, with `shared_experts="lora"`, the shared experts'.
-        dtype: compute dtype of everything that is not a 4-bit expert.
+        dtype: storage dtype of the frozen weights that are not 4-bit experts; what trains (LoRA factors, routers,
+            shared experts in full) is float32, so with bfloat16 run the forward under autocast (Trainer's
+            `bf16=True`).
         gradient_checkpointing: enable it (non-reentrant) and input gradients, without peft's
             `prepare_model_for_kbit_training` (which upcasts every other parameter to float32).
         train_router: routers (and Qwen2-MoE's shared-expert gate) train in full precision and are saved with the
@@ -133,6 +135,8 @@ def load_for_training(
         enable_checkpointing(model)
     peft_model = get_peft_model(model, attention_lora)
     add_expert_lora(peft_model, lora)
+    freeze_unreachable(peft_model)
+    upcast_trainable(peft_model)
     return peft_model
 
 
@@ -407,3 +411,30 @@ def enable_checkpointing(model: PreTrainedModel) -> None:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
+
+
+def upcast_trainable(model: nn.Module) -> int:
+    """Store every trainable floating-point parameter in float32 (master weights), leaving frozen ones in their
+    dtype; returns how many were cast.
+
+    peft upcasts its LoRA factors (`autocast_adapter_dtype`), but not `modules_to_save` copies (routers, gates,
+    shared experts trained in full): in bfloat16 AdamW's small updates round away, and float16 gradients cannot be
+    unscaled. The forward then runs under autocast (Trainer's `bf16=True`). diffusers has this helper
+    (`cast_training_params`); peft and transformers do not.
+    """
+    cast = 0
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.is_floating_point() and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+            cast += 1
+    return cast
+
+
+def freeze_unreachable(model: nn.Module) -> None:
+    """Freeze parameters that no forward uses, so they never train: the gating-residual map of the first MoE layer
+    (moeify's router), which has no earlier layer's logits to map. DDP stops with "parameters that were not used
+    in producing loss" on such a parameter unless `find_unused_parameters` searches the graph every step."""
+    for module in model.modules():
+        residual = getattr(module, "residual", None)
+        if isinstance(residual, nn.Module) and hasattr(module, "previous_layer") and module.previous_layer is None:
+            residual.requires_grad_(False)

@@ -203,6 +203,26 @@ def check_recipe(recipe: Recipe) -> None:
                 raise MoeifyError(f"model.convert.{key}: not a `moeify convert` setting{_suggest(key, valid)}.")
     elif recipe.model.convert:
         raise MoeifyError("model.convert: only used with model.source (a dense model to upcycle).")
+    from ..source import is_hub_id
+
+    for key in ("path", "source"):
+        value = getattr(recipe.model, key)
+        if value is not None and not Path(value).expanduser().exists() and not is_hub_id(value):
+            raise MoeifyError(
+                f"model.{key} '{value}' is neither a local folder nor a Hub id (org/name or org/name@revision)."
+            )
+    if recipe.quantization.compute_dtype == "float16" or recipe.training.get("fp16"):
+        raise MoeifyError(
+            "float16 training (quantization.compute_dtype: float16, training.fp16) is not supported: its gradients "
+            "need loss scaling, which moeify does not validate. Use compute_dtype: bfloat16 (CPUs, and GPUs from "
+            "Ampere / SM80 on) or float32 (older GPUs such as T4 or V100)."
+        )
+    if recipe.quantization.compute_dtype == "bfloat16" and recipe.training.get("bf16") is False:
+        raise MoeifyError(
+            "training.bf16: false with quantization.compute_dtype: bfloat16: the trained weights are float32 and meet "
+            "the bfloat16 ones under autocast, which training.bf16 turns on. Remove training.bf16, or set "
+            "compute_dtype: float32."
+        )
     if not recipe.data.path:
         raise MoeifyError("data.path: missing; give a Hub dataset id or a local text/json/jsonl/parquet/csv file.")
     if not 0.0 <= recipe.data.eval_fraction < 1.0:
@@ -260,7 +280,8 @@ def trainer_settings(recipe: Recipe) -> dict[str, Any]:
     """`training` as `TrainingArguments` keywords (`resume_from_checkpoint` is `Trainer.train`'s, not theirs).
 
     On a machine without an accelerator `use_cpu` defaults to true, so a recipe written for GPUs (`bf16: true`)
-    validates and runs there instead of failing on transformers' hardware check.
+    validates and runs there instead of failing on transformers' hardware check. `compute_dtype: bfloat16` turns
+    on `bf16` (autocast).
     """
     import torch
 
@@ -269,6 +290,10 @@ def trainer_settings(recipe: Recipe) -> dict[str, Any]:
         settings[checkpointing_argument()] = wants_checkpointing(recipe)
     if torch.accelerator.current_accelerator() is None:
         settings.setdefault("use_cpu", True)
+    if recipe.quantization.compute_dtype == "bfloat16":
+        # Frozen weights are stored in bfloat16 and trained ones are float32 masters (`upcast_trainable`): the
+        # forward runs under bfloat16 autocast, where each product takes both.
+        settings["bf16"] = True
     return settings
 
 

@@ -158,11 +158,13 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     from .data import build_datasets
 
-    path = recipe.model.path or _upcycle(recipe)
     seed = int(recipe.training.get("seed", 42))
     set_seed(seed)
     settings = {**trainer_settings(recipe), checkpointing_argument(): False}  # load_model enables it, non-reentrant
     args = TrainingArguments(output_dir=recipe.output.dir, **settings)
+    # One process upcycles or downloads (on each node where nodes do not share output.dir); the others wait for it.
+    with args.main_process_first(local=args.save_on_each_node, desc="upcycling / fetching the model"):
+        path = _model_folder(recipe)
     model = load_model(recipe, path, device=args.device)  # this process's device (its GPU under DDP)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     _set_router_losses(base, recipe)
@@ -187,13 +189,13 @@ def train(recipe: Recipe) -> dict[str, Any]:
         metrics.update(trainer.evaluate())
     trainer.save_model(recipe.output.dir)  # the PeftModel: adapter_config.json + adapter_model.safetensors
     trainer.save_state()
+    if not trainer.is_world_process_zero():
+        return metrics
     out = Path(recipe.output.dir)
     (out / "train_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "recipe.yaml").write_text(_recipe_yaml(recipe))
-    if not trainer.is_world_process_zero():
-        return metrics
     router = {k: v for k, v in _last_logged(trainer).items() if k.startswith("router/") and "/L" not in k}
-    _model_card(recipe, path, metrics, router).save(out / "README.md")
+    _model_card(recipe, recipe.model.path or path, metrics, router).save(out / "README.md")  # the Hub id, if one
     if recipe.output.merge:
         from ..merge import merge
 
@@ -214,7 +216,10 @@ def load_model(recipe: Recipe, path: str, device: torch.device | None = None) ->
       experts frozen in place (`ExpertsFrozen`) with per-expert LoRA inside the grouped dispatch; the adapter is in
       peft's `target_parameters` layout, which stock peft loads (peft's own LoRA there forms `W + delta` for every
       expert every forward: see benchmarks/moe_block.py).
-    - `lora: null`: every weight trains (full fine-tuning), in the compute dtype.
+    - `lora: null`: every weight trains (full fine-tuning), as float32 master weights (the forward runs under
+      autocast in the compute dtype).
+
+    What trains is float32 (`upcast_trainable`), what is frozen stays in the compute dtype.
     - a dense model (no experts; the baseline an upcycled MoE is compared with): LoRA through peft, where the
       `experts` target means the FFN's linears (`mlp.*`), at `expert_r` / `expert_alpha`.
     """
@@ -223,7 +228,14 @@ def load_model(recipe: Recipe, path: str, device: torch.device | None = None) ->
 
     from ..quant import ExpertLora, ExpertQuantization, add_expert_lora, freeze_experts, load_for_training
     from ..quant.dispatch import fused_experts
-    from ..quant.loading import ROUTER_MODULES, _default_targets, apply_router_settings, enable_checkpointing
+    from ..quant.loading import (
+        ROUTER_MODULES,
+        _default_targets,
+        apply_router_settings,
+        enable_checkpointing,
+        freeze_unreachable,
+        upcast_trainable,
+    )
 
     q, lora = recipe.quantization, recipe.lora
     dtype = _DTYPES[q.compute_dtype]
@@ -266,14 +278,17 @@ def load_model(recipe: Recipe, path: str, device: torch.device | None = None) ->
         )
     config = AutoConfig.from_pretrained(path)
     apply_router_settings(config, recipe.moe.router_settings())
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, quantization_config=linear)
+    # Full fine-tuning trains every weight: loaded in float32 (master weights), not rounded to the compute dtype.
+    stored = torch.float32 if lora is None else dtype
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=stored, quantization_config=linear)
     dense = not any(name.rpartition(".")[2] == "experts" for name, _ in model.named_modules())
     if checkpointing:
         enable_checkpointing(model)
     if lora is None:
         if not dense:  # default "moeify": transformers' grouped_mm off the CPU; on it, the same GEMMs, less allocation
             model.set_experts_implementation(recipe.moe.experts_implementation)
-        return model  # every parameter trains
+        freeze_unreachable(model)
+        return model  # every other parameter trains, in float32 as loaded
     modules = _default_targets(model, shared)
     targets: list[str] = []
     if dense:  # the FFN is what upcycling turns into experts: peft LoRA on its linears
@@ -302,6 +317,8 @@ def load_model(recipe: Recipe, path: str, device: torch.device | None = None) ->
         add_expert_lora(
             peft_model, ExpertLora(r=lora.expert_r or lora.r, alpha=_expert_alpha(lora), dropout=lora.dropout)
         )
+    freeze_unreachable(peft_model)
+    upcast_trainable(peft_model)
     return peft_model
 
 
@@ -323,11 +340,18 @@ def _in_ffn(name: str) -> bool:
     return name.rpartition(".")[0].rpartition(".")[2] == "mlp"
 
 
-def _upcycle(recipe: Recipe) -> str:
-    """`model.source` upcycled with `model.convert` into `output.dir/upcycled` (reused when it is there)."""
+def _model_folder(recipe: Recipe) -> str:
+    """The local folder of the model to train: `model.path` (a Hub id is fetched), or `model.source` upcycled with
+    `model.convert` into `output.dir/upcycled` (reused when it is there)."""
     from ..converter import convert
     from ..plan import ConvertOptions
+    from ..source import resolve_source
 
+    if recipe.model.path is not None:
+        try:
+            return str(resolve_source(recipe.model.path))
+        except MoeifyError as err:
+            raise MoeifyError(f"model.path: {err}") from None
     out = Path(recipe.output.dir) / "upcycled"
     if not (out / "config.json").exists():
         convert(str(recipe.model.source), out, ConvertOptions(**recipe.model.convert))
