@@ -67,9 +67,10 @@ class RouterStats:
     def __init__(self, model: nn.Module) -> None:
         self._routers = routers(model)
         self.mask: torch.Tensor | None = None
+        # Accumulated on the routers' device and read only by `layers()`: a training step never waits on the host.
         self._counts: dict[str, torch.Tensor] = {}
-        self._entropy: dict[str, float] = {}
-        self._tokens: dict[str, int] = {}
+        self._entropy: dict[str, torch.Tensor] = {}
+        self._tokens: dict[str, torch.Tensor] = {}
         self._hooks: list[Any] = []
 
     def __enter__(self) -> RouterStats:
@@ -87,23 +88,32 @@ class RouterStats:
 
     def _hook(self, name: str, module: nn.Module):  # noqa: ANN202
         def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            # Activation checkpointing runs the router again inside backward: that forward was counted already.
+            # torch.utils.checkpoint tells the two apart the same way.
+            if torch._C._current_graph_task_id() != -1:
+                return
             logits, _, index = output
             logits, index = logits.detach().reshape(-1, logits.shape[-1]), index.detach().reshape(len(logits), -1)
+            # Padding is weighted 0 rather than selected away: a selection would read its size on the host.
+            keep = torch.ones(len(logits), dtype=torch.long, device=logits.device)
             if self.mask is not None and self.mask.numel() == len(logits):
-                keep = self.mask.reshape(-1).bool().to(logits.device)
-                logits, index = logits[keep], index[keep]
+                keep = self.mask.reshape(-1).to(device=logits.device, dtype=torch.long)
             # moeify's router: FFN experts, then null experts, then the index of dropped assignments.
             choices = getattr(module, "num_choices", module.num_experts)
-            counts = torch.bincount(index.reshape(-1), minlength=choices + 1).cpu()
-            self._counts[name] = self._counts.get(name, torch.zeros_like(counts)) + counts
+            counts = torch.zeros(choices + 1, dtype=torch.long, device=index.device).scatter_add_(
+                0, index.reshape(-1), keep[:, None].expand(index.shape).reshape(-1)
+            )
             log_probs = torch.log_softmax(logits.float(), dim=-1)
-            self._entropy[name] = self._entropy.get(name, 0.0) - float((log_probs.exp() * log_probs).sum())
-            self._tokens[name] = self._tokens.get(name, 0) + len(logits)
+            entropy = (-(log_probs.exp() * log_probs).sum(dim=-1) * keep).sum()
+            tokens = keep.sum()
+            for store, value in ((self._counts, counts), (self._entropy, entropy), (self._tokens, tokens)):
+                store[name] = store[name] + value if name in store else value
 
         return record
 
     def layers(self) -> list[LayerStats]:
-        """Statistics of every router that saw tokens, in model order (named as in the model without peft)."""
+        """Statistics of every router that saw tokens, in model order (named as in the model without peft); reads
+        the accumulated figures on the host."""
         result = []
         for name in self._routers:
             if name not in self._counts:
@@ -111,9 +121,9 @@ class RouterStats:
             shown = name.removeprefix("base_model.model.")
             experts = self._routers[name].num_experts
             choices = getattr(self._routers[name], "num_choices", experts)
-            every = self._counts[name]
+            every = self._counts[name].double().cpu()
             slots = float(every.sum())
-            counts = every[:experts].double()
+            counts = every[:experts]
             total = float(counts.sum())
             mean = total / len(counts)
             cv = float(counts.std(unbiased=False)) / mean if mean else 0.0
@@ -123,7 +133,7 @@ class RouterStats:
                     tokens_per_expert=[int(c) for c in every[:experts]],
                     load_cv=cv,
                     busiest_share=float(counts.max()) / total if total else 0.0,
-                    entropy=self._entropy[name] / max(self._tokens[name], 1),
+                    entropy=float(self._entropy[name]) / max(float(self._tokens[name]), 1.0),
                     dropped=int(every[choices]),
                     null_share=float(every[experts:choices].sum()) / slots if slots else 0.0,
                 )

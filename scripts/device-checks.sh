@@ -8,7 +8,8 @@
 # Stages, in order of value, each under its own time limit (seconds; override with the variables) so that a slow
 # stage cannot eat the others' share of a 15-minute lease, and each logging as it goes (a stage cut short keeps
 # what it printed):
-#   1. CUDA_TESTS_S=90    pytest -m cuda: the CUDA half of the 4-bit / frozen experts tests, load_for_training and
+#   1. CUDA_TESTS_S=90    pytest -m cuda: the CUDA half of the 4-bit / frozen experts tests, load_for_training,
+#                         a 4-bit + LoRA training step under set_sync_debug_mode("error") and
 #                         the experts implementations ("moeify_grouped" against eager)
 #   2. MOE_BLOCK_S=150    benchmarks/moe_block.py, bf16: issue 12's GPU target shapes (E 64, fine-grained) first
 #   3. MOE_PROFILE_S=45   moe_block.py --profile at the first GPU target shape: where transformers' grouped_mm and
@@ -73,7 +74,8 @@ stage() {  # name, seconds, command...
 }
 
 stage cuda-tests "${CUDA_TESTS_S:-90}" python3 -m pytest -q -m cuda -p no:cacheprovider \
-  tests/test_quant_experts.py tests/test_quant_frozen.py tests/test_quant_loading.py tests/test_expert_kernels.py
+  tests/test_quant_experts.py tests/test_quant_frozen.py tests/test_quant_loading.py tests/test_expert_kernels.py \
+  tests/test_train_syncs.py
 
 if [ -n "$smoke" ]; then
   shapes=(256,256,64,8,64 256,896,8,2,64)

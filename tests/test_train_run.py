@@ -437,3 +437,18 @@ def test_a_dense_baseline_trains_with_lora_on_its_ffn_at_the_expert_rank(
     assert ranks["gate_proj"] == ranks["down_proj"] == 6 and ranks["q_proj"] == 4
     trained = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     assert estimate(load_recipe(path, overrides)).trainable_params == trained
+
+
+@pytest.mark.parametrize("progress_bar", [True, False])
+def test_console_shows_mean_router_figures_and_the_state_every_layer(
+    progress_bar: bool, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _tiny_run(tmp_path, tmp_path_factory, "log", max_steps=2, save_strategy="no", disable_tqdm=not progress_bar)
+    capsys.readouterr()
+    assert main(["train", str(path)]) == 0
+    printed = "".join(capsys.readouterr())
+    assert "'router/load_cv':" in printed and "'router/entropy':" in printed
+    assert "router/load_cv/L" not in printed
+    history = json.loads((tmp_path / "log" / "trainer_state.json").read_text())["log_history"]
+    logged = [entry for entry in history if "loss" in entry]
+    assert len(logged) == 2 and all(f"router/load_cv/L{i}" in e for e in logged for i in range(4))

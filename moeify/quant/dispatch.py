@@ -43,8 +43,9 @@ class LoraFactors(NamedTuple):
 
 class ExpertChunk:
     """Experts of one chunk, their token counts, their rows in the flattened (token, k) routing, their tokens; how
-    to select the experts' stored tensors: a slice when they are consecutive (no gather), else the indices; and
-    `workspace`, scratch memory shared by the chunks of one call (see `Experts4bit.weight`)."""
+    to select the experts' stored tensors: a slice when they are consecutive (no gather), else the indices;
+    `workspace`, scratch memory shared by the chunks of one call (see `Experts4bit.weight`); and `ids`, the experts
+    as host integers where they are known without a device read."""
 
     def __init__(
         self,
@@ -54,8 +55,10 @@ class ExpertChunk:
         tokens: torch.Tensor,
         span: slice | None = None,
         workspace: dict[str, torch.Tensor] | None = None,
+        ids: list[int] | None = None,
     ) -> None:
         self.experts, self.counts, self.rows, self.tokens = experts, counts, rows, tokens
+        self.ids = ids  # `experts` on the host, where the chunking read them already
         self.selector: torch.Tensor | slice = experts if span is None else span
         self.workspace = workspace if workspace is not None else {}
         self.offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # grouped_linear's groups

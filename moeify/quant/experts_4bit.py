@@ -151,8 +151,9 @@ class Experts4bit(ExpertDispatch):
             self.nested_code.copy_(state.state2.code)
         self.code.copy_(state.code)
 
-    def absmax(self, name: str, experts: torch.Tensor | slice) -> torch.Tensor:
-        """The float32 scales of `experts` (indices or a slice) for projection `name`, `(experts, blocks)`."""
+    def absmax(self, name: str, experts: torch.Tensor | slice, ids: list[int] | None = None) -> torch.Tensor:
+        """The float32 scales of `experts` (indices or a slice; `ids`: the same indices on the host, if known) for
+        projection `name`, `(experts, blocks)`."""
         absmax = _select(getattr(self, f"{name}_absmax"), experts)
         if not self.quantization.double_quant:
             return absmax
@@ -169,7 +170,8 @@ class Experts4bit(ExpertDispatch):
             scales = bnb_functional.dequantize_blockwise(absmax.reshape(-1), state).view_as(absmax)
             return scales + _select(offset, experts)[:, None]
         rows = []
-        ids = range(self.num_experts)[experts] if isinstance(experts, slice) else experts.tolist()
+        if ids is None:
+            ids = list(range(self.num_experts)[experts]) if isinstance(experts, slice) else experts.tolist()
         for row, expert in zip(absmax, ids, strict=True):
             state = QuantState(
                 absmax=nested[expert], code=self.nested_code, blocksize=_NESTED_BLOCKSIZE, dtype=torch.float32
@@ -178,7 +180,12 @@ class Experts4bit(ExpertDispatch):
         return torch.stack(rows)
 
     def dequantize(
-        self, name: str, experts: torch.Tensor | slice, dtype: torch.dtype, out: torch.Tensor | None = None
+        self,
+        name: str,
+        experts: torch.Tensor | slice,
+        dtype: torch.dtype,
+        out: torch.Tensor | None = None,
+        ids: list[int] | None = None,
     ) -> torch.Tensor:
         """Weights of `experts` (indices, or a slice: no gather of the packed bytes) for projection `name`,
         `(experts, out, in)`, in one bitsandbytes call; written into `out` (a CPU tensor of `dtype` with at least
@@ -186,7 +193,7 @@ class Experts4bit(ExpertDispatch):
         out_dim, in_dim = self.shapes[name]
         # Selected in the storage dtype, then seen as bytes (bitsandbytes reads uint8).
         packed = _select(getattr(self, f"{name}_packed"), experts).view(torch.uint8)
-        absmax = self.absmax(name, experts).reshape(-1)
+        absmax = self.absmax(name, experts, ids).reshape(-1)
         shape = (len(packed), out_dim, in_dim)
         if out is not None:
             out = out[: len(packed) * out_dim * in_dim]
@@ -232,12 +239,12 @@ class Experts4bit(ExpertDispatch):
         faulted in page by page: in place, that nearly doubled bitsandbytes' dequantization time at E 8 / I 3584 /
         256 tokens (BENCHMARKS.md, issue 12)."""
         if chunk.experts.device.type != "cpu":
-            return self.dequantize(name, chunk.selector, dtype)  # the caching allocator reuses blocks already
+            return self.dequantize(name, chunk.selector, dtype, ids=chunk.ids)  # the caching allocator reuses blocks
         numel = len(chunk.experts) * max(out_dim * in_dim for out_dim, in_dim in self.shapes.values())
         buffer = chunk.workspace.get("weights")
         if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
             buffer = chunk.workspace["weights"] = torch.empty(numel, dtype=dtype)
-        return self.dequantize(name, chunk.selector, dtype, out=buffer)
+        return self.dequantize(name, chunk.selector, dtype, out=buffer, ids=chunk.ids)
 
     def bias(self, name: str) -> torch.Tensor:
         return getattr(self, f"{name}_bias")
@@ -258,7 +265,7 @@ class Experts4bit(ExpertDispatch):
         packed, scales = layout
         out = x.new_empty(len(x), self.shapes[name][0])
         start = 0
-        for expert, count in zip(chunk.experts.tolist(), counts, strict=True):
+        for expert, count in zip(chunk.ids or chunk.experts.tolist(), counts, strict=True):
             state = self._cpu_fused_state(name, scales[expert])
             out[start : start + count] = bnb_functional.gemv_4bit(x[start : start + count], packed[expert], state=state)
             start += count
@@ -312,22 +319,33 @@ class Experts4bit(ExpertDispatch):
         super()._load_from_state_dict(*args, **kwargs)  # type: ignore[arg-type]
 
     def chunks(self, top_k_index: torch.Tensor, dtype: torch.dtype) -> Iterator[ExpertChunk]:
-        """The routing, sorted by expert once, cut into chunks of active experts that fit the dequantization budget."""
-        num_top_k = top_k_index.shape[-1]
+        """The routing, sorted by expert once, cut into chunks of active experts that fit the dequantization budget.
+
+        The chunks follow the experts' row counts, read on the host once per call. On an accelerator where every
+        expert fits the budget there is one chunk of all experts and no read at all: an expert without rows is
+        dequantized for nothing, which costs less than the device waiting for the host."""
+        num_top_k, device = top_k_index.shape[-1], top_k_index.device
         order, counts = self.sorted_routing(top_k_index)
-        active = counts.nonzero().flatten()
-        ids = active.tolist()
         per_expert = sum(o * i for o, i in self.shapes.values()) * torch.empty((), dtype=dtype).element_size()
-        size = max(1, self.quantization.dequantized_budget(top_k_index.device) // per_expert)
+        size = max(1, self.quantization.dequantized_budget(device) // per_expert)
+        if device.type != "cpu" and size >= self.num_experts:  # every index is a routed expert off the CPU
+            experts = torch.arange(self.num_experts, device=device)
+            yield ExpertChunk(experts, counts, order, order // num_top_k, slice(None), ids=list(range(len(experts))))
+            return
+        host_counts = counts.tolist()
+        ids = [expert for expert, count in enumerate(host_counts) if count]
+        active = torch.tensor(ids, dtype=torch.long, device=device)
         row, workspace = 0, {}
-        for start in range(0, len(active), size):
+        for start in range(0, len(ids), size):
+            chunk_ids = ids[start : start + size]
             experts = active[start : start + size]
-            chunk_counts = counts[experts]
-            rows = order[row : row + int(chunk_counts.sum())]
+            rows = order[row : row + sum(host_counts[e] for e in chunk_ids)]
             row += len(rows)
-            first, last = ids[start], ids[start + len(experts) - 1]
-            span = slice(first, last + 1) if last - first + 1 == len(experts) else None
-            yield ExpertChunk(experts, chunk_counts, rows, rows // num_top_k, span, workspace)
+            first, last = chunk_ids[0], chunk_ids[-1]
+            span = slice(first, last + 1) if last - first + 1 == len(chunk_ids) else None
+            yield ExpertChunk(
+                experts, counts.index_select(0, experts), rows, rows // num_top_k, span, workspace, chunk_ids
+            )
 
     def extra_repr(self) -> str:
         q = self.quantization

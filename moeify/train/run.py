@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 
 from ..errors import MoeifyError
 from .loss import IGNORE_INDEX, causal_lm_loss, causal_lm_loss_terms
@@ -43,6 +43,9 @@ class MoeTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self._batch_loss: torch.Tensor | None = None  # on the device: read once per optimizer step
         self.add_callback(_FiniteLossCheck(self))
+        for printer, concise in ((ProgressCallback, _ConciseProgress), (PrinterCallback, _ConcisePrinter)):
+            if self.pop_callback(printer) is not None:
+                self.add_callback(concise)
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
         """The micro-batches of one optimizer step and their predicted tokens (labels after the shift that are not
@@ -140,6 +143,24 @@ class MoeTrainer(Trainer):
             f"the training loss is {value} at step {self.state.global_step + 1}; {where}. Lower "
             "training.learning_rate, or check the data of that step."
         )
+
+
+class _Concise:
+    """The console shows the mean router figures; the per-layer ones (`router/load_cv/L3`) are for `report_to`
+    integrations and `trainer_state.json`, which get every key."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        if logs is not None:
+            logs = {k: v for k, v in logs.items() if not (k.startswith("router/") and "/L" in k)}
+        return super().on_log(args, state, control, logs=logs, **kwargs)  # type: ignore[misc]
+
+
+class _ConciseProgress(_Concise, ProgressCallback):
+    pass
+
+
+class _ConcisePrinter(_Concise, PrinterCallback):
+    pass
 
 
 class _FiniteLossCheck(TrainerCallback):
