@@ -73,15 +73,57 @@ def test_chunked_loss_and_gradients_equal_the_models_own(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
-def test_the_router_auxiliary_loss_is_added_as_the_model_adds_it(name: str) -> None:
+def test_the_stock_classes_aux_loss_is_the_switch_loss_of_each_layer_averaged(name: str) -> None:
+    """The reference is transformers' own Mixtral loss applied to one layer at a time (it pools all layers' tokens
+    when given all of them), with padding excluded; the model's pooled loss is switched off."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
     torch.manual_seed(0)
     model = MODELS[name]()
     model.config.output_router_logits, model.config.router_aux_loss_coef = True, 0.5
     model.router_aux_loss_coef = 0.5  # the stock classes copy it at construction
     ids = torch.randint(0, 101, (2, 9))
-    expected = model(input_ids=ids, labels=ids)  # cross-entropy + router_aux_loss_coef * load-balancing loss
-    assert expected.aux_loss is not None and float(expected.aux_loss) > 0
-    torch.testing.assert_close(causal_lm_loss(model, ids, chunk_tokens=4), expected.loss)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    experts, top_k = model.config.num_experts if name == "qwen2_moe" else 4, 2
+    per_layer = [load_balancing_loss_func((lg,), experts, top_k, mask) for lg in out.router_logits]
+    pooled = load_balancing_loss_func(out.router_logits, experts, top_k, mask)
+    expected = out.loss - 0.5 * out.aux_loss + 0.5 * torch.stack(per_layer).mean()
+    torch.testing.assert_close(out.aux_loss, pooled)  # what the model adds itself
+    assert abs(float(torch.stack(per_layer).mean() - pooled)) > 1e-4  # the two definitions differ here
+    torch.testing.assert_close(causal_lm_loss(model, ids, labels, attention_mask=mask, chunk_tokens=4), expected)
+
+
+def test_native_and_moeify_format_of_the_same_weights_have_the_same_aux_loss(
+    tmp_path,
+    tmp_path_factory: pytest.TempPathFactory,  # noqa: ANN001
+) -> None:
+    from tiny_models import DENSE_FOLDER, dense_model
+    from transformers import AutoModelForCausalLM
+
+    from moeify.converter import convert
+    from moeify.plan import ConvertOptions
+    from moeify.train.loss import causal_lm_loss_terms
+
+    dense = dense_model("llama", tmp_path_factory.getbasetemp() / DENSE_FOLDER)
+    models = {}
+    for layout in ("native", "moeify"):
+        options = ConvertOptions(num_experts=4, top_k=2, format=layout, seed=3)
+        convert(str(dense), tmp_path / layout, options, progress=False, log=lambda _: None)
+        models[layout] = AutoModelForCausalLM.from_pretrained(tmp_path / layout, dtype=torch.float32).train()
+    native, own = models["native"], models["moeify"]
+    assert type(native).__name__ == "MixtralForCausalLM"
+    native.config.output_router_logits, native.config.router_aux_loss_coef = True, 1.0
+    native.router_aux_loss_coef = 1.0
+    own.config.router = {**own.config.router, "aux_loss_coef": 1.0}
+    ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    got = {k: causal_lm_loss_terms(m, ids, attention_mask=mask).router_loss for k, m in models.items()}
+    assert float(got["native"]) > 1.0  # about k = 2
+    torch.testing.assert_close(got["native"], got["moeify"])
 
 
 def test_moeify_format_with_router_loss(tmp_path, tmp_path_factory: pytest.TempPathFactory) -> None:  # noqa: ANN001

@@ -160,10 +160,13 @@ def router_probabilities(router_logits: torch.Tensor, scoring: str) -> torch.Ten
     return torch.sigmoid(logits) if scoring == "sigmoid" else F.softmax(logits, dim=-1)
 
 
-def _valid_tokens(num_tokens: int, attention_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+def _token_weights(num_tokens: int, attention_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """1 for each token the losses count, 0 for padding: padding is weighted out rather than selected away, since a
+    selection reads its size on the host (a synchronisation on accelerators)."""
     if attention_mask is None or attention_mask.numel() != num_tokens:
-        return None  # no mask, or one that does not describe these tokens (decoding with a cache)
-    return attention_mask.reshape(-1).bool().to(device)
+        # no mask, or one that does not describe these tokens (decoding with a cache)
+        return torch.ones(num_tokens, device=device)
+    return attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
 
 
 def load_balancing_loss(
@@ -180,16 +183,15 @@ def load_balancing_loss(
     if scoring == "sigmoid":
         probs = probs / probs.sum(dim=-1, keepdim=True)
     index = top_k_index.reshape(len(probs), -1)
-    keep = _valid_tokens(len(probs), attention_mask, probs.device)
-    if keep is not None:
-        probs, index = probs[keep], index[keep]
+    weight = _token_weights(len(probs), attention_mask, probs.device)
     selected = F.one_hot(index, num_choices + 1)[..., :num_choices].sum(dim=1).float()  # (tokens, n); drop = n
-    tokens = max(len(probs), 1)
-    return num_choices * (selected.sum(dim=0) / tokens * probs.sum(dim=0) / tokens).sum()
+    tokens = weight.sum().clamp(min=1)
+    share = (selected * weight[:, None]).sum(dim=0) / tokens
+    return num_choices * (share * (probs * weight[:, None]).sum(dim=0) / tokens).sum()
 
 
 def router_z_loss(router_logits: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE's router z-loss of one layer: the mean over (non-padding) tokens of `logsumexp(z)^2`."""
     z = torch.logsumexp(router_logits.float(), dim=-1) ** 2
-    keep = _valid_tokens(len(z), attention_mask, z.device)
-    return (z[keep] if keep is not None else z).mean()
+    weight = _token_weights(len(z), attention_mask, z.device)
+    return (z * weight).sum() / weight.sum().clamp(min=1)

@@ -66,8 +66,12 @@ def estimate(recipe: Recipe) -> Estimate:
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     model.tie_weights()  # as loading does: a tied LM head is the embedding matrix
+    from ..quant.loading import freeze_unreachable
+
+    freeze_unreachable(model)  # as loading does: the first MoE layer's gating residual never trains
     q, lora = recipe.quantization, recipe.lora
-    compute = _DTYPE_BYTES[q.compute_dtype]
+    # What trains is kept in float32 (master weights): with `lora: null` that is every weight.
+    compute = 4 if lora is None else _DTYPE_BYTES[q.compute_dtype]
     total = trainable = weights = 0
     seen: set[int] = set()  # a tied LM head is the embedding matrix: count it once
     dense = not any(name.rpartition(".")[2] == "experts" for name, _ in model.named_modules())
@@ -91,9 +95,12 @@ def estimate(recipe: Recipe) -> Estimate:
             elif lora is None:
                 trainable += own
         elif leaf in ROUTERS or parent in ROUTERS:  # a router / gate, or a layer of one (an MLP router): full precision
-            weights += own * compute
+            reachable = sum(p.numel() for p in params if p.requires_grad)
             if lora is None or lora.train_router:
-                trainable += own
+                trainable += reachable
+                weights += reachable * 4 + (own - reachable) * compute
+            else:
+                weights += own * compute
         elif isinstance(module, nn.Linear) and leaf != "lm_head":
             weights += _four_bit_bytes(own, 64, q.double_quant) if q.linear != "none" else own * compute
             if lora is None:

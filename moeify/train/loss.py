@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..modeling.router import load_balancing_loss, router_z_loss
+
 IGNORE_INDEX = -100
 CHUNK_BYTES = 32 << 20  # float32 logits of one chunk
 
@@ -70,9 +72,13 @@ def causal_lm_loss_terms(
     decoder's final hidden states are taken with a forward hook, and the LM head and cross-entropy run on chunks of
     them. `labels` default to `input_ids`; positions labelled -100 are not predicted. `chunk_tokens` defaults to
     the tokens whose float32 logits fill `CHUNK_BYTES` (256 tokens for a 32k vocabulary); `router_loss=False` leaves
-    the auxiliary loss out (evaluation). moeify's own models weigh their router losses by their config's `router`
-    section (`aux_loss_coef`, `z_loss_coef`); for the stock classes, `z_loss_coef` adds the router z-loss (ST-MoE,
-    Zoph et al. 2022): the mean over MoE layers and (non-padding) tokens of `logsumexp(router_logits)^2`. A
+    the auxiliary loss out (evaluation). Every format has the same router losses, averaged over MoE layers with
+    padding excluded: the load-balancing loss of each layer is Switch Transformer's `n * sum_i f_i P_i` (Fedus et al.
+    2021; Megatron-Core's per-layer loss), the z-loss ST-MoE's `logsumexp(router_logits)^2` (Zoph et al. 2022).
+    moeify's own models compute and weigh theirs by their config's `router` section (`aux_loss_coef`,
+    `z_loss_coef`); for the stock classes they are computed here from their routers, with `router_aux_loss_coef`
+    (when `output_router_logits` is set; their own Mixtral-style loss, which pools the layers' tokens, is switched
+    off) and `z_loss_coef`. A
     model whose LM head this function does not know (not a bias-free Linear) gets `model(..., labels=labels).loss`
     (its router loss then stays inside the token term).
     """
@@ -94,16 +100,22 @@ def causal_lm_loss_terms(
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         return LossTerms(loss.float() * predicted.to(loss.device), predicted.to(loss.device), loss.new_zeros(()))
     captured: list[torch.Tensor] = []
-    router_logits: list[torch.Tensor] = []
     hooks = [base.get_decoder().register_forward_hook(lambda _m, _i, out: captured.append(out[0]))]
     reports_losses = isinstance(getattr(base.config, "router", None), dict)  # moeify's model weighs its own
-    if router_loss and z_loss_coef and not reports_losses:
+    # The stock classes' own aux loss (Mixtral's) pools every layer's tokens into one Switch loss; moeify's
+    # definition is the Switch loss of each layer, averaged over layers, computed here from their routers.
+    aux_coef = 0.0
+    if router_loss and not reports_losses and getattr(base.config, "output_router_logits", False):
+        aux_coef = float(getattr(base, "router_aux_loss_coef", getattr(base.config, "router_aux_loss_coef", 0.0)))
+    routing: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []  # (router, logits, top-k index) per layer
+    if router_loss and not reports_losses and (aux_coef or z_loss_coef):
         from ..router_stats import routers
 
         for module in routers(base).values():
-            hooks.append(module.register_forward_hook(lambda _m, _i, out: router_logits.append(out[0])))
+            hooks.append(module.register_forward_hook(lambda m, _i, out: routing.append((m, out[0], out[2]))))
+    native = {"output_router_logits": False} if router_loss and not reports_losses and aux_coef else {}
     try:
-        outputs = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, **native)
     finally:
         for hook in hooks:
             hook.remove()
@@ -131,26 +143,18 @@ def causal_lm_loss_terms(
             router = router + settings["aux_loss_coef"] * aux.to(router.device)
         if getattr(outputs, "z_loss", None) is not None:
             router = router + settings["z_loss_coef"] * outputs.z_loss.to(router.device)
-    elif router_loss and aux is not None and getattr(base.config, "output_router_logits", False):
-        # Mixtral and Qwen-MoE keep the coefficient they were built with; moeify's model reads its config.
-        coef = getattr(base, "router_aux_loss_coef", base.config.router_aux_loss_coef)
-        router = router + coef * aux.to(router.device)
-    if router_logits:
-        router = router + z_loss_coef * router_z_loss(router_logits, attention_mask).to(router.device)
+    if routing and aux_coef:
+        aux = torch.stack(
+            [
+                load_balancing_loss(logits, index, m.num_experts, attention_mask=attention_mask)
+                for m, logits, index in routing
+            ]
+        ).mean()
+        router = router + aux_coef * aux.to(router.device)
+    if routing and z_loss_coef:
+        z = torch.stack([router_z_loss(logits, attention_mask) for _, logits, _ in routing]).mean()
+        router = router + z_loss_coef * z.to(router.device)
     return LossTerms(total, predicted.to(total.device), router)
-
-
-def router_z_loss(router_logits: list[torch.Tensor], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over layers of the mean over tokens of `logsumexp(logits)^2` (each layer's logits `(tokens, E)`, the
-    batch flattened as the routers see it); padding excluded when `attention_mask` is given."""
-    keep = attention_mask.reshape(-1).bool() if attention_mask is not None else None
-    per_layer = []
-    for logits in router_logits:
-        z = torch.logsumexp(logits.float().reshape(-1, logits.shape[-1]), dim=-1) ** 2
-        if keep is not None and keep.numel() == z.numel():
-            z = z[keep.to(z.device)]
-        per_layer.append(z.mean())
-    return torch.stack(per_layer).mean()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
