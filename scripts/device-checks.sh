@@ -15,6 +15,7 @@
 #   3. MOE_PROFILE_S=45   moe_block.py --profile at the first GPU target shape: where transformers' grouped_mm and
 #                         "moeify_grouped" spend their step (the operators to fuse next)
 #   4. QLORA_S=160        benchmarks/qlora_memory.py on CUDA, checkpointing off then on (issue 8)
+#   5. FSDP2_S=60         scripts/fsdp2_check.py: `moeify train` through accelerate's FSDP2 config (bf16, 4-bit + LoRA)
 # About 8 minutes in all: a device call runs 10 minutes at most, and a lease is 15 minutes with the machine's start.
 # DEVICE_CHECKS_SMOKE=1 runs every stage on tiny sizes (to try the script on a CPU machine).
 set -uo pipefail
@@ -95,4 +96,5 @@ stage moe-profile "${MOE_PROFILE_S:-45}" python3 benchmarks/moe_block.py --reps 
   --variants tf-grouped_mm,moeify-moeify_grouped --shapes "${shapes[0]}" --profile 15
 stage qlora-off "$(( ${QLORA_S:-160} / 2 ))" python3 benchmarks/qlora_memory.py "${qlora[@]}" --no-checkpointing
 stage qlora-on "$(( ${QLORA_S:-160} / 2 ))" python3 benchmarks/qlora_memory.py "${qlora[@]}"
+stage fsdp2 "${FSDP2_S:-60}" python3 scripts/fsdp2_check.py
 cat "$out/summary.log"
