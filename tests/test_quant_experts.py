@@ -654,3 +654,27 @@ def test_fused_layout_kept_through_evaluation_and_dropped_for_training() -> None
     assert module._cpu_fused["gate_up"] is layout
     nn.Sequential(module).train()
     assert module._cpu_fused == {} and module.training
+
+
+def test_fused_layouts_stay_within_the_process_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layouts are as large as the stored experts: once the process's layouts fill `CPU_FUSED_LAYOUT_BYTES`, further
+    layers get none (they dequantize, as in training) instead of holding the experts twice; a freed layout, or a
+    model that is gone, makes room. (Built here directly: the kernel that reads them needs AVX512-BF16.)"""
+    import gc
+
+    from moeify.quant import experts_4bit
+
+    first, second = (Experts4bit.from_experts(full_precision_experts()).bfloat16().eval() for _ in range(2))
+    assert all(second._cpu_fused_layout(name) is not None for name in ("gate_up", "down"))
+    one_module = experts_4bit.fused_layout_bytes()
+    second.train()  # frees it
+    assert one_module > 0 and experts_4bit.fused_layout_bytes() == 0
+    monkeypatch.setattr(experts_4bit, "CPU_FUSED_LAYOUT_BYTES", one_module)
+    assert all(first._cpu_fused_layout(name) is not None for name in ("gate_up", "down"))
+    second.eval()
+    assert second._cpu_fused_layout("gate_up") is None and second._cpu_fused == {}
+    assert experts_4bit.fused_layout_bytes() == one_module
+    del first
+    gc.collect()
+    assert experts_4bit.fused_layout_bytes() == 0
+    assert second._cpu_fused_layout("gate_up") is not None

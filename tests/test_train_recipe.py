@@ -150,6 +150,13 @@ def test_dry_run_counts_what_load_for_training_trains_and_reads_no_weight(
         assert main(["train", str(path), "--dry-run", "lora.r=4"]) == 0
     printed = capsys.readouterr().out
     assert "trainable parameters" in printed and "peak memory estimate" in printed and "learning_rate" in printed
+    # The fused CPU kernel's layouts: the packed experts' bytes and their bfloat16 scales, within the budget.
+    from moeify.quant import Experts4bit
+
+    loaded = load_for_training(out, gradient_checkpointing=False)
+    stored = [t for m in loaded.modules() if isinstance(m, Experts4bit) for n, t in m.named_parameters()]
+    packed = sum(t.numel() * t.element_size() for t in stored)
+    assert packed < result.fused_layout_bytes <= 2 * packed and "fused 4-bit kernel's layouts" in printed
 
     from peft import LoraConfig
 

@@ -22,6 +22,11 @@ ACCELERATOR_DEQUANTIZED_BYTES = 1 << 30
 # of its rows, 0.83x-0.92x for 16 and 1.04x-1.11x for 24 (`benchmarks/fused_4bit_rows.py`, BENCHMARKS.md issue 12,
 # sixteenth measurements): up to 16 rows.
 CPU_FUSED_ROWS = 16
+# The fused kernel reads its own copy of the packed experts (`Experts4bit.fused_projection`), as large as the stored
+# ones: built for every layer, evaluation and generation would hold the experts twice. The layouts of all
+# `Experts4bit` in a process together stay under this many bytes; past it a layer runs the dequantizing path
+# (training's), so evaluating a model never needs more memory than training it did.
+CPU_FUSED_LAYOUT_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)

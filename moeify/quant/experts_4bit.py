@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import weakref
 from collections.abc import Callable, Iterator
 
 import bitsandbytes.functional as bnb_functional
@@ -34,7 +35,7 @@ from bitsandbytes.cextension import lib as bnb_lib
 from bitsandbytes.functional import QuantState
 from torch import nn
 
-from .config import ExpertQuantization
+from .config import CPU_FUSED_LAYOUT_BYTES, ExpertQuantization
 from .dispatch import PROJECTIONS, ExpertChunk, ExpertDispatch, fused_experts
 
 _NESTED_BLOCKSIZE = 256  # bitsandbytes' blocksize for the scales of double quantization
@@ -136,7 +137,7 @@ class Experts4bit(ExpertDispatch):
     def quantize_expert_(self, name: str, expert: int, weight: torch.Tensor) -> None:
         """Store one expert's `weight` `(out, in)` of projection `name` (loaders store one expert at a time)."""
         q = self.quantization
-        self._cpu_fused.clear()
+        self._drop_fused_layout()
         data, state = bnb_functional.quantize_4bit(
             weight.contiguous(),
             blocksize=q.blocksize,
@@ -218,7 +219,7 @@ class Experts4bit(ExpertDispatch):
             for name in [n for n in tensors if n not in self._castable]
         }
         super()._apply(fn, recurse)
-        self._cpu_fused.clear()  # rebuilt from the moved storage if needed
+        self._drop_fused_layout()  # rebuilt from the moved storage if needed
         for name, tensor in storage.items():
             device = fn(torch.empty(0, device=tensor.device)).device
             tensor.data = tensor.data.to(device)
@@ -282,6 +283,12 @@ class Experts4bit(ExpertDispatch):
         if layout is not None or convert is None or self.shapes[name][0] % 32:
             return layout
         packed = getattr(self, f"{name}_packed").view(torch.uint8)
+        scales_bytes = (
+            self.num_experts * (self.shapes[name][0] * self.shapes[name][1] // self.quantization.blocksize) * 2
+        )
+        if fused_layout_bytes() + packed.numel() + scales_bytes > CPU_FUSED_LAYOUT_BYTES:
+            return None  # over the process's budget: this layer dequantizes instead
+        _LAYOUT_HOLDERS.add(self)
         scales = self.absmax(name, slice(None))  # float32 (E, blocks), double quantization undone
         experts = []
         for expert in range(self.num_experts):
@@ -292,6 +299,13 @@ class Experts4bit(ExpertDispatch):
             torch.stack([absmax for _, absmax in experts]),
         )
         return layout
+
+    def _drop_fused_layout(self) -> None:
+        self._cpu_fused.clear()
+        _LAYOUT_HOLDERS.discard(self)
+
+    def _fused_layout_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self._cpu_fused.values() for t in pair)
 
     def _cpu_fused_state(self, name: str, absmax: torch.Tensor) -> QuantState:
         """bitsandbytes' description of one expert's matrix of projection `name` with scales `absmax`, computing in
@@ -311,11 +325,11 @@ class Experts4bit(ExpertDispatch):
         generation-based evaluation's layout is freed on the next step and rebuilt on the next evaluation: about 2 s for
         Gemma 3 270M's 18 layers of 8 experts.)"""
         if mode:
-            self._cpu_fused.clear()
+            self._drop_fused_layout()
         return super().train(mode)
 
     def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
-        self._cpu_fused.clear()  # the stored weights are about to change
+        self._drop_fused_layout()  # the stored weights are about to change
         super()._load_from_state_dict(*args, **kwargs)  # type: ignore[arg-type]
 
     def chunks(self, top_k_index: torch.Tensor, dtype: torch.dtype) -> Iterator[ExpertChunk]:
@@ -429,3 +443,13 @@ def quantize_experts(model: nn.Module, quantization: ExpertQuantization | None =
             "quantize: is it an MoE?"
         )
     return replaced
+
+
+# The `Experts4bit` that hold a fused-kernel layout (weakly: a model that is gone frees its layouts).
+_LAYOUT_HOLDERS: weakref.WeakSet[Experts4bit] = weakref.WeakSet()
+
+
+def fused_layout_bytes() -> int:
+    """Bytes the fused CPU kernel's layouts take in this process, over every `Experts4bit` (at most
+    `CPU_FUSED_LAYOUT_BYTES`)."""
+    return sum(module._fused_layout_bytes() for module in _LAYOUT_HOLDERS)

@@ -12,6 +12,7 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import PretrainedConfig
 
+from ..quant.config import CPU_FUSED_LAYOUT_BYTES
 from .recipe import Recipe, wants_checkpointing
 
 ROUTERS = ("gate", "router", "shared_expert_gate", "constant_experts")  # as moeify.quant.loading.ROUTER_MODULES
@@ -30,6 +31,7 @@ class Estimate:
     weights_bytes: int
     training_state_bytes: int  # trainable weights, gradients, AdamW moments
     activation_bytes: int
+    fused_layout_bytes: int = 0  # at most CPU_FUSED_LAYOUT_BYTES, in CPU evaluation and generation only
     runtime_bytes: int = PROCESS_BYTES
 
     @property
@@ -72,7 +74,7 @@ def estimate(recipe: Recipe) -> Estimate:
     q, lora = recipe.quantization, recipe.lora
     # What trains is kept in float32 (master weights): with `lora: null` that is every weight.
     compute = 4 if lora is None else _DTYPE_BYTES[q.compute_dtype]
-    total = trainable = weights = 0
+    total = trainable = weights = fused_layouts = 0
     seen: set[int] = set()  # a tied LM head is the embedding matrix: count it once
     dense = not any(name.rpartition(".")[2] == "experts" for name, _ in model.named_modules())
     for name, module in model.named_modules():
@@ -88,6 +90,8 @@ def estimate(recipe: Recipe) -> Estimate:
                 trainable += own
         elif leaf == "experts" and getattr(module, "gate_up_proj", None) is not None and module.gate_up_proj.dim() == 3:
             weights += own * compute if q.experts == "none" else _four_bit_bytes(own, q.blocksize, q.double_quant)
+            if q.experts != "none":  # the fused CPU kernel's copy of the packed bytes, while evaluating on a CPU
+                fused_layouts = min(CPU_FUSED_LAYOUT_BYTES, fused_layouts + own // 2 + own // q.blocksize * 2)
             if lora is not None and "experts" in lora.targets:
                 experts, two_i, hidden = module.gate_up_proj.shape
                 rank = lora.expert_r or lora.r
@@ -115,8 +119,8 @@ def estimate(recipe: Recipe) -> Estimate:
             weights += own * compute
             if lora is None:
                 trainable += own
-    state = trainable * (compute + compute + 8)  # weight + gradient + two float32 AdamW moments
-    return Estimate(total, trainable, weights, state, _activations(recipe, config))
+    state = trainable * (4 + 4 + 8)  # float32 master weight + gradient + two float32 AdamW moments
+    return Estimate(total, trainable, weights, state, _activations(recipe, config), fused_layouts)
 
 
 def _config(path: str) -> PretrainedConfig:
@@ -159,5 +163,11 @@ def describe(recipe: Recipe) -> str:
         f"peak memory estimate  {result.peak_bytes / gib:.2f} GiB per device = weights {result.weights_bytes / gib:.2f}"
         f" + trainable state (weights, gradients, AdamW) {result.training_state_bytes / gib:.2f}"
         f" + activations ~{result.activation_bytes / gib:.2f} + the process ~{result.runtime_bytes / gib:.2f} GiB"
-        " (training steps; evaluation with the Trainer also holds one batch's full logits)\n"
+        " (training steps)\n"
+        + (
+            f"evaluation on a CPU  may add the fused 4-bit kernel's layouts: at most "
+            f"{result.fused_layout_bytes / gib:.2f} GiB (moeify.quant.config.CPU_FUSED_LAYOUT_BYTES)\n"
+            if result.fused_layout_bytes
+            else ""
+        )
     )
