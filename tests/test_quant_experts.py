@@ -232,11 +232,17 @@ def test_only_experts_that_received_tokens_are_dequantized(monkeypatch: pytest.M
     original = Experts4bit.dequantize
 
     def counting(
-        self: Experts4bit, name: str, experts: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
+        self: Experts4bit,
+        name: str,
+        experts: torch.Tensor,
+        dtype: torch.dtype,
+        out: torch.Tensor | None = None,
+        ids: list[int] | None = None,
     ) -> torch.Tensor:
         calls.append((name, experts.tolist()))
         buffers.append(out)
-        return original(self, name, experts, dtype, out)
+        assert ids is None or ids == experts.tolist()  # the chunk's experts as read on the host
+        return original(self, name, experts, dtype, out, ids)
 
     monkeypatch.setattr(Experts4bit, "dequantize", counting)
     x, _ = routing()
