@@ -13,8 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from tiny_models import DENSE_FOLDER, PROMPTS, dense_model
+from tiny_models import DENSE_FOLDER, PROMPTS, dense_model, training_recipe
 
 from moeify.converter import convert
 from moeify.plan import ConvertOptions
@@ -57,30 +56,11 @@ def _moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _recipe(tmp_path: Path, moe: Path, data: dict) -> Path:
-    recipe = {
-        "model": {"path": str(moe)},
-        "quantization": {"experts": "nf4", "compute_dtype": "float32"},
-        "lora": {"r": 4, "alpha": 8},
-        "data": {"max_length": 16, "eval_fraction": 0.0, **data},
-        "training": {
-            "max_steps": 4,
-            # Adam turns float32 rounding in a near-zero gradient into a whole step of that element: at 1e-3 one
-            # such step stays within the 1e-5 the adapters are compared at.
-            "learning_rate": 1e-3,
-            "seed": 0,
-            "logging_steps": 1,
-            "report_to": "none",
-            "disable_tqdm": True,
-            "save_strategy": "no",
-        },
-        # The balancing loss is a per-batch statistic (as in transformers and Megatron): a product of means, so a
-        # batch of 4 and four batches of 1 differ in it by definition. It is weighed by the accumulation steps.
-        "moe": {"aux_loss_coef": 0.0},
-        "output": {"dir": str(tmp_path / "unused")},
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    # Adam turns float32 rounding in a near-zero gradient into a whole step of that element: at 1e-3 one such step
+    # stays within the 1e-5 the adapters are compared at. The balancing loss is a per-batch statistic (as in
+    # transformers and Megatron): a product of means, so a batch of 4 and four batches of 1 differ in it by
+    # definition (it is weighed by the accumulation steps); it is off here.
+    return training_recipe(tmp_path, "recipe", moe, data, max_steps=4, learning_rate=1e-3, moe={"aux_loss_coef": 0.0})
 
 
 def _compare(python: Path | str, recipe: Path, tmp_path: Path) -> None:

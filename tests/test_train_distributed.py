@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny_models import DENSE_FOLDER, PROMPTS, dense_model
+from tiny_models import DENSE_FOLDER, PROMPTS, dense_model, training_recipe
 
 from moeify.cli import main
 from moeify.converter import convert
@@ -41,26 +41,8 @@ def _launch(tmp_path: Path, *arguments: str, timeout: int = 600) -> subprocess.C
 
 
 def _recipe(tmp_path: Path, moe: Path, name: str, batch: int) -> Path:
-    recipe = {
-        "model": {"path": str(moe)},
-        "quantization": {"experts": "nf4", "compute_dtype": "float32"},
-        "lora": {"r": 4, "alpha": 8},
-        "data": {"path": str(tmp_path / "corpus.jsonl"), "max_length": 16, "eval_fraction": 0.0},
-        "training": {
-            "per_device_train_batch_size": batch,
-            "max_steps": 6,
-            "learning_rate": 1e-2,
-            "seed": 0,
-            "logging_steps": 1,
-            "report_to": "none",
-            "disable_tqdm": True,
-            "save_strategy": "no",
-        },
-        "output": {"dir": str(tmp_path / name)},
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    data = {"path": str(tmp_path / "corpus.jsonl")}
+    return training_recipe(tmp_path, name, moe, data, per_device_train_batch_size=batch, max_steps=6)
 
 
 def _losses(folder: Path) -> list[float]:

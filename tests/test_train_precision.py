@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny_models import DENSE_FOLDER, PROMPTS, dense_model
+from tiny_models import DENSE_FOLDER, PROMPTS, dense_model, training_recipe
 
 from moeify.cli import main
 from moeify.converter import convert
@@ -37,27 +37,15 @@ def _moe(case: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _recipe(tmp_path: Path, moe: Path, name: str, **quantization: object) -> Path:
+    """30 steps of batch 4; `compute_dtype` is the recipe default (bfloat16) unless given."""
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS * 8))
-    recipe = {
-        "model": {"path": str(moe)},
-        "quantization": {"experts": "nf4", **quantization},  # compute_dtype: the default unless given
-        "lora": {"r": 4, "alpha": 8},
-        "data": {"path": str(tmp_path / "corpus.jsonl"), "max_length": 16, "eval_fraction": 0.0},
-        "training": {
-            "per_device_train_batch_size": 4,
-            "max_steps": 30,
-            "learning_rate": 1e-2,
-            "seed": 0,
-            "logging_steps": 1,
-            "report_to": "none",
-            "disable_tqdm": True,
-            "save_strategy": "no",
-        },
-        "output": {"dir": str(tmp_path / name)},
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    recipe = training_recipe(
+        tmp_path, name, moe, {"path": str(tmp_path / "corpus.jsonl")}, per_device_train_batch_size=4, max_steps=30
+    )
+    raw = yaml.safe_load(recipe.read_text())
+    raw["quantization"] = {"experts": "nf4", **quantization}
+    recipe.write_text(yaml.safe_dump(raw))
+    return recipe
 
 
 def _losses(folder: Path) -> list[float]:

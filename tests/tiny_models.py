@@ -240,3 +240,33 @@ def native_moe(name: str, seed: int = 0) -> torch.nn.Module:
             GraniteMoeSharedConfig(**common, **experts, shared_intermediate_size=128, num_local_experts=4)
         )
     raise ValueError(f"unknown native MoE class {name!r}; one of {NATIVE_MOE_CLASSES}")
+
+
+def training_recipe(folder: Path, name: str, model: Path | str, data: dict, **training: object) -> Path:
+    """`folder / f"{name}.yaml"`: a `moeify train` recipe for a tiny model (4-bit experts, LoRA r 4, float32 unless
+    `quantization` says otherwise, 16-token blocks, nothing held out, a log every step, no checkpoints), writing to
+    `folder / name`. `data` updates the data section (its `path` at least); `training` the training section, where
+    `quantization`, `moe` and `lora` update theirs."""
+    import yaml
+
+    sections = {key: training.pop(key) for key in ("quantization", "moe", "lora") if key in training}
+    recipe = {
+        "model": {"path": str(model)},
+        "quantization": {"experts": "nf4", "compute_dtype": "float32", **sections.get("quantization", {})},
+        "lora": {"r": 4, "alpha": 8, **sections.get("lora", {})},
+        "data": {"max_length": 16, "eval_fraction": 0.0, **data},
+        "training": {
+            "learning_rate": 1e-2,
+            "seed": 0,
+            "logging_steps": 1,
+            "report_to": "none",
+            "disable_tqdm": True,
+            "save_strategy": "no",
+            **training,
+        },
+        "moe": sections.get("moe", {}),
+        "output": {"dir": str(folder / name)},
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path

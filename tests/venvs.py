@@ -42,16 +42,7 @@ def transformers_python(version: str) -> Path:
     python = folder / "bin" / "python"
     if (folder / _DONE).exists():
         return python
-    shutil.rmtree(folder, ignore_errors=True)  # a half-built venv from an interrupted run
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
-    site = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    (Path(site) / "moeify-test-torch.pth").write_text(f"{links}\n")
+    _new_venv(folder, "moeify-test-torch.pth", links)
     install = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     proc = subprocess.run([*install, f"transformers=={version}", "safetensors"], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -79,16 +70,7 @@ def training_python(version: str) -> Path:
     python = folder / "bin" / "python"
     if (folder / _DONE).exists():
         return python
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
-    own = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    (Path(own) / "moeify-test-site.pth").write_text(f"{site}\n")
+    _new_venv(folder, "moeify-test-site.pth", site)
     install = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     proc = subprocess.run([*install, f"transformers=={version}"], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -99,6 +81,21 @@ def training_python(version: str) -> Path:
         raise RuntimeError(f"the venv at {folder} does not import transformers {version}:\n{proc.stderr[-3000:]}")
     (folder / _DONE).write_text(version)
     return python
+
+
+def _new_venv(folder: Path, pth: str, extra: Path) -> None:
+    """A fresh venv at `folder` (a half-built one from an interrupted run is removed) whose `pth` file puts `extra`
+    on its path after its own site-packages."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
+    site = subprocess.run(
+        [str(folder / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (Path(site) / pth).write_text(f"{extra}\n")
 
 
 def torch_links() -> Path:
