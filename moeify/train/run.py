@@ -30,7 +30,7 @@ class MoeTrainer(Trainer):
     term of each micro-batch is divided by the predicted tokens of the whole accumulated batch over all processes
     (`num_items_in_batch`, counted in `get_batch_samples`), and its router losses (per-batch means, like Mixtral's
     and Megatron's) by the accumulation steps. A non-finite loss on any process stops every process at the next
-    optimizer step (`_check_finite`), before the update reaches the weights.
+    optimizer step (`check_finite_loss`), before the update reaches the weights.
     """
 
     z_loss_coef = 0.0  # the recipe's moe.z_loss_coef
@@ -121,7 +121,8 @@ class MoeTrainer(Trainer):
         # Each process's gradients are averaged over processes (DDP, FSDP): scaling by their number makes the
         # average the token-weighted mean over all of them.
         processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
-        loss = terms.token_loss_sum * processes / num_items_in_batch
+        # An accumulated batch without a predicted token (all -100) contributes nothing rather than 0 / 0.
+        loss = terms.token_loss_sum * processes / torch.as_tensor(num_items_in_batch).clamp(min=1)
         return loss + terms.router_loss / self.current_gradient_accumulation_steps
 
     def check_finite_loss(self) -> None:
