@@ -117,6 +117,37 @@ def test_matches_eager_reference(
 
 
 @pytest.mark.parametrize("lora", [None, ExpertLora(r=4, alpha=8)])
+def test_one_chunk_of_every_expert_without_reading_the_counts(
+    lora: ExpertLora | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where every expert fits the budget on an accelerator, `chunks` gives one chunk of all experts (experts that
+    got no token are empty groups) and reads nothing on the host; run here on the CPU, made to take that path."""
+    from moeify.quant import experts_4bit
+
+    module: nn.Module = Experts4bit.from_experts(full_precision_experts(bias=True))
+    if lora is not None:
+        module = with_lora(module, lora, nonzero=True)
+    x, logits = routing()
+    weights, _ = route(logits)
+    index = torch.tensor([[1, 3]] * T)  # experts 0 and 2 get nothing
+    monkeypatch.setattr(experts_4bit, "_counts_read_on_host", lambda device: False)
+    reads = []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or [])  # nothing may read the counts
+    ours = module(x, index, weights)
+    monkeypatch.undo()
+    reference = eager_reference(module, x, index, weights)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    leaves = [x, logits, *lora_parameters(module)]
+    grad = torch.randn_like(ours)
+    monkeypatch.setattr(experts_4bit, "_counts_read_on_host", lambda device: False)
+    ours_grads = torch.autograd.grad(ours, leaves, grad, retain_graph=True)
+    monkeypatch.undo()
+    for got, want in zip(ours_grads, torch.autograd.grad(reference, leaves, grad), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert reads == []
+
+
+@pytest.mark.parametrize("lora", [None, ExpertLora(r=4, alpha=8)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_router_only_gradient_matches_eager_reference(lora: ExpertLora | None, bias: bool, device: str) -> None:
     """Frozen inputs and LoRA: backward computes only the routing weights' gradient, from the expert outputs it

@@ -342,7 +342,7 @@ class Experts4bit(ExpertDispatch):
         order, counts = self.sorted_routing(top_k_index)
         per_expert = sum(o * i for o, i in self.shapes.values()) * torch.empty((), dtype=dtype).element_size()
         size = max(1, self.quantization.dequantized_budget(device) // per_expert)
-        if device.type != "cpu" and size >= self.num_experts:  # every index is a routed expert off the CPU
+        if not _counts_read_on_host(device) and size >= self.num_experts:  # off the CPU every index is routed
             experts = torch.arange(self.num_experts, device=device)
             yield ExpertChunk(experts, counts, order, order // num_top_k, slice(None), ids=list(range(len(experts))))
             return
@@ -367,6 +367,12 @@ class Experts4bit(ExpertDispatch):
             f"num_experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, "
             f"{q.quant_type}, blocksize={q.blocksize}, double_quant={q.double_quant}"
         )
+
+
+def _counts_read_on_host(device: torch.device) -> bool:
+    """Whether `chunks` reads the expert counts even when every expert fits the budget: on the CPU, where reading
+    costs nothing and skipping experts without rows saves their dequantization."""
+    return device.type == "cpu"
 
 
 def _select(tensor: torch.Tensor, experts: torch.Tensor | slice) -> torch.Tensor:
