@@ -56,7 +56,11 @@ class QuantizationRecipe:
 
     experts: Precision = _doc("routed experts: nf4 | fp4 (bitsandbytes 4-bit) | none (compute dtype)", default="nf4")
     linear: Precision = _doc("attention and other linear layers: nf4 | fp4 | none", default="none")
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = _doc("dtype of the computation", default="bfloat16")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = _doc(
+        "dtype of the frozen weights and of the computation (bfloat16: autocast, trained weights float32; float16 "
+        "is refused)",
+        default="bfloat16",
+    )
     double_quant: bool = _doc("quantize the 4-bit scales too", default=True)
     blocksize: int = _doc("weights per 4-bit scale (experts)", default=64)
 
