@@ -4,7 +4,8 @@ the final evaluation and saving, against the model's own size.
     python benchmarks/train_memory.py --model mixtral-353m          # a random 353M Mixtral (qlora_memory.py's)
     python benchmarks/train_memory.py --model tinyllama-6.45b       # TinyLlama-1.1B shape upcycled to 8 experts
     python benchmarks/train_memory.py --model small                 # a smoke run
-    options: --steps 10 --batch 1 --tokens 64 --work /tmp/moeify-bench --json FILE
+    options: --steps 10 --batch 1 --tokens 64 --eval-batch B --eval-fraction 0.02
+             --compute-dtype bfloat16|float32 --work DIR --json FILE
 
 The run is `moeify train` itself (in a child process), on the standard library's docstrings
 (`builtin:python-docstrings`, 2% held out for the final evaluation), checkpointing on, a log every step. A thread
@@ -113,6 +114,14 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--eval-batch", type=int, default=None, help="default: the training batch (moeify's)")
+    parser.add_argument("--eval-fraction", type=float, default=0.02, help="share of the blocks held out")
+    parser.add_argument(
+        "--compute-dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32"],
+        help="float32 on CPUs without native bfloat16 (no AVX512-BF16 / AMX), where bfloat16 matmuls crawl",
+    )
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "moeify-bench")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -123,12 +132,12 @@ def main() -> int:
     run_dir = args.work / f"train-memory-{args.model}"
     recipe = {
         "model": {"path": str(model)},
-        "quantization": {"experts": "nf4", "linear": "nf4", "compute_dtype": "bfloat16"},
+        "quantization": {"experts": "nf4", "linear": "nf4", "compute_dtype": args.compute_dtype},
         "lora": {"r": 16, "alpha": 32},
-        "data": {"path": "builtin:python-docstrings", "max_length": args.tokens, "eval_fraction": 0.02},
+        "data": {"path": "builtin:python-docstrings", "max_length": args.tokens, "eval_fraction": args.eval_fraction},
         "training": {
             "per_device_train_batch_size": args.batch,
-            "per_device_eval_batch_size": args.batch,
+            **({"per_device_eval_batch_size": args.eval_batch} if args.eval_batch else {}),
             "max_steps": args.steps,
             "learning_rate": 1e-4,
             "logging_steps": 1,
@@ -151,8 +160,12 @@ def main() -> int:
     size = phases.pop("model size")
     phases.pop("done", None)
     steps = [phases[f"step {i}"] for i in range(1, args.steps + 1) if f"step {i}" in phases]
-    print(f"moeify train, {args.model}: {args.steps} steps of {args.batch} x {args.tokens} tokens, bf16, 4-bit experts")
-    print(f"and linears, LoRA r 16, checkpointing; {common.machine_summary()}")
+    print(
+        f"moeify train, {args.model}: {args.steps} steps of {args.batch} x {args.tokens} tokens, {args.compute_dtype},"
+    )
+    evaluation = f"evaluation batch {args.eval_batch or args.batch} on {args.eval_fraction:.1%} of the blocks"
+    print(f"4-bit experts and linears, LoRA r 16, checkpointing, {evaluation};")
+    print(common.machine_summary())
     print(f"model size (every tensor of the loaded model): {size / GiB:.2f} GiB")
     print("| phase | peak RssAnon (GiB) | peak - model size (GiB) |\n|---|---|---|")
     for name, peak in phases.items():

@@ -251,3 +251,16 @@ def test_checkpointing_key_under_either_name(training: dict, expected: bool) -> 
     from moeify.train.recipe import wants_checkpointing
 
     assert wants_checkpointing(Recipe(training=training)) is expected
+
+
+def test_evaluation_batch_defaults_to_the_training_batch(tmp_path: Path) -> None:
+    """transformers evaluates 8 sequences at a time whatever the training batch: a run that trains with batch 1 to
+    fit would then evaluate with 8 times its tokens."""
+    from moeify.train.recipe import trainer_settings
+
+    recipe = load_recipe(write(tmp_path, {**GOOD, "training": {"per_device_train_batch_size": 1}}))
+    assert trainer_settings(recipe)["per_device_eval_batch_size"] == 1
+    recipe = load_recipe(
+        write(tmp_path, GOOD), ["training.per_device_train_batch_size=2", "training.per_device_eval_batch_size=6"]
+    )
+    assert trainer_settings(recipe)["per_device_eval_batch_size"] == 6

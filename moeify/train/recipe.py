@@ -285,7 +285,7 @@ def trainer_settings(recipe: Recipe) -> dict[str, Any]:
 
     On a machine without an accelerator `use_cpu` defaults to true, so a recipe written for GPUs (`bf16: true`)
     validates and runs there instead of failing on transformers' hardware check. `compute_dtype: bfloat16` turns
-    on `bf16` (autocast).
+    on `bf16` (autocast). The evaluation batch defaults to the training batch.
     """
     import torch
 
@@ -294,6 +294,10 @@ def trainer_settings(recipe: Recipe) -> dict[str, Any]:
         settings[checkpointing_argument()] = wants_checkpointing(recipe)
     if torch.accelerator.current_accelerator() is None:
         settings.setdefault("use_cpu", True)
+    # Evaluation batches as large as the training ones (transformers' default is 8 whatever the training batch):
+    # without gradients they then never need more memory than a training step did.
+    if "per_device_train_batch_size" in settings:
+        settings.setdefault("per_device_eval_batch_size", settings["per_device_train_batch_size"])
     if recipe.quantization.compute_dtype == "bfloat16":
         # Frozen weights are stored in bfloat16 and trained ones are float32 masters (`upcast_trainable`): the
         # forward runs under bfloat16 autocast, where each product takes both.
