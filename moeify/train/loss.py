@@ -78,9 +78,8 @@ def causal_lm_loss_terms(
     moeify's own models compute and weigh theirs by their config's `router` section (`aux_loss_coef`,
     `z_loss_coef`); for the stock classes they are computed here from their routers, with `router_aux_loss_coef`
     (when `output_router_logits` is set; their own Mixtral-style loss, which pools the layers' tokens, is switched
-    off) and `z_loss_coef`. A
-    model whose LM head this function does not know (not a bias-free Linear) gets `model(..., labels=labels).loss`
-    (its router loss then stays inside the token term).
+    off) and `z_loss_coef`. A model whose LM head this function does not know (not a bias-free Linear) gets
+    `model(..., labels=labels).loss` (its router loss then stays inside the token term).
     """
     labels = input_ids if labels is None else labels
     predicted = (labels[:, 1:] != IGNORE_INDEX).sum()
