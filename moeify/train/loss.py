@@ -112,7 +112,7 @@ def causal_lm_loss_terms(
 
         for module in routers(base).values():
             hooks.append(module.register_forward_hook(lambda m, _i, out: routing.append((m, out[0], out[2]))))
-    native = {"output_router_logits": False} if router_loss and not reports_losses and aux_coef else {}
+    native = {"output_router_logits": False} if aux_coef else {}  # theirs would be computed and thrown away
     try:
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, **native)
     finally:

@@ -108,16 +108,16 @@ class MoeTrainer(Trainer):
         terms = causal_lm_loss_terms(
             model, inputs["input_ids"], inputs.get("labels"), inputs.get("attention_mask"), z_loss_coef=self.z_loss_coef
         )
+        mean = terms.mean()
         if not model.training:
-            return terms.mean()
-        batch_loss = terms.mean().detach()
+            return mean
         # The first non-finite loss since the last optimizer step is kept on the device, read once per step.
-        previous = self._batch_loss
+        previous, batch_loss = self._batch_loss, mean.detach()
         self._batch_loss = (
             batch_loss if previous is None else torch.where(torch.isfinite(previous), batch_loss, previous)
         )
         if num_items_in_batch is None:
-            return terms.mean()  # Trainer divides it by the accumulation steps
+            return mean  # Trainer divides it by the accumulation steps
         # Each process's gradients are averaged over processes (DDP, FSDP): scaling by their number makes the
         # average the token-weighted mean over all of them.
         processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
