@@ -333,7 +333,19 @@ def _add_eval_data(p: argparse.ArgumentParser) -> None:
         help="evaluate the blocks moeify train held out with data.eval_fraction=FRACTION (and --seed)",
     )
     p.add_argument("--seed", type=int, default=0, help="training.seed of that run (default 0)")
-    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"], help="(default float32)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["bfloat16", "float16", "float32"],
+        help="weights' dtype; with 4-bit experts, the compute dtype (default float32)",
+    )
+    for name, what in (("experts", "routed experts"), ("linear", "attention and other linear layers")):
+        p.add_argument(
+            f"--{name}",
+            default=None,
+            choices=["nf4", "fp4", "none"],
+            help=f"{what}: 4-bit or full precision (default: as ADAPTER's moeify train run stored them, else none)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -500,6 +512,8 @@ def _evaluate(args: argparse.Namespace, baseline: str | None = None) -> dict[str
         dtype=args.dtype,
         held_out=args.held_out,
         seed=args.seed,
+        experts=args.experts,
+        linear=args.linear,
     )
 
 

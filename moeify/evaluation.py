@@ -12,6 +12,7 @@ import torch
 from .errors import MoeifyError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+PRECISIONS = ("nf4", "fp4", "none")  # how experts and linear modules are stored, as a recipe's `quantization`
 
 
 def evaluate(
@@ -27,11 +28,19 @@ def evaluate(
     dtype: str = "float32",
     held_out: float = 0.0,
     seed: int = 0,
+    experts: str | None = None,
+    linear: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate `model` (+ `adapter`) on the first `max_blocks` packed blocks of `data`; `baseline` on the same.
 
     With `held_out` > 0 the blocks are those `moeify train` held out with `data.eval_fraction = held_out` and
     `training.seed = seed` (the same split), so a trained adapter is measured on text it did not see.
+
+    `experts` and `linear` (`"nf4"`, `"fp4"` or `"none"`) say how the model's routed experts and other linear
+    modules are stored, as `quantization.experts` / `quantization.linear` of a recipe: 4-bit experts load with
+    `load_for_training` (quantized layer by layer, as training loaded them, so evaluating needs no more memory than
+    training did) and `dtype` is the compute dtype (autocast). Default (None): as the adapter's run trained (the
+    `recipe.yaml` `moeify train` writes beside it), as a `save_4bit` checkpoint stores them, else `"none"`.
 
     Returns `{"model": {...}, "baseline": {...}}` with `loss` (mean next-token cross-entropy per predicted token),
     `perplexity`, `tokens`, `blocks` and, for MoE models, `layers` (per router: tokens per expert, load CV, the
@@ -48,8 +57,11 @@ def evaluate(
     folder = resolve_source(model)
     tokenizer_folder = next(
         (f for f in (folder, Path(adapter) if adapter else None) if f and (f / "tokenizer_config.json").exists()),
-        folder,
+        None,
     )
+    if tokenizer_folder is None:
+        where = f"{folder} or {adapter}" if adapter else str(folder)
+        raise MoeifyError(f"no tokenizer in {where} (tokenizer_config.json): copy the source model's tokenizer there.")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     train_blocks, eval_blocks = build_datasets(
         DataRecipe(path=data, text_field=text_field, max_length=max_length, eval_fraction=held_out), tokenizer, seed
@@ -57,21 +69,59 @@ def evaluate(
     blocks = eval_blocks if held_out and eval_blocks is not None else train_blocks
     blocks = blocks.select(range(min(max_blocks, len(blocks))))
     ids = torch.tensor(blocks["input_ids"])
-    result = {"model": _measure(_load(folder, adapter, dtype), ids, batch_size)}
+    storage = _storage(folder, adapter, experts, linear)
+    autocast = DTYPES.get(dtype) if storage[0] != "none" and dtype != "float32" else None
+    result = {"model": _measure(_load(folder, adapter, dtype, *storage), ids, batch_size, autocast)}
     if baseline:
-        dense = _load(resolve_source(baseline), None, dtype)
+        dense = _load(resolve_source(baseline), None, dtype, "none", "none")
         if dense.config.get_text_config().vocab_size < int(ids.max()) + 1:
             raise MoeifyError(f"--baseline {baseline} has a smaller vocabulary than {model}'s tokenizer.")
         result["baseline"] = _measure(dense, ids, batch_size)
     return result
 
 
-def _load(folder: Path, adapter: str | None, dtype: str) -> torch.nn.Module:
+def _storage(folder: Path, adapter: str | None, experts: str | None, linear: str | None) -> tuple[str, str]:
+    """How the experts and the other linear modules are loaded: as asked, else as trained (see `evaluate`)."""
+    from .quant.loading import read_config
+
+    trained: dict[str, Any] = {}
+    if adapter is not None and (Path(adapter) / "recipe.yaml").is_file():
+        import yaml
+
+        trained = (yaml.safe_load((Path(adapter) / "recipe.yaml").read_text()) or {}).get("quantization") or {}
+    saved = read_config(folder)[1]
+    experts = experts or trained.get("experts") or (saved.quant_type if saved else "none")
+    linear = linear or trained.get("linear") or "none"
+    for name, value in (("experts", experts), ("linear", linear)):
+        if value not in PRECISIONS:
+            raise MoeifyError(f"--{name} must be one of {', '.join(PRECISIONS)} (got '{value}').")
+    if saved is not None and experts != saved.quant_type:
+        raise MoeifyError(f"{folder} stores its experts in {saved.quant_type}; they cannot be evaluated as {experts}.")
+    return experts, linear
+
+
+def _load(folder: Path, adapter: str | None, dtype: str, experts: str, linear: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise MoeifyError(f"--dtype must be one of {', '.join(DTYPES)} (got '{dtype}').")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
+    if experts != "none":
+        from .quant import ExpertQuantization, load_with_adapter
+        from .quant.loading import linear_quantization_config
+
+        return load_with_adapter(
+            folder,
+            adapter,
+            quantization=ExpertQuantization(quant_type=experts),  # type: ignore[arg-type]
+            linear_quantization=None if linear == "none" else linear_quantization_config(linear, DTYPES[dtype]),
+            dtype=DTYPES[dtype],
+        )
+    quantization = None
+    if linear != "none":
+        from .quant.loading import linear_quantization_config
+
+        quantization = linear_quantization_config(linear, DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], quantization_config=quantization)
     if adapter:
         from peft import PeftModel
 
@@ -82,12 +132,17 @@ def _load(folder: Path, adapter: str | None, dtype: str) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def _measure(model: torch.nn.Module, ids: torch.Tensor, batch_size: int) -> dict[str, Any]:
+def _measure(
+    model: torch.nn.Module, ids: torch.Tensor, batch_size: int, autocast: torch.dtype | None = None
+) -> dict[str, Any]:
+    """Loss and router statistics of `model` on `ids`; under autocast to `autocast` when given (a 4-bit model keeps
+    what LoRA trained in float32 beside frozen weights in the compute dtype, as training ran it)."""
     from .router_stats import RouterStats
     from .train.loss import causal_lm_loss
 
     total, predicted = 0.0, 0
-    with RouterStats(model) as stats:
+    device = next(model.parameters()).device.type
+    with RouterStats(model) as stats, torch.autocast(device, dtype=autocast or torch.float32, enabled=bool(autocast)):
         for start in range(0, len(ids), batch_size):
             batch = ids[start : start + batch_size]
             count = batch.shape[0] * (batch.shape[1] - 1)

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 from huggingface_hub import ModelCard, ModelCardData
-from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -586,39 +585,6 @@ def _adapter_model(base: Path, adapter: Path, plan: _Plan) -> nn.Module:
     if plan.from_4bit is None:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         return PeftModel.from_pretrained(model, adapter)
-    from peft import LoraConfig, set_peft_model_state_dict
+    from .quant import load_with_adapter
 
-    from .quant import ExpertLora, load_for_training
-
-    config = dict(plan.adapter_config)
-    experts = [lora for lora in plan.loras.values() if lora.num_experts]
-    expert_keys = set(config.get("target_parameters") or [])
-    patterns = {
-        key: {k: v for k, v in (config.get(key) or {}).items() if k not in expert_keys}
-        for key in ("rank_pattern", "alpha_pattern")
-    }
-    rank = experts[0].lora_A.shape[0] // experts[0].num_experts if experts else config["r"]
-    alpha = experts[0].scale * (math.sqrt(rank) if config.get("use_rslora") else rank) if experts else 1.0
-    attention = LoraConfig(
-        r=config["r"],
-        lora_alpha=config["lora_alpha"],
-        target_modules=config.get("target_modules"),
-        modules_to_save=config.get("modules_to_save"),
-        use_rslora=bool(config.get("use_rslora")),
-        **patterns,
-    )
-    model = load_for_training(
-        base,
-        lora=ExpertLora(r=rank, alpha=alpha, use_rslora=bool(config.get("use_rslora"))),
-        attention_lora=attention,
-        dtype=torch.float32,
-        gradient_checkpointing=False,
-        train_router=False,
-    )
-    state = {}
-    for file in sorted(adapter.glob("adapter_model*.safetensors")):
-        state.update(load_file(file))
-    result = set_peft_model_state_dict(model, state)
-    if result.unexpected_keys:
-        raise MoeifyError(f"the 4-bit adapter model did not take {sorted(result.unexpected_keys)[:3]} ...")
-    return model
+    return load_with_adapter(base, adapter, dtype=torch.float32)

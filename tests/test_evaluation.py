@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import DENSE_FOLDER, PROMPTS, build_tokenizer, dense_model
+from tiny_models import ARCHITECTURES, DENSE_FOLDER, PROMPTS, build_dense, build_tokenizer, dense_model
 from transformers import AutoModelForCausalLM
 
 from moeify.cli import main
@@ -61,3 +62,78 @@ def test_eval_numbers_equal_a_hand_computation(
     assert main(args) == 0  # the table
     table = capsys.readouterr().out
     assert "perplexity" in table and "load CV" in table and "model.layers.0.mlp.gate" in table
+
+
+def test_eval_of_a_trained_adapter_loads_4bit_experts_as_training_did(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`moeify eval --adapter RUN` builds the model the run trained (4-bit experts and linears, LoRA, trained routers
+    and shared-expert gate), so its held-out loss is the trainer's final `eval_loss`; `--experts none` is the
+    full-precision base with the same adapter, which differs by the quantization error."""
+    import yaml
+
+    config = ARCHITECTURES["qwen2"]()
+    config.initializer_range = 0.3  # logits of a few units, so 4-bit rounding moves the loss visibly
+    dense = build_dense("qwen2", tmp_path / "dense", config=config)
+    moe = tmp_path / "moe"
+    convert(str(dense), moe, ConvertOptions(num_experts=4, top_k=2, shared_experts=1), progress=False, log=print)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS * 8))
+    recipe = {
+        "model": {"path": str(moe)},
+        "quantization": {"experts": "nf4", "linear": "nf4", "compute_dtype": "float32"},
+        "lora": {"r": 4, "alpha": 8, "expert_r": 2},
+        "moe": {"aux_loss_coef": 0.0},  # eval_loss is then the cross-entropy alone, as `moeify eval` reports
+        "data": {"path": str(corpus), "max_length": 16, "eval_fraction": 0.25},
+        "training": {
+            "per_device_train_batch_size": 2,
+            "max_steps": 6,
+            "learning_rate": 3e-2,
+            "seed": 3,
+            "report_to": "none",
+            "disable_tqdm": True,
+            "save_strategy": "no",
+        },
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(tmp_path / "recipe.yaml")]) == 0
+    trained = json.loads((tmp_path / "run" / "train_results.json").read_text())["eval_loss"]
+
+    capsys.readouterr()
+    args = ["eval", str(moe), "--data", str(corpus), "--adapter", str(tmp_path / "run"), "--max-length", "16"]
+    args += ["--held-out", "0.25", "--seed", "3", "--max-blocks", "1000", "--json"]
+    assert main(args) == 0
+    as_trained = json.loads(capsys.readouterr().out)["model"]
+    assert as_trained["loss"] == pytest.approx(trained, abs=1e-5)
+
+    assert main([*args, "--experts", "none", "--linear", "none"]) == 0
+    full = json.loads(capsys.readouterr().out)["model"]
+    assert full["tokens"] == as_trained["tokens"]
+    assert abs(full["loss"] - as_trained["loss"]) > 1e-3  # 4-bit rounding of every expert and linear weight
+
+
+def test_eval_storage_errors(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from moeify.quant import ExpertQuantization, load_for_training, save_4bit
+
+    dense = dense_model("llama", tmp_path_factory.getbasetemp() / DENSE_FOLDER)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS))
+    data = ["--data", str(corpus), "--max-length", "12", "--max-blocks", "2"]
+    capsys.readouterr()
+    assert main(["eval", str(dense), *data, "--experts", "nf4"]) == 2
+    assert "not an MoE with fused experts (LlamaForCausalLM)" in capsys.readouterr().err
+
+    moe = tmp_path / "moe"
+    convert(str(dense), moe, ConvertOptions(num_experts=4, top_k=2), progress=False, log=lambda _: None)
+    saved = save_4bit(load_for_training(moe, ExpertQuantization(quant_type="nf4")), tmp_path / "moe-4bit")
+    assert main(["eval", str(saved), *data]) == 2
+    assert f"no tokenizer in {saved} (tokenizer_config.json)" in capsys.readouterr().err
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(moe / name, saved / name)
+    assert main(["eval", str(saved), *data, "--experts", "fp4"]) == 2
+    assert "stores its experts in nf4; they cannot be evaluated as fp4" in capsys.readouterr().err
+    assert main(["eval", str(saved), *data, "--json"]) == 0  # a 4-bit checkpoint loads as stored
+    assert json.loads(capsys.readouterr().out)["model"]["tokens"] == 2 * 11

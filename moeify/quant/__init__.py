@@ -5,7 +5,7 @@ from .config import ExpertLora, ExpertQuantization
 from .dispatch import ExpertDispatch, LoraFactors
 from .experts_4bit import Experts4bit, quantize_experts
 from .experts_frozen import ExpertsFrozen, freeze_experts
-from .loading import load_for_training, save_4bit
+from .loading import load_for_training, load_with_adapter, save_4bit
 from .lora import ExpertsLora, add_expert_lora
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "add_expert_lora",
     "freeze_experts",
     "load_for_training",
+    "load_with_adapter",
     "quantize_experts",
     "save_4bit",
 ]

@@ -111,8 +111,9 @@ def load_for_training(
     experts = fused_experts(model)
     if not experts:
         raise MoeifyError(
-            f"{folder} is not an MoE with fused experts ({type(model).__name__}): nothing to quantize. Train a dense "
-            "model with full-precision weights (`quantization.experts: none` in a `moeify train` recipe)."
+            f"{folder} is not an MoE with fused experts ({type(model).__name__}): nothing to quantize. Load it with "
+            "full-precision weights (`quantization.experts: none` in a `moeify train` recipe, `moeify eval "
+            "--experts none`)."
         )
     if shared_experts not in ("lora", "full", "frozen"):
         raise MoeifyError(f"shared_experts must be 'lora', 'full' or 'frozen', not {shared_experts!r}.")
@@ -138,6 +139,100 @@ def load_for_training(
     freeze_unreachable(peft_model)
     upcast_trainable(peft_model)
     return peft_model
+
+
+def linear_quantization_config(quant_type: str, dtype: torch.dtype, double_quant: bool = True) -> BitsAndBytesConfig:
+    """bitsandbytes' 4-bit settings for the linear modules other than the experts, as `moeify train` stores them:
+    routers and the LM head stay in `dtype`."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_use_double_quant=double_quant,
+        llm_int8_skip_modules=["lm_head", *ROUTER_MODULES],
+    )
+
+
+def load_with_adapter(
+    source: str | Path,
+    adapter: str | Path | None = None,
+    quantization: ExpertQuantization | None = None,
+    linear_quantization: BitsAndBytesConfig | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+) -> PeftModel:
+    """An MoE with 4-bit experts and a trained LoRA adapter, in eval mode, frozen: the model `moeify train`
+    evaluated, for evaluation and for checking a merge, at the memory training needed.
+
+    Args:
+        source: the MoE the adapter was trained on (full precision or a `save_4bit` checkpoint), folder or Hub id.
+        adapter: a peft adapter folder written by `load_for_training`'s model (LoRA on linear modules, per-expert
+            LoRA in `target_parameters`, `modules_to_save`); None: the 4-bit model alone (its LoRA is zero).
+        quantization, linear_quantization, dtype, device: as for `load_for_training`.
+
+    The LoRA ranks and scales, targets and saved modules come from the adapter's config; every tensor of the adapter
+    must find its place, and an expert LoRA the config names must be in the file.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from ..peft_adapter import adapter_folder
+
+    config: dict[str, Any] = {}
+    state: dict[str, torch.Tensor] = {}
+    if adapter is not None:
+        folder = adapter_folder(adapter)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        if config.get("peft_type") != "LORA":
+            raise MoeifyError(f"{folder} is a {config.get('peft_type')} adapter; only LoRA adapters load here.")
+        files = sorted(folder.glob("adapter_model*.safetensors"))
+        if not files:
+            raise MoeifyError(f"{folder} has no adapter_model.safetensors (pickled adapters are not read).")
+        for file in files:
+            state.update(load_file(file))
+    experts = list(config.get("target_parameters") or [])
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    r, alpha = config.get("r", 16), config.get("lora_alpha", 32.0)
+    expert_lora = ExpertLora(
+        r=ranks.get(experts[0], r) if experts else r,
+        alpha=alphas.get(experts[0], alpha) if experts else alpha,
+        use_rslora=bool(config.get("use_rslora")),
+    )
+    others = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=config.get("target_modules"),
+        modules_to_save=config.get("modules_to_save"),
+        use_rslora=bool(config.get("use_rslora")),
+        rank_pattern={k: v for k, v in ranks.items() if k not in experts},
+        alpha_pattern={k: v for k, v in alphas.items() if k not in experts},
+    )
+    trained_in_full = any(m in SHARED_MODULES for m in config.get("modules_to_save") or [])
+    model = load_for_training(
+        source,
+        quantization=quantization,
+        lora=expert_lora,
+        attention_lora=others,
+        dtype=dtype,
+        gradient_checkpointing=False,
+        train_router=False,  # the adapter's own `modules_to_save` name what it holds
+        linear_quantization=linear_quantization,
+        shared_experts="full" if trained_in_full else "lora",
+        device=device,
+    )
+    if state:
+        result = set_peft_model_state_dict(model, state)
+        if result.unexpected_keys:
+            raise MoeifyError(
+                f"{len(result.unexpected_keys)} tensors of {adapter} have no place in the model built from {source} "
+                f"(e.g. {sorted(result.unexpected_keys)[0]}): was it trained on another model?"
+            )
+        if experts:
+            missing = [k for k in result.missing_keys if ".lora_" in k and ".experts" in k]
+            if missing:
+                raise MoeifyError(f"{adapter} names expert LoRA in its config but lacks {missing[0]}.")
+    model.requires_grad_(False)
+    return model.eval()
 
 
 def _device(device: str | torch.device | None) -> torch.device:

@@ -246,7 +246,7 @@ def load_model(recipe: Recipe, path: str, device: torch.device | None = None) ->
       `experts` target means the FFN's linears (`mlp.*`), at `expert_r` / `expert_alpha`.
     """
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..quant import ExpertLora, ExpertQuantization, add_expert_lora, freeze_experts, load_for_training
     from ..quant.dispatch import fused_experts
@@ -256,21 +256,14 @@ def load_model(recipe: Recipe, path: str, device: torch.device | None = None) ->
         apply_router_settings,
         enable_checkpointing,
         freeze_unreachable,
+        linear_quantization_config,
         upcast_trainable,
     )
 
     q, lora = recipe.quantization, recipe.lora
     dtype = _DTYPES[q.compute_dtype]
     checkpointing = wants_checkpointing(recipe)
-    linear = None
-    if q.linear != "none":
-        linear = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=q.linear,
-            bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_use_double_quant=q.double_quant,
-            llm_int8_skip_modules=["lm_head", *ROUTER_MODULES],
-        )
+    linear = None if q.linear == "none" else linear_quantization_config(q.linear, dtype, q.double_quant)
     if lora is not None and "attention" not in lora.targets:
         raise MoeifyError("lora.targets without `attention` is not built yet; keep attention in the targets.")
     shared = "frozen" if lora is None or "shared_experts" not in lora.targets else "lora"
