@@ -1,5 +1,5 @@
 """Whole-process memory of `moeify train` (4-bit experts and linears, LoRA, bfloat16): loading, each training step,
-the final evaluation and saving, against the model's own size.
+the final evaluation and saving, against the model's own size; then `moeify eval --adapter` of the run.
 
     python benchmarks/train_memory.py --model mixtral-353m          # a random 353M Mixtral (qlora_memory.py's)
     python benchmarks/train_memory.py --model tinyllama-6.45b       # TinyLlama-1.1B shape upcycled to 8 experts
@@ -79,7 +79,16 @@ def patched_save(self, *a, **k):
     mark("saving")
     return save(self, *a, **k)
 run.MoeTrainer.evaluate, run.MoeTrainer.save_model = patched_evaluate, patched_save
-code = main(["train", sys.argv[1]])
+if sys.argv[1] == "eval":  # `moeify eval ARGS...`: loading, then the evaluation itself
+    from moeify import evaluation
+    measure = evaluation._measure
+    def patched_measure(*a, **k):
+        mark("evaluation")
+        return measure(*a, **k)
+    evaluation._measure = patched_measure
+    code = main(sys.argv[1:])
+else:
+    code = main(["train", sys.argv[1]])
 mark("done")
 maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print("PHASES " + json.dumps({"phases": phases, "ru_maxrss": maxrss}))
@@ -157,6 +166,9 @@ def main() -> int:
         return 1
     result = json.loads(line.removeprefix("PHASES "))
     phases = dict(result["phases"])
+    evaluated = _moeify_eval(model, run_dir, args)
+    if evaluated is None:
+        return 1
     size = phases.pop("model size")
     phases.pop("done", None)
     steps = [phases[f"step {i}"] for i in range(1, args.steps + 1) if f"step {i}" in phases]
@@ -175,9 +187,34 @@ def main() -> int:
     print(f"whole run: peak RssAnon {whole / GiB:.2f} GiB = model size + {(whole - size) / GiB:.2f} GiB (target <= +1)")
     print(f"ru_maxrss (with file-backed pages) {result['ru_maxrss'] / GiB:.2f} GiB")
     print(f"step {len(steps)} peak / step 2 peak: {growth:.3f}x (target: no growth after step 2)")
+    training_peak = max(steps)
+    print(
+        "moeify eval --adapter (its own process; experts and linears as trained): "
+        f"loading {evaluated['load'] / GiB:.2f} GiB, evaluation {evaluated['evaluation'] / GiB:.2f} GiB; "
+        "its peak / the training steps' peak: "
+        f"{max(evaluated.values()) / training_peak:.3f}x (target <= 1)"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"model_size": size, "phases": phases, "ru_maxrss": result["ru_maxrss"]}))
+        args.json.write_text(
+            json.dumps(
+                {"model_size": size, "phases": phases, "ru_maxrss": result["ru_maxrss"], "moeify_eval": evaluated}
+            )
+        )
     return 0
+
+
+def _moeify_eval(model: Path, run_dir: Path, args: argparse.Namespace) -> dict[str, int] | None:
+    """Peak RssAnon of `moeify eval MODEL --adapter RUN` on the run's held-out blocks, per phase."""
+    command = ["eval", str(model), "--adapter", str(run_dir), "--data", "builtin:python-docstrings"]
+    command += ["--max-length", str(args.tokens), "--held-out", str(args.eval_fraction), "--max-blocks", "1000"]
+    command += ["--batch-size", str(args.eval_batch or args.batch), "--dtype", args.compute_dtype]
+    proc = subprocess.run([sys.executable, "-c", _CHILD, *command], capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("PHASES ")), None)
+    if proc.returncode != 0 or line is None:
+        print(proc.stderr[-4000:], file=sys.stderr)
+        return None
+    phases = dict(json.loads(line.removeprefix("PHASES "))["phases"])
+    return {"load": phases["load"], "evaluation": phases["evaluation"]}
 
 
 if __name__ == "__main__":
