@@ -16,5 +16,7 @@ RUN=${RUN:-runs/demo-cpu}
 EVAL=(--data builtin:python-docstrings --held-out 0.02 --max-length 128 --max-blocks 8)  # the recipe's held-out text
 moeify eval "$OUT" "${EVAL[@]}"
 moeify train recipes/demo-cpu.yaml model.path="$OUT" output.dir="$RUN"
-moeify eval "$OUT" --adapter "$RUN" "${EVAL[@]}"
-moeify route-stats "$OUT" --adapter "$RUN" "${EVAL[@]}" --plot "$RUN/route-stats.png"
+# Full-precision experts + the adapter, as `moeify merge` would publish it, against the same base before training
+# (without --experts none, eval loads the experts in 4-bit as the run trained them).
+moeify eval "$OUT" --adapter "$RUN" --experts none "${EVAL[@]}"
+moeify route-stats "$OUT" --adapter "$RUN" --experts none "${EVAL[@]}" --plot "$RUN/route-stats.png"
