@@ -7,6 +7,8 @@ in a temporary folder beside OUT that is renamed into place only when everything
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import re
 import shutil
@@ -27,7 +29,7 @@ from .atomic import atomic_output, check_output_folder
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import MoeifyError
 from .formats import MoESpec, MoETensorNames, OutputFormat, choose_format
-from .formats.base import RouterTensor
+from .formats.base import RouterTensor, shared_gate_epsilon
 from .lora_experts import LoraExpertSeeds
 from .model_card import render_model_card, source_license
 from .params import ParamSummary, summarize
@@ -90,6 +92,11 @@ def _dense_text_config(config: PreTrainedConfig) -> PreTrainedConfig:
     )
 
 
+# Router init of the near-uniform form (`MoESpec.renormalize` False), per 1/sqrt(hidden): logits of about 1e-6
+# break every token's top-k tie, while the top-k weights stay K / E to about 1e-6.
+NEAR_UNIFORM_STD = 2.0**-20
+
+
 class _LayerBuilder:
     """Builds MoE layers on demand, keeping only the current one (tensors are requested in layer order)."""
 
@@ -103,8 +110,10 @@ class _LayerBuilder:
         gated_shared: bool = True,
         expert_readers: Sequence[Checkpoint] = (),
         router_rows: dict[int, torch.Tensor] | None = None,
+        renormalize: bool = True,
     ) -> None:
         self.router_rows = router_rows or {}  # `--router-init kmeans`: one row per group of experts, per layer
+        self.renormalize = renormalize  # False: a near-uniform router and routed experts scaled by E / K
         self.lora_seeds: LoraExpertSeeds | None = None  # `--lora-expert`: adapters that seed the experts' deltas
         self.reader = reader
         self.expert_readers = list(expert_readers)  # `--expert`: one checkpoint per expert
@@ -143,7 +152,7 @@ class _LayerBuilder:
                 self.options.top_k,
                 self.options.shared_experts,
                 self.options.router_init,
-                self.options.router_init_std,
+                self.options.router_init_std if self.renormalize else NEAR_UNIFORM_STD / math.sqrt(dense.gate.shape[1]),
                 self.options.seed,
                 self.options.expert_transforms(),
                 self.options.granularity,
@@ -163,6 +172,10 @@ class _LayerBuilder:
                     LazyExperts(len(self.expert_readers), partial(self._source_expert, layer, dtype)),
                     weights.shared,
                     weights.shared_gate,
+                )
+            if not self.renormalize:  # the top-k weights sum to K / E: the experts' outputs carry E / K
+                weights = dataclasses.replace(
+                    weights, experts=_scaled(weights.experts, self.options.num_experts / self.options.top_k)
                 )
             experts: Sequence[ExpertFFN]
             if isinstance(weights.experts, LazyExperts):  # distinct experts, built one at a time as written
@@ -315,12 +328,18 @@ def _moe_layer_specs(
                 TensorSpec(prefix + name, dtype, shared_shapes[role], produce(lambda w, role=role: [_shared(w, role)]))
             )
         if names.shared_gate:
-            out.append(TensorSpec(prefix + names.shared_gate, dtype, (1, H), produce(lambda w: [w.shared_gate])))
+            gate = partial(_shared_gate, epsilon=shared_gate_epsilon(dtype) if names.nonzero_shared_gate else 0.0)
+            out.append(TensorSpec(prefix + names.shared_gate, dtype, (1, H), produce(lambda w: [gate(w.shared_gate)])))
     elif names.neutral_shared_size and names.shared_gate:
         n = names.neutral_shared_size
         neutral = {names.shared["gate"]: (n, H), names.shared["up"]: (n, H), names.shared["down"]: (H, n)}
-        neutral[names.shared_gate] = (1, H)
         out += [zeros_spec(prefix + name, dtype, shape) for name, shape in neutral.items()]
+        epsilon = shared_gate_epsilon(dtype) if names.nonzero_shared_gate else 0.0
+        out.append(
+            TensorSpec(
+                prefix + names.shared_gate, dtype, (1, H), lambda: iter([torch.full((1, H), epsilon, dtype=dtype)])
+            )
+        )
     return out
 
 
@@ -378,6 +397,24 @@ def _lora_experts_specs(
 def zeros_spec(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> TensorSpec:
     """An output tensor of zeros (tensors a format needs that the dense model has no counterpart for)."""
     return TensorSpec(name, dtype, shape, lambda: iter([torch.zeros(shape, dtype=dtype)]))
+
+
+def _scaled(experts: Sequence[ExpertFFN], factor: float) -> Sequence[ExpertFFN]:
+    """`experts` with their outputs multiplied by `factor`; built lazily for `LazyExperts`, and experts that are
+    the same object stay one (converted once)."""
+    if isinstance(experts, LazyExperts):
+        return LazyExperts(len(experts), lambda e: experts[e].scaled_output(factor))
+    scaled: dict[int, ExpertFFN] = {}
+    for expert in experts:
+        scaled.setdefault(id(expert), expert.scaled_output(factor))
+    return [scaled[id(e)] for e in experts]
+
+
+def _shared_gate(gate: torch.Tensor | None, epsilon: float) -> torch.Tensor:
+    """The shared-expert gate as written: a gate the method left at zero becomes `epsilon` where the format needs
+    a non-zero one (`MoETensorNames.nonzero_shared_gate`)."""
+    assert gate is not None
+    return torch.full_like(gate, epsilon) if epsilon and not gate.any() else gate
 
 
 def _shared(weights: MoELayerWeights, role: str) -> torch.Tensor:
@@ -509,6 +546,15 @@ def plan_conversion(source: str, options: ConvertOptions, progress: bool = True)
     fmt, reason = choose_format(adapter, dense_config, spec, options)
     layout = options.layout if options.layout in fmt.layouts else fmt.layouts[0]
     notes = []
+    if fmt.unrenormalised_in:
+        needs = _renormalisation_needed(options)
+        if needs is None:
+            spec = dataclasses.replace(spec, renormalize=False)
+        else:
+            notes.append(
+                f"{fmt.unrenormalised_in} computes {fmt.class_name} without renormalising the top-k weights, and "
+                f"{needs}: it will not compute this output as transformers and vLLM do"
+            )
     if options.layout and layout != options.layout:
         notes.append(f"the {fmt.name} format is always written {layout}")
 
@@ -533,6 +579,7 @@ def plan_conversion(source: str, options: ConvertOptions, progress: bool = True)
         gated_shared=names.shared_gate is not None,
         expert_readers=expert_readers,
         router_rows=router_rows,
+        renormalize=spec.renormalize,
     )
     if options.lora_expert_sources:
         from .peft_adapter import adapter_folder
@@ -587,6 +634,20 @@ def plan_conversion(source: str, options: ConvertOptions, progress: bool = True)
     return ConversionPlan(
         source, local, options, adapter, dense_config, spec, fmt, reason, layout, out_config, tensors, params, notes
     )
+
+
+def _renormalisation_needed(options: ConvertOptions) -> str | None:
+    """Why this MoE is exact only with renormalised top-k weights (None: the near-uniform form is exact too).
+
+    Without renormalisation the top-k weights sum to K / E only while the router is uniform, and the routed
+    experts then carry E / K, which scales exactly only by a power of two.
+    """
+    if options.router_init not in ("random", "zeros"):
+        return f"--router-init {options.router_init} starts the router far from uniform"
+    ratio = options.num_experts / options.top_k
+    if not math.log2(ratio).is_integer():
+        return f"E / K = {options.num_experts} / {options.top_k} is not a power of two"
+    return None
 
 
 def _check_against_output_class(

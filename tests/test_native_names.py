@@ -121,7 +121,10 @@ def test_native_outputs_hold_only_tensors_serving_engines_build(
             for proj in ("q_proj", "k_proj", "v_proj"):
                 assert f"model.layers.{layer}.self_attn.{proj}.bias" in tensors
         if not options.get("shared_experts"):
-            # The neutral shared expert Qwen2-MoE always builds: all zeros, so its output is exactly 0.
-            shared = {n: t for n, t in tensors.items() if "shared_expert" in n}
+            # The neutral shared expert Qwen2-MoE always builds: all zeros, so its output is exactly 0, behind a
+            # gate that is not all zeros (llama.cpp's sigmoid is silu(y) / y).
+            shared = {n: t for n, t in tensors.items() if "shared_expert." in n}
             assert shared and all(not t.any() for t in shared.values())
+            gates = [t for n, t in tensors.items() if n.endswith("shared_expert_gate.weight")]
+            assert gates and all(bool((g != 0).all()) for g in gates)
             assert model.config.shared_expert_intermediate_size < model.config.moe_intermediate_size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from transformers import PreTrainedConfig
 
 from ..adapters import ArchitectureAdapter
@@ -33,6 +34,9 @@ class MoETensorNames:
     # neutral shared expert of this many all-zero neurons behind a zero gate. Its output is exactly 0 and, with
     # every weight zero, so are its gradients: it stays neutral through training.
     neutral_shared_size: int = 0
+    # The shared-expert gate must not be all zeros (llama.cpp computes sigmoid(y) as silu(y) / y, NaN at y = 0):
+    # a gate that starts at zero is written as a tiny constant (`shared_gate_epsilon`), still sigmoid = 1/2.
+    nonzero_shared_gate: bool = False
     # lora-experts: `fused` names the one shared FFN (`gate_up` `(2I, H)`, `down` `(H, I)`), these each expert's
     # LoRA delta in peft's `target_parameters` layout (`gate_up_A` `(E r, H)`, `gate_up_B` `(2I, E r)`, ...).
     expert_deltas: dict[str, str] = field(default_factory=dict)
@@ -58,6 +62,10 @@ class MoESpec:
     shared_intermediate_size: int = 0  # one shared expert's neurons (0: `intermediate_size`; the dense FFN's)
     expert_lora_rank: int = 0  # > 0: lora-experts (one shared FFN + a rank-r LoRA delta per expert)
     expert_lora_alpha: float | None = None
+    # False: the top-k softmax weights are used as they are (Qwen1.5-MoE's `norm_topk_prob: false`); the router
+    # starts near-uniform and the routed experts' outputs carry E / K, so the MoE is exact at step 0 in engines
+    # that never renormalise (see `OutputFormat.unrenormalised_in`).
+    renormalize: bool = True
 
     def __post_init__(self) -> None:
         if not self.shared_intermediate_size:
@@ -94,6 +102,9 @@ class OutputFormat:
     # wrongly); `--format native` still may.
     not_automatic: str | None = None
     layouts: tuple[str, ...] = ("fused",)
+    # Engines that compute this class's top-k weights without renormalising whatever the config says: the
+    # converter then writes the near-uniform form (`MoESpec.renormalize` False) where the router allows it.
+    unrenormalised_in: str | None = None
 
     def explain_unsupported(
         self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec, options: ConvertOptions
@@ -133,3 +144,9 @@ def dense_config_dict(dense_config: PreTrainedConfig) -> dict:
     for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"):
         values.pop(key, None)
     return values
+
+
+def shared_gate_epsilon(dtype: torch.dtype) -> float:
+    """The constant a "zero" shared-expert gate is written as: small enough that sigmoid(eps * sum(x)) rounds to
+    1/2 in `dtype` for any hidden state, large enough not to underflow there (float16: its smallest subnormal)."""
+    return 2.0**-24 if dtype == torch.float16 else 2.0**-64

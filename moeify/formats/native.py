@@ -27,13 +27,13 @@ _FUSED = {"gate_up": "mlp.experts.gate_up_proj", "down": "mlp.experts.down_proj"
 
 
 def _qwen_moe_values(dense_config: PreTrainedConfig, spec: MoESpec, class_name: str) -> dict:
-    """The dense config plus the MoE fields Qwen2-MoE and Qwen3-MoE share (renormalised top-k is what is exact)."""
+    """The dense config plus the MoE fields Qwen2-MoE and Qwen3-MoE share."""
     values = dense_config_dict(dense_config)
     values.update(
         num_experts=spec.num_experts,
         num_experts_per_tok=spec.top_k,
         moe_intermediate_size=spec.intermediate_size,
-        norm_topk_prob=True,
+        norm_topk_prob=spec.renormalize,
         decoder_sparse_step=1,
         mlp_only_layers=spec.dense_layers,
         architectures=[class_name],
@@ -116,9 +116,18 @@ class MixtralFormat(NativeFormat):
 
 
 class Qwen2MoeFormat(NativeFormat):
+    """Qwen2-MoE, written so that transformers, vLLM and llama.cpp compute the same model.
+
+    llama.cpp's qwen2moe graph ignores `norm_topk_prob` (it never renormalises, as Qwen1.5-MoE and Qwen2-57B-A14B
+    are trained) and computes the shared-expert gate's sigmoid as silu(y) / y. So outputs are written with
+    `norm_topk_prob: false`, a near-uniform router and the routed experts scaled by E / K (`MoESpec.renormalize`),
+    and the shared-expert gate as a tiny constant instead of zeros.
+    """
+
     name = "qwen2_moe"
     class_name = "Qwen2MoeForCausalLM"
     dense_types = ("llama", "mistral", "qwen2")
+    unrenormalised_in = "llama.cpp"
 
     def explain_specific(
         self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec
@@ -170,6 +179,7 @@ class Qwen2MoeFormat(NativeFormat):
         },
         shared_gate="mlp.shared_expert_gate.weight",
         neutral_shared_size=NEUTRAL_SHARED_SIZE,
+        nonzero_shared_gate=True,
     )
 
 
