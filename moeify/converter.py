@@ -555,6 +555,11 @@ def plan_conversion(source: str, options: ConvertOptions, progress: bool = True)
                 f"{fmt.unrenormalised_in} computes {fmt.class_name} without renormalising the top-k weights, and "
                 f"{needs}: it will not compute this output as transformers and vLLM do"
             )
+    if fmt.no_dense_layers_in and not spec.all_layers:
+        notes.append(
+            f"{fmt.no_dense_layers_in} builds {fmt.class_name} with an MoE block in every layer, so this output (dense "
+            f"layers besides MoE ones) does not convert there: upcycle every layer for it"
+        )
     if options.layout and layout != options.layout:
         notes.append(f"the {fmt.name} format is always written {layout}")
 

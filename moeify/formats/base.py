@@ -105,6 +105,9 @@ class OutputFormat:
     # Engines that compute this class's top-k weights without renormalising whatever the config says: the
     # converter then writes the near-uniform form (`MoESpec.renormalize` False) where the router allows it.
     unrenormalised_in: str | None = None
+    # Engines whose version of this class has an MoE block in every layer: an output with dense layers (a layer
+    # subset) does not convert there, which the converter says.
+    no_dense_layers_in: str | None = None
 
     def explain_unsupported(
         self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec, options: ConvertOptions

@@ -128,6 +128,7 @@ class Qwen2MoeFormat(NativeFormat):
     class_name = "Qwen2MoeForCausalLM"
     dense_types = ("llama", "mistral", "qwen2")
     unrenormalised_in = "llama.cpp"
+    no_dense_layers_in = "llama.cpp"
 
     def explain_specific(
         self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec
@@ -187,6 +188,7 @@ class Qwen3MoeFormat(NativeFormat):
     name = "qwen3_moe"
     class_name = "Qwen3MoeForCausalLM"
     dense_types = ("qwen3",)
+    no_dense_layers_in = "llama.cpp"
 
     def explain_specific(
         self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec
