@@ -82,12 +82,12 @@ class ExpertDispatch(nn.Module):
     act_fn: Callable[[torch.Tensor], torch.Tensor]
     has_bias: bool
 
-    def weight(self, name: str, chunk: ExpertChunk, dtype: torch.dtype) -> torch.Tensor:
+    def chunk_weight(self, name: str, chunk: ExpertChunk, dtype: torch.dtype) -> torch.Tensor:
         """Projection `name`'s weights of the chunk's experts in `dtype`, `(experts, out, in)`; valid until the next
         call (it may live in the chunk's workspace)."""
         raise NotImplementedError
 
-    def bias(self, name: str) -> torch.Tensor:
+    def expert_bias(self, name: str) -> torch.Tensor:
         """Projection `name`'s biases of every expert, `(E, out)` (only when `has_bias`)."""
         raise NotImplementedError
 
@@ -141,11 +141,11 @@ class ExpertDispatch(nn.Module):
         """`x` (the chunk's rows) through projection `name` of each row's expert, plus its LoRA."""
         out = self.fused_projection(name, x, chunk) if inference else None
         if out is None:
-            weight = self.weight(name, chunk, x.dtype)
+            weight = self.chunk_weight(name, chunk, x.dtype)
             out = grouped_linear(x, weight, chunk.offsets)
             del weight  # never kept: backward takes it again
         if self.has_bias:
-            out.add_(self.bias(name)[chunk.expanded].to(out.dtype))
+            out.add_(self.expert_bias(name)[chunk.expanded].to(out.dtype))
         delta = self.lora_branch(name, x, chunk, lora)
         return out if delta is None else out.add_(delta)  # in place: the autograd function's forward records nothing
 
@@ -172,7 +172,7 @@ class ExpertDispatch(nn.Module):
 
     def input_grad(self, name: str, grad: torch.Tensor, chunk: ExpertChunk) -> torch.Tensor:
         """The gradient of projection `name`'s input from its output's `grad`, through the frozen weights."""
-        weight = self.weight(name, chunk, grad.dtype)
+        weight = self.chunk_weight(name, chunk, grad.dtype)
         return grouped_linear(grad, weight.transpose(-2, -1), chunk.offsets)
 
 
@@ -260,7 +260,7 @@ class _DispatchFunction(torch.autograd.Function):
                     if lora_down is not None:
                         dots += _row_dots(grad_rows, lora_down.detach())
                     if module.has_bias:
-                        dots += _row_dots(grad_rows, module.bias("down")[chunk.expanded].to(grad_rows.dtype))
+                        dots += _row_dots(grad_rows, module.expert_bias("down")[chunk.expanded].to(grad_rows.dtype))
                     grad_weights[chunk.rows] = dots.to(grad_weights.dtype)
                 if not backprop:
                     continue

@@ -233,7 +233,7 @@ class Experts4bit(ExpertDispatch):
 
     # Computation (the rest is `ExpertDispatch`'s).
 
-    def weight(self, name: str, chunk: ExpertChunk, dtype: torch.dtype) -> torch.Tensor:
+    def chunk_weight(self, name: str, chunk: ExpertChunk, dtype: torch.dtype) -> torch.Tensor:
         """The chunk's experts dequantized; on the CPU into the call's workspace, one buffer that every chunk and both
         projections reuse (each product is done before the next weights are taken, so the dequantized weights never
         exceed one chunk's gate_up part). A fresh block of this size is often mapped anew by the C allocator and
@@ -247,7 +247,7 @@ class Experts4bit(ExpertDispatch):
             buffer = chunk.workspace["weights"] = torch.empty(numel, dtype=dtype)
         return self.dequantize(name, chunk.selector, dtype, out=buffer, ids=chunk.ids)
 
-    def bias(self, name: str) -> torch.Tensor:
+    def expert_bias(self, name: str) -> torch.Tensor:
         return getattr(self, f"{name}_bias")
 
     def fused_projection(self, name: str, x: torch.Tensor, chunk: ExpertChunk) -> torch.Tensor | None:

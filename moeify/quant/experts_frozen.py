@@ -44,10 +44,10 @@ class ExpertsFrozen(ExpertDispatch):
             self.down_proj_bias = experts.down_proj_bias.requires_grad_(False)
         self.act_fn = experts.act_fn
 
-    def weight(self, name: str, chunk: ExpertChunk, dtype: torch.dtype) -> torch.Tensor:
+    def chunk_weight(self, name: str, chunk: ExpertChunk, dtype: torch.dtype) -> torch.Tensor:
         return getattr(self, f"{name}_proj")[chunk.selector].to(dtype)  # chunks select by slice: a view, no copy
 
-    def bias(self, name: str) -> torch.Tensor:
+    def expert_bias(self, name: str) -> torch.Tensor:
         return getattr(self, f"{name}_proj_bias")
 
     def chunks(self, top_k_index: torch.Tensor, dtype: torch.dtype) -> Iterator[ExpertChunk]:
