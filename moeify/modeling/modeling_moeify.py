@@ -149,23 +149,27 @@ SILU_ACTIVATIONS = ("silu", "swish")
 def _refuse_engines_that_assume_silu(config: MoeifyConfig) -> None:
     """vLLM's Transformers backend (attention implementation "vllm") swaps 3-D `experts` modules for its fused MoE
     kernel with the activation hard-coded to SiLU (vLLM 0.32, `model_executor/models/transformers/moe.py`): GELU
-    experts (Gemma 3) would be served wrongly, silently. Biased experts are not swapped (their biases are 2-D)."""
-    if config._attn_implementation == "vllm" and config.mlp_activation not in SILU_ACTIVATIONS and not config.mlp_bias:
+    experts (Gemma 3) would be served wrongly, silently. Biased experts are not swapped (their biases are 2-D), nor
+    are any under moeify's vLLM plugin where the kernel would differ (it sets `vllm_experts_kept`)."""
+    kept = getattr(config, "vllm_experts_kept", False) or config.mlp_bias
+    if config._attn_implementation == "vllm" and config.mlp_activation not in SILU_ACTIVATIONS and not kept:
         raise ValueError(
             f"vLLM's Transformers backend computes fused MoE experts with SiLU only, and this model's experts use "
-            f"{config.mlp_activation}: it would serve wrong tokens, so moeify refuses. Run this model with "
-            "transformers (`generate`) instead."
+            f"{config.mlp_activation}: it would serve wrong tokens, so moeify refuses. Install moeify in vLLM's "
+            "environment (its vLLM plugin serves this model), or run it with transformers (`generate`)."
         )
 
 
 def _refuse_engines_without_null_experts(config: MoeifyConfig) -> None:
     """vLLM's Transformers backend computes the `experts` module with its own fused kernel for `num_experts_per_tok`
     slots per token; with MoE++ null experts a token sends a varying number of slots to the FFN experts, which that
-    kernel was not checked with here, so moeify refuses rather than risk wrong tokens."""
-    if config._attn_implementation == "vllm" and config.num_null_experts:
+    kernel was not checked with here, so moeify refuses rather than risk wrong tokens (moeify's vLLM plugin keeps
+    such experts out of that kernel and sets `vllm_experts_kept`)."""
+    kept = getattr(config, "vllm_experts_kept", False)
+    if config._attn_implementation == "vllm" and config.num_null_experts and not kept:
         raise ValueError(
-            "this model has MoE++ null experts, which moeify has not validated with vLLM's fused MoE kernel; run it "
-            "with transformers (`generate`) instead."
+            "this model has MoE++ null experts, which vLLM's fused MoE kernel does not compute; install moeify in "
+            "vLLM's environment (its vLLM plugin serves this model), or run it with transformers (`generate`)."
         )
 
 

@@ -1,11 +1,12 @@
 """Every output `convert` writes, served by vLLM, gives transformers' greedy tokens (or is refused, never wrong).
 
-Skipped unless `MOEIFY_VLLM_PYTHON` names a Python with vLLM (`bash scripts/vllm-env.sh` builds one; vLLM pins
-its own transformers, so it lives in its own venv). Tiny dense models with head_dim 32 (vLLM's CPU attention
-supports 32 and up) are converted to every native target and to the moeify format; vLLM serves native outputs
-with its own model classes and moeify-format ones through its Transformers backend (`model_impl="transformers"`,
-`trust_remote_code=True`); the greedy tokens of a batch of token-id prompts must equal transformers' (float32).
-An output vLLM would compute wrongly must be refused with a message saying why.
+Skipped unless `MOEIFY_VLLM_PYTHON` names a Python with vLLM and moeify (`bash scripts/vllm-env.sh` builds one;
+vLLM pins its own transformers, so it lives in its own venv). Tiny dense models with head_dim 32 (vLLM's CPU
+attention supports 32 and up) are converted to every native target and to the moeify format; vLLM serves native
+outputs with its own model classes and moeify-format ones with moeify's plugin class (`moeify.vllm_model`, vLLM's
+Transformers backend with the experts its fused kernel gets wrong kept as moeify's); the greedy tokens of a batch of
+token-id prompts must equal transformers' (float32). Without the plugin (vLLM's own Transformers backend class), an
+output vLLM would compute wrongly must be refused with a message saying why.
 
 `pytest -m serving tests/serving -s` also prints the table the README's format section quotes.
 """
@@ -35,6 +36,7 @@ pytestmark = [
 PROMPTS = [[1, 45, 120, 33, 250, 17, 89], [1, 200, 14, 66, 7, 190, 201, 3, 44, 90, 12, 5, 61]]
 MAX_TOKENS = 8
 E4K2 = {"num_experts": 4, "top_k": 2}
+NULL_EXPERTS = {"null_experts": {"zero": 1, "copy": 1}}
 
 # (id, dense architecture, convert options, class written, what vLLM does: "serve" (transformers' tokens),
 # "differs" (a known vLLM defect, documented in the README), or a substring of its refusal)
@@ -68,7 +70,12 @@ CASES = [
     ("phi3-moeify-shared1", "phi3", {**E4K2, "shared_experts": 1}, "MoeifyForCausalLM", "serve"),
     ("phi3-moeify-layers02", "phi3", {**E4K2, "layers": "0,2"}, "MoeifyForCausalLM", "serve"),
     ("llama-mlp-bias-moeify-shared1", "llama_mlp_bias", {**E4K2, "shared_experts": 1}, "MoeifyForCausalLM", "serve"),
-    ("gemma3-moeify-shared1", "gemma3", {**E4K2, "shared_experts": 1}, "MoeifyForCausalLM", "SiLU"),
+    # GELU experts and MoE++ null experts: moeify's plugin keeps them out of vLLM's fused kernel...
+    ("gemma3-moeify-shared1", "gemma3", {**E4K2, "shared_experts": 1}, "MoeifyForCausalLM", "serve"),
+    ("llama-moeify-null-experts", "llama", {**E4K2, "router": NULL_EXPERTS}, "MoeifyForCausalLM", "serve"),
+    # ... and vLLM's own Transformers backend class (no plugin) is refused by moeify's guard, as before it.
+    ("gemma3-moeify-shared1-no-plugin", "gemma3", {**E4K2, "shared_experts": 1}, "MoeifyForCausalLM", "SiLU"),
+    ("llama-moeify-null-experts-no-plugin", "llama", {**E4K2, "router": NULL_EXPERTS}, "MoeifyForCausalLM", "null"),
 ]
 
 _TABLE: list[dict] = []
@@ -80,7 +87,9 @@ def serving_dense(name: str, root: Path) -> Path:
     config.num_attention_heads, config.num_key_value_heads = 2, 1
     if getattr(config, "head_dim", None) is not None:
         config.head_dim = 32
-    return dense_model(name, root, config=config)
+    if name == "gemma3":  # as Gemma 3 checkpoints: vLLM's CPU attention does not apply an attention-logit softcap
+        config.attn_logit_softcapping = None
+    return dense_model(f"{name}-serving", root, config=config)
 
 
 def transformers_tokens(folder: Path) -> list[list[int]]:
@@ -112,7 +121,9 @@ def test_vllm_serves_like_transformers(
     out = tmp_path_factory.mktemp("serving") / case
     result = convert(str(dense), out, ConvertOptions(**options), progress=False, log=lambda _: None)
     assert result.output_class == expected_class
-    impl = "transformers" if result.format == "moeify" else "auto"
+    # "auto": vLLM's own classes, and moeify's plugin class for the moeify format; "transformers": vLLM's
+    # Transformers backend class itself, which is what runs moeify-format models without the plugin.
+    impl = "transformers" if case.endswith("-no-plugin") else "auto"
 
     proc = vllm_run(out, impl)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
