@@ -1,11 +1,13 @@
 """`MoeifyForCausalLM` for vLLM (registered by `moeify.vllm_plugin`; imports vLLM, so only vLLM loads it).
 
 vLLM's Transformers backend builds the transformers model and swaps each 3-D `experts` module for its fused MoE
-kernel. In vLLM 0.32 that kernel's activation is chosen by architecture name and is SiLU for anything but gpt-oss,
-and it computes exactly `num_experts_per_tok` FFN slots per token. moeify's experts with another activation (GELU:
-Gemma 3) or with MoE++ null experts (slots that skip the FFN) would be served wrongly, so for those this class
-keeps the experts out of the swap and moeify's own experts code computes them (slower than the fused kernel,
-but the tokens are transformers'). Routers, shared experts, attention and everything else are vLLM's as usual.
+kernel, and where it recognises the MoE block it routes the tokens itself. In vLLM 0.32 that kernel's activation
+is chosen by architecture name (SiLU for anything but gpt-oss) and its router computes softmax top-k (its CPU
+router asserts softmax scoring). So this class lets vLLM fuse only moeify models with SiLU experts and a plain
+softmax top-k router; for the others (GELU experts such as Gemma 3's, sigmoid scoring, an MLP router, a selection
+bias, MoE++ null experts or gating residuals) it keeps the experts out of the swap, and moeify's own router and
+experts code compute them inside vLLM: slower than the fused kernel, but the tokens are transformers'. Attention,
+norms and the rest are vLLM's as usual.
 """
 
 from __future__ import annotations
@@ -13,15 +15,23 @@ from __future__ import annotations
 from torch import nn
 from vllm.model_executor.models.transformers import TransformersMoEForCausalLM
 
+from moeify.modeling import RouterConfig
+
 FUSED_ACTIVATIONS = ("silu", "swish")  # what vLLM's fused MoE kernel computes for a moeify model
+# Router settings that do not change what a served model computes (losses and training-time noise or drops).
+SERVING_NEUTRAL = ("aux_loss_coef", "z_loss_coef", "jitter", "noisy_top_k", "capacity_factor", "mlp_hidden_size")
 EXPERTS = "experts"  # the module name vLLM's backend swaps
 _HIDDEN = "moeify_experts"  # where the experts wait while vLLM swaps the rest
 
 
 def experts_fusable(config: object) -> bool:
-    """Whether vLLM's fused MoE kernel computes this moeify model's experts as moeify does."""
-    activation = getattr(config, "mlp_activation", "silu")
-    return activation in FUSED_ACTIVATIONS and not getattr(config, "num_null_experts", 0)
+    """Whether vLLM's fused MoE kernel and router compute this moeify model's MoE blocks as moeify does: SiLU
+    experts behind a softmax top-k router with nothing else."""
+    if getattr(config, "mlp_activation", "silu") not in FUSED_ACTIVATIONS:
+        return False
+    router = dict(getattr(config, "router", None) or {})
+    defaults = RouterConfig().to_dict()
+    return all(router.get(key, value) == value for key, value in defaults.items() if key not in SERVING_NEUTRAL)
 
 
 class MoeifyForCausalLM(TransformersMoEForCausalLM):

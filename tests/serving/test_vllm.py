@@ -37,6 +37,7 @@ PROMPTS = [[1, 45, 120, 33, 250, 17, 89], [1, 200, 14, 66, 7, 190, 201, 3, 44, 9
 MAX_TOKENS = 8
 E4K2 = {"num_experts": 4, "top_k": 2}
 NULL_EXPERTS = {"null_experts": {"zero": 1, "copy": 1}}
+SIGMOID = {"scoring": "sigmoid"}
 
 # (id, dense architecture, convert options, class written, what vLLM does: "serve" (transformers' tokens),
 # "differs" (a known vLLM defect, documented in the README), or a substring of its refusal)
@@ -70,6 +71,14 @@ CASES = [
     ("phi3-moeify-shared1", "phi3", {**E4K2, "shared_experts": 1}, "MoeifyForCausalLM", "serve"),
     ("phi3-moeify-layers02", "phi3", {**E4K2, "layers": "0,2"}, "MoeifyForCausalLM", "serve"),
     ("llama-mlp-bias-moeify-shared1", "llama_mlp_bias", {**E4K2, "shared_experts": 1}, "MoeifyForCausalLM", "serve"),
+    (
+        "phi3-moeify-sigmoid-shared1",
+        "phi3",
+        {**E4K2, "shared_experts": 1, "router": SIGMOID},
+        "MoeifyForCausalLM",
+        "serve",
+    ),
+    ("gemma3-moeify-sigmoid", "gemma3", {**E4K2, "router": SIGMOID}, "MoeifyForCausalLM", "serve"),
     # GELU experts and MoE++ null experts: moeify's plugin keeps them out of vLLM's fused kernel...
     ("gemma3-moeify-shared1", "gemma3", {**E4K2, "shared_experts": 1}, "MoeifyForCausalLM", "serve"),
     ("llama-moeify-null-experts", "llama", {**E4K2, "router": NULL_EXPERTS}, "MoeifyForCausalLM", "serve"),
