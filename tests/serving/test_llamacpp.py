@@ -58,6 +58,13 @@ CASES = [
         "equal",
     ),
     ("qwen3-qwen3moe", "qwen3", E4K2, "Qwen3MoeForCausalLM", "equal"),
+    (
+        "llama-attn-bias-granite",
+        "llama_attn_bias",
+        {**E4K2, "format": "native"},
+        "GraniteMoeSharedForCausalLM",
+        "equal",
+    ),
     # llama.cpp's qwen2moe / qwen3moe have an MoE block in every layer: its converter cannot map a dense MLP.
     ("llama-qwen2moe-layers02", "llama", {**E4K2, "layers": "0,2"}, "Qwen2MoeForCausalLM", "Can not map tensor"),
     ("qwen3-qwen3moe-layers02", "qwen3", {**E4K2, "layers": "0,2"}, "Qwen3MoeForCausalLM", "Can not map tensor"),
