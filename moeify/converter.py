@@ -173,19 +173,22 @@ class _LayerBuilder:
                     weights.shared,
                     weights.shared_gate,
                 )
-            if not self.renormalize:  # the top-k weights sum to K / E: the experts' outputs carry E / K
-                weights = dataclasses.replace(
-                    weights, experts=_scaled(weights.experts, self.options.num_experts / self.options.top_k)
-                )
+            # Without renormalisation the top-k weights sum to K / E: the routed experts' outputs carry E / K.
+            scale = 1.0 if self.renormalize else self.options.num_experts / self.options.top_k
+
+            def finish(expert: ExpertFFN) -> ExpertFFN:
+                expert = _to(expert, dtype)
+                return expert if scale == 1.0 else expert.scaled_output(scale)
+
             experts: Sequence[ExpertFFN]
             if isinstance(weights.experts, LazyExperts):  # distinct experts, built one at a time as written
                 lazy = weights.experts
-                experts = LazyExperts(len(lazy), lambda e: _to(lazy[e], dtype))
+                experts = LazyExperts(len(lazy), lambda e: finish(lazy[e]))
             else:  # convert each distinct expert once, however many experts share it
                 converted: dict[int, ExpertFFN] = {}
                 for expert in weights.experts:
                     if id(expert) not in converted:
-                        converted[id(expert)] = _to(expert, dtype)
+                        converted[id(expert)] = finish(expert)
                 experts = [converted[id(e)] for e in weights.experts]
             shared = weights.shared
             if shared is not None and weights.shared_gate is not None and not self.gated_shared:
@@ -312,6 +315,7 @@ def _moe_layer_specs(
                         produce(lambda w, e=e, role=role: [getattr(w.experts[e], role)]),
                     )
                 )
+    epsilon = shared_gate_epsilon(dtype) if names.nonzero_shared_gate else 0.0  # what a zero gate is written as
     if spec.shared_experts:
         SI = spec.shared_experts * spec.shared_intermediate_size
         shared_shapes = {
@@ -328,13 +332,12 @@ def _moe_layer_specs(
                 TensorSpec(prefix + name, dtype, shared_shapes[role], produce(lambda w, role=role: [_shared(w, role)]))
             )
         if names.shared_gate:
-            gate = partial(_shared_gate, epsilon=shared_gate_epsilon(dtype) if names.nonzero_shared_gate else 0.0)
-            out.append(TensorSpec(prefix + names.shared_gate, dtype, (1, H), produce(lambda w: [gate(w.shared_gate)])))
+            gate = produce(lambda w: [_shared_gate(w.shared_gate, epsilon)])
+            out.append(TensorSpec(prefix + names.shared_gate, dtype, (1, H), gate))
     elif names.neutral_shared_size and names.shared_gate:
         n = names.neutral_shared_size
         neutral = {names.shared["gate"]: (n, H), names.shared["up"]: (n, H), names.shared["down"]: (H, n)}
         out += [zeros_spec(prefix + name, dtype, shape) for name, shape in neutral.items()]
-        epsilon = shared_gate_epsilon(dtype) if names.nonzero_shared_gate else 0.0
         out.append(
             TensorSpec(
                 prefix + names.shared_gate, dtype, (1, H), lambda: iter([torch.full((1, H), epsilon, dtype=dtype)])
@@ -397,17 +400,6 @@ def _lora_experts_specs(
 def zeros_spec(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> TensorSpec:
     """An output tensor of zeros (tensors a format needs that the dense model has no counterpart for)."""
     return TensorSpec(name, dtype, shape, lambda: iter([torch.zeros(shape, dtype=dtype)]))
-
-
-def _scaled(experts: Sequence[ExpertFFN], factor: float) -> Sequence[ExpertFFN]:
-    """`experts` with their outputs multiplied by `factor`; built lazily for `LazyExperts`, and experts that are
-    the same object stay one (converted once)."""
-    if isinstance(experts, LazyExperts):
-        return LazyExperts(len(experts), lambda e: experts[e].scaled_output(factor))
-    scaled: dict[int, ExpertFFN] = {}
-    for expert in experts:
-        scaled.setdefault(id(expert), expert.scaled_output(factor))
-    return [scaled[id(e)] for e in experts]
 
 
 def _shared_gate(gate: torch.Tensor | None, epsilon: float) -> torch.Tensor:
