@@ -105,23 +105,17 @@ def _load(folder: Path, adapter: str | None, dtype: str, experts: str, linear: s
 
     if dtype not in DTYPES:
         raise MoeifyError(f"--dtype must be one of {', '.join(DTYPES)} (got '{dtype}').")
-    if experts != "none":
-        from .quant import ExpertQuantization, load_with_adapter
-        from .quant.loading import linear_quantization_config
-
-        return load_with_adapter(
-            folder,
-            adapter,
-            quantization=ExpertQuantization(quant_type=experts),  # type: ignore[arg-type]
-            linear_quantization=None if linear == "none" else linear_quantization_config(linear, DTYPES[dtype]),
-            dtype=DTYPES[dtype],
-        )
-    quantization = None
+    linear_config = None
     if linear != "none":
         from .quant.loading import linear_quantization_config
 
-        quantization = linear_quantization_config(linear, DTYPES[dtype])
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], quantization_config=quantization)
+        linear_config = linear_quantization_config(linear, DTYPES[dtype])
+    if experts != "none":
+        from .quant import ExpertQuantization, load_with_adapter
+
+        quantization = ExpertQuantization(quant_type=experts)  # type: ignore[arg-type]
+        return load_with_adapter(folder, adapter, quantization, linear_config, dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], quantization_config=linear_config)
     if adapter:
         from peft import PeftModel
 

@@ -31,8 +31,8 @@ def adapter_folder(adapter: str | Path) -> Path:
     raise MoeifyError(f"ADAPTER '{adapter}' does not exist: give a peft adapter folder or a Hub id.")
 
 
-def lora_adapter_tensors(adapter: Path, config: dict, what: str, unsupported: tuple[str, ...]) -> dict:
-    """The tensors of a peft LoRA adapter folder, by parameter name without peft's `base_model.model.` prefix.
+def read_lora_adapter(adapter: Path, config: dict, what: str, unsupported: tuple[str, ...] = ()) -> dict:
+    """The tensors of a peft LoRA adapter folder, under the names peft saved them (`base_model.model.` prefix).
 
     Raises `MoeifyError` naming `what` (the command or flag reading it) for another peft type, a setting in
     `unsupported` that is on, or no safetensors file.
@@ -45,4 +45,9 @@ def lora_adapter_tensors(adapter: Path, config: dict, what: str, unsupported: tu
     files = sorted(adapter.glob("adapter_model*.safetensors"))
     if not files:
         raise MoeifyError(f"{adapter} has no adapter_model.safetensors (pickled adapters are not read).")
-    return {k.removeprefix(_PREFIX): v for f in files for k, v in load_file(f).items()}
+    return {k: v for f in files for k, v in load_file(f).items()}
+
+
+def lora_adapter_tensors(adapter: Path, config: dict, what: str, unsupported: tuple[str, ...]) -> dict:
+    """`read_lora_adapter`'s tensors by parameter name, without peft's `base_model.model.` prefix."""
+    return {k.removeprefix(_PREFIX): v for k, v in read_lora_adapter(adapter, config, what, unsupported).items()}

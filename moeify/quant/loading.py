@@ -174,22 +174,15 @@ def load_with_adapter(
     must find its place, and an expert LoRA the config names must be in the file.
     """
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    from ..peft_adapter import adapter_folder
+    from ..peft_adapter import adapter_folder, read_lora_adapter
 
     config: dict[str, Any] = {}
     state: dict[str, torch.Tensor] = {}
     if adapter is not None:
         folder = adapter_folder(adapter)
         config = json.loads((folder / "adapter_config.json").read_text())
-        if config.get("peft_type") != "LORA":
-            raise MoeifyError(f"{folder} is a {config.get('peft_type')} adapter; only LoRA adapters load here.")
-        files = sorted(folder.glob("adapter_model*.safetensors"))
-        if not files:
-            raise MoeifyError(f"{folder} has no adapter_model.safetensors (pickled adapters are not read).")
-        for file in files:
-            state.update(load_file(file))
+        state = read_lora_adapter(folder, config, "loading an adapter onto 4-bit experts")
     experts = list(config.get("target_parameters") or [])
     ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     r, alpha = config.get("r", 16), config.get("lora_alpha", 32.0)
