@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,7 @@ def gguf_dense(name: str, root: Path, tokenizer: Path, hidden: int = 64) -> Path
     return folder
 
 
+@cache  # a model is compared as f32 and as Q4_K_M GGUF against the same reference
 def transformers_greedy(folder: Path) -> tuple[list[list[int]], list[list[float]]]:
     """Greedy tokens by transformers (float32) and each step's margin between its two best logits."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
