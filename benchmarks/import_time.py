@@ -4,7 +4,7 @@
 
 Each command runs in a fresh interpreter, the commands taking turns (one warm-up round first, not counted); the
 wall time of each whole process is measured from outside and the median is reported, with the ratio to
-`python -c "import torch"`. The target (issue 9): both within 1.5x of `import torch`. The last row, for
+`python -c "import torch"`. The target: both within 1.5x of `import torch`. The last row, for
 reference, is the price of then using transformers' Auto classes (transformers' own imports, plus moeify's
 registration).
 """

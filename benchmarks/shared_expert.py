@@ -5,7 +5,7 @@ backward, steps alternating (median of `--repeats`).
 
     python benchmarks/shared_expert.py [--dtype bfloat16] [--shapes H,I,T ...] [--repeats 7]
 
-Issue 12 asks to fold shared experts into the dispatch "where that is faster"; the ratio printed is dispatch / dense.
+Whether folding shared experts into the dispatch is faster: the ratio printed is dispatch / dense.
 CPU only: the per-expert loop is the dispatch moeify runs on the CPU (accelerators run transformers' grouped_mm).
 """
 
@@ -29,7 +29,7 @@ SHAPES = ["1024,3584,4096", "1024,896,4096", "1024,3584,256"]
 
 def steps(hidden: int, inner: int, tokens: int, dtype: torch.dtype) -> dict[str, Callable[[], None]]:
     """One forward + backward of the shared FFN as a dense MLP and as a group of the dispatch (the same weights)."""
-    from moeify.modeling.expert_kernels import _pieces, _PiecewiseExperts
+    from moeify.kernels.cpu_experts import _pieces, _PiecewiseExperts
     from moeify.modeling.experts import sort_by_expert
 
     torch.manual_seed(0)

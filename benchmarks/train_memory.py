@@ -80,7 +80,7 @@ def patched_save(self, *a, **k):
     return save(self, *a, **k)
 run.MoeTrainer.evaluate, run.MoeTrainer.save_model = patched_evaluate, patched_save
 if sys.argv[1] == "eval":  # `moeify eval ARGS...`: loading, then the evaluation itself
-    from moeify import evaluation
+    from moeify.train import evaluate as evaluation
     measure = evaluation._measure
     def patched_measure(*a, **k):
         mark("evaluation")

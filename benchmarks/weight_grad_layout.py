@@ -1,5 +1,5 @@
 """Where `experts_implementation="moeify"`'s CPU pieces copy a weight gradient's left operand row-major
-(`moeify.modeling.expert_kernels._write_or_add`): one `grad.T @ rows` product per expert, as backward forms it,
+(`moeify.kernels.cpu_experts._write_or_add`): one `grad.T @ rows` product per expert, as backward forms it,
 timed three ways against the transposed view it gets as it comes (the baseline, measured in the same run):
 
 - `row-major`: the same product on a row-major copy made beforehand (what the layout alone is worth);
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=16, help="products per round")
     parser.add_argument("--repeats", type=int, default=8)
     args = parser.parse_args()
-    from moeify.modeling import expert_kernels
+    from moeify.kernels import cpu_experts as expert_kernels
 
     dtype = getattr(torch, args.dtype)
     print(machine_summary(), f"device cpu, {dtype}")

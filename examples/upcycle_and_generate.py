@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moeify  # noqa: F401  (registers MoeifyForCausalLM with the Auto classes)
-from moeify.converter import convert
-from moeify.plan import ConvertOptions
+from moeify.convert.converter import convert
+from moeify.convert.options import ConvertOptions
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(balancing, name)
     if name == "RouterStats":
-        from .router_stats import RouterStats
+        from .inspect.router_stats import RouterStats
 
         return RouterStats
     raise AttributeError(f"module 'moeify' has no attribute {name!r}")

@@ -191,7 +191,7 @@ def _add_router_flags(p: argparse.ArgumentParser) -> None:
 
 def router_options(args: argparse.Namespace) -> dict[str, Any]:
     """The router settings given on the command line (keys of `moeify.RouterConfig`)."""
-    from .plan import parse_null_experts
+    from .convert.options import parse_null_experts
 
     settings = {key: getattr(args, flag) for flag, key in ROUTER_FLAGS.items() if getattr(args, flag) is not None}
     if "null_experts" in settings:
@@ -366,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from .converter import convert
-    from .plan import ConvertOptions
+    from .convert.converter import convert
+    from .convert.options import ConvertOptions
 
     if args.base and args.source and args.base != args.source:
         raise MoeifyError(f"SOURCE {args.source} and --base {args.base} differ; give the base once.")
@@ -414,7 +414,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     print(result.summary())
     if args.push_to_hub:
-        from .hub import push_to_hub
+        from .io.hub import push_to_hub
 
         print(
             f"Pushed to {push_to_hub(result.output, args.push_to_hub, private=args.private, progress=not args.quiet)}"
@@ -423,7 +423,7 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 def _run_push(args: argparse.Namespace) -> int:
-    from .hub import push_to_hub
+    from .io.hub import push_to_hub
 
     url = push_to_hub(args.output, args.repo, private=args.private, revision=args.revision, progress=not args.quiet)
     print(f"Pushed {args.output} to {url}")
@@ -431,7 +431,7 @@ def _run_push(args: argparse.Namespace) -> int:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from .verify import verify
+    from .inspect.verify import verify
 
     report, samples = verify(
         args.dense,
@@ -449,7 +449,7 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from .info import format_info, model_info
+    from .inspect.info import format_info, model_info
 
     info = model_info(args.model, trust_remote_code=args.trust_remote_code)
     print(json.dumps(info) if args.json else format_info(info))
@@ -457,7 +457,7 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    from .merge import merge
+    from .merge.fold import merge
 
     result = merge(
         args.base,
@@ -497,8 +497,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace, baseline: str | None = None) -> dict[str, Any]:
-    """`moeify.evaluation.evaluate` with the arguments `eval` and `route-stats` share."""
-    from .evaluation import evaluate
+    """`moeify.train.evaluate.evaluate` with the arguments `eval` and `route-stats` share."""
+    from .train.evaluate import evaluate
 
     return evaluate(
         args.model,
@@ -518,7 +518,7 @@ def _evaluate(args: argparse.Namespace, baseline: str | None = None) -> dict[str
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .evaluation import format_report
+    from .train.evaluate import format_report
 
     result = _evaluate(args, baseline=args.baseline)
     print(json.dumps(result) if args.json else format_report(result))
@@ -526,7 +526,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_route_stats(args: argparse.Namespace) -> int:
-    from .router_stats import format_table, plot_heatmap
+    from .inspect.router_stats import format_table, plot_heatmap
 
     result = _evaluate(args)["model"]
     if "layers" not in result:

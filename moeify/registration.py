@@ -20,6 +20,7 @@ from typing import Any
 
 CONFIG_MODULE = "transformers.models.auto.configuration_auto"
 MODELS_MODULE = "transformers.models.auto.modeling_auto"
+EXPERTS_MODULE = "transformers.integrations.moe"
 MODEL_CLASSES = {"MoeifyForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING", "MoeifyModel": "MODEL_MAPPING"}
 
 
@@ -35,9 +36,16 @@ def _config_being_imported() -> bool:
 
 
 def run_deferred() -> None:
-    """Registrations that waited for `MoeifyConfig` to exist (called by `moeify.modeling` once it does)."""
+    """Registrations that waited for `MoeifyConfig` to exist (run once its module has)."""
     while _deferred:
         _deferred.pop(0)()
+
+
+def register_kernels() -> None:
+    """moeify's expert kernels join transformers' experts interface (`experts_implementation="moeify"`)."""
+    from .kernels import cpu_experts
+
+    cpu_experts.register()
 
 
 def register_config() -> None:
@@ -106,7 +114,7 @@ class _RunAfter(importlib.abc.Loader):
 
 
 class _Hook(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: wraps the loaders of the two transformers modules registration waits for."""
+    """Finds nothing itself: wraps the loaders of the modules registration waits for."""
 
     def __init__(self) -> None:
         self.pending: dict[str, Callable[[], None]] = {}
@@ -136,7 +144,13 @@ _HOOK = _Hook()
 
 def install() -> None:
     """Register now what transformers has loaded already; hook the rest (idempotent)."""
-    for module, callback in ((CONFIG_MODULE, register_config), (MODELS_MODULE, register_models)):
+    callbacks = (
+        (CONFIG_MODULE, register_config),
+        (MODELS_MODULE, register_models),
+        (EXPERTS_MODULE, register_kernels),
+        (CONFIG_FILE_MODULE, run_deferred),
+    )
+    for module, callback in callbacks:
         if module in sys.modules:
             callback()
         else:

@@ -11,10 +11,10 @@
 #   1. CUDA_TESTS_S=90    pytest -m cuda: the CUDA half of the 4-bit / frozen experts tests, load_for_training,
 #                         a 4-bit + LoRA training step under set_sync_debug_mode("error") and
 #                         the experts implementations ("moeify_grouped" against eager)
-#   2. MOE_BLOCK_S=150    benchmarks/moe_block.py, bf16: issue 12's GPU target shapes (E 64, fine-grained) first
+#   2. MOE_BLOCK_S=150    benchmarks/moe_block.py, bf16: the GPU target shapes (E 64, fine-grained) first
 #   3. MOE_PROFILE_S=45   moe_block.py --profile at the first GPU target shape: where transformers' grouped_mm and
 #                         "moeify_grouped" spend their step (the operators to fuse next)
-#   4. QLORA_S=160        benchmarks/qlora_memory.py on CUDA, checkpointing off then on (issue 8)
+#   4. QLORA_S=160        benchmarks/qlora_memory.py on CUDA, checkpointing off then on
 #   5. FSDP2_S=60         scripts/fsdp2_check.py: `moeify train` through accelerate's FSDP2 config (bf16, 4-bit + LoRA)
 # About 8 minutes in all: a device call runs 10 minutes at most, and a lease is 15 minutes with the machine's start.
 # DEVICE_CHECKS_SMOKE=1 runs every stage on tiny sizes (to try the script on a CPU machine).
@@ -82,7 +82,7 @@ if [ -n "$smoke" ]; then
   shapes=(256,256,64,8,64 256,896,8,2,64)
   qlora=(--small --steps 2 --variants a,c,e --work /tmp/moeify-device-checks)
 else
-  # Issue 12's GPU target (<= 0.8x tf grouped_mm at E 64, fine-grained) at every H, then Mixtral-shaped experts.
+  # The GPU target (<= 0.8x tf grouped_mm at E 64, fine-grained) at every H, then Mixtral-shaped experts.
   shapes=(1024,896,64,8,4096 2048,1792,64,8,4096 4096,3584,64,8,4096 1024,896,64,8,256 4096,3584,64,8,256
     4096,14336,8,2,4096 4096,14336,8,2,256 2048,7168,8,2,4096)
   qlora=(--steps 2 --variants a,b,c,e --work /tmp/moeify-device-checks)

@@ -32,8 +32,8 @@ def main() -> int:
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny_models import PROMPTS, dense_model
 
-    from moeify.converter import convert
-    from moeify.plan import ConvertOptions
+    from moeify.convert.converter import convert
+    from moeify.convert.options import ConvertOptions
 
     processes = args.processes or max(1, torch.cuda.device_count())
     work = args.work or Path(tempfile.mkdtemp(prefix="moeify-fsdp2-"))

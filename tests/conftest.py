@@ -54,8 +54,8 @@ def gemma_gguf() -> Path:
 @pytest.fixture(scope="session")
 def gemma_moe(gemma_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Gemma 3 270M upcycled once per session to 8 experts, top-2, 1 shared (the GGUF is dequantized once, cached)."""
-    from moeify.converter import convert
-    from moeify.plan import ConvertOptions
+    from moeify.convert.converter import convert
+    from moeify.convert.options import ConvertOptions
 
     out = tmp_path_factory.mktemp("gemma") / "gemma-moe"
     convert(str(gemma_gguf), out, ConvertOptions(num_experts=8, top_k=2, shared_experts=1), progress=False)

@@ -38,7 +38,7 @@ def _poison(rank: int, at_call: int) -> None:
 
 
 def _record(log: Path, output_dir: Path) -> None:
-    import moeify.converter
+    import moeify.convert.converter
     from moeify import merge as merge_module
     from moeify.train import run
 
@@ -46,13 +46,13 @@ def _record(log: Path, output_dir: Path) -> None:
         with open(log, "a") as handle:
             handle.write(line + "\n")
 
-    convert = moeify.converter.convert
+    convert = moeify.convert.converter.convert
 
     def recorded_convert(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         note(f"convert {_rank()}")
         return convert(*args, **kwargs)
 
-    moeify.converter.convert = recorded_convert
+    moeify.convert.converter.convert = recorded_convert
     if _rank() == 0:
         return
     write_text = Path.write_text

@@ -22,9 +22,9 @@ from tiny_models import ARCHITECTURES, DENSE_FOLDER, PROMPTS, build_tokenizer, d
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from moeify.converter import ConversionResult, convert
+from moeify.convert.converter import ConversionResult, convert
+from moeify.convert.options import ConvertOptions
 from moeify.errors import MoeifyError
-from moeify.plan import ConvertOptions
 
 hf_logging.disable_progress_bar()
 
@@ -35,7 +35,7 @@ OPTIONS: dict[str, dict[str, object]] = {
     "e4k2": {"num_experts": 4, "top_k": 2},
     "shared1": {"num_experts": 4, "top_k": 2, "shared_experts": 1},
     "layers02": {"num_experts": 4, "top_k": 2, "layers": "0,2"},
-    # Fine-grained experts (issue 11): 1/G of the FFN each, in groups of G with tied router rows.
+    # Fine-grained experts: 1/G of the FFN each, in groups of G with tied router rows.
     "g2": {"num_experts": 4, "top_k": 2, "granularity": 2},
     "g4": {"num_experts": 8, "top_k": 4, "granularity": 4},
     "g2shared": {"num_experts": 4, "top_k": 2, "granularity": 2, "shared_experts": 1},

@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from moeify.converter import convert
+from moeify.convert.converter import convert
+from moeify.convert.options import ConvertOptions
 from moeify.errors import MoeifyError
-from moeify.plan import ConvertOptions
 
 # Enough experts that writing takes a few seconds, so a signal lands mid-write.
 SLOW = ["--num-experts", "64", "--top-k", "2", "--quiet"]
@@ -116,7 +116,7 @@ def test_interrupted_swap_is_undone(medium_dense: Path, tmp_path: Path) -> None:
 def test_cleanup_never_removes_another_hosts_temporary(medium_dense: Path, tmp_path: Path) -> None:
     """On a shared file system a temporary folder of another node may belong to a live process this host cannot
     see: only this host's dead ones (and unnamed ones of old releases) are removed."""
-    from moeify.atomic import _host
+    from moeify.io.atomic import _host
 
     dead = 4194304  # above Linux's pid_max
     other = tmp_path / f".out.moeify-tmp-another-node-7-{dead}"
@@ -134,7 +134,7 @@ def test_temporaries_name_their_host(tmp_path: Path) -> None:
     import os
     import socket
 
-    from moeify.atomic import atomic_output
+    from moeify.io.atomic import atomic_output
 
     with atomic_output(tmp_path / "out") as tmp:
         assert tmp.name.endswith(f"-{os.getpid()}")

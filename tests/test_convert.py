@@ -12,10 +12,10 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import moeify  # noqa: F401
-from moeify.converter import convert
+from moeify.convert.converter import convert
+from moeify.convert.options import ConvertOptions
 from moeify.errors import MoeifyError
-from moeify.info import model_info
-from moeify.plan import ConvertOptions
+from moeify.inspect.info import model_info
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -114,7 +114,7 @@ def test_overwrite_keeps_old_output_until_new_is_complete(dense_llama: Path, tmp
     out.mkdir()
     (out / "old.txt").write_text("old")
 
-    import moeify.converter as converter
+    from moeify.convert import converter
 
     def broken_writer(*args, **kwargs):
         raise OSError("disk full (simulated)")
@@ -133,7 +133,7 @@ def test_overwrite_keeps_old_output_until_new_is_complete(dense_llama: Path, tmp
 
 
 def test_failure_midway_leaves_nothing(dense_llama: Path, tmp_path: Path, monkeypatch) -> None:
-    import moeify.converter as converter
+    from moeify.convert import converter
 
     calls = {"n": 0}
     real_get = converter._LayerBuilder.get
@@ -186,8 +186,8 @@ def test_copies_cost_one_read_and_one_build_per_layer(dense_llama: Path, tmp_pat
     """E experts from one FFN: each source tensor is read once and the fused [gate; up] is built once."""
     from collections import Counter
 
-    import moeify.converter as converter
-    from moeify.checkpoint import SafetensorsCheckpoint
+    from moeify.convert import converter
+    from moeify.io.checkpoint import SafetensorsCheckpoint
 
     reads: Counter[str] = Counter()
     real_get = SafetensorsCheckpoint.get

@@ -14,9 +14,9 @@ from tiny_models import ARCHITECTURES, DENSE_FOLDER, PROMPTS, build_dense, build
 from transformers import AutoModelForCausalLM
 
 from moeify.cli import main
-from moeify.converter import convert
-from moeify.plan import ConvertOptions
-from moeify.train.data import build_datasets
+from moeify.convert.converter import convert
+from moeify.convert.options import ConvertOptions
+from moeify.data.text import build_datasets
 from moeify.train.recipe import DataRecipe
 
 

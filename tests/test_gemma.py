@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from moeify.info import model_info
-from moeify.verify import verify
+from moeify.inspect.info import model_info
+from moeify.inspect.verify import verify
 
 pytestmark = pytest.mark.gemma
 

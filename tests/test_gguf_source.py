@@ -1,4 +1,4 @@
-"""Tests for moeify.gguf_source: GGUF detection, fingerprint memo and the dequantize cache."""
+"""Tests for moeify.io.gguf: GGUF detection, fingerprint memo and the dequantize cache."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import moeify.gguf_source as gguf_source
-from moeify.gguf_source import dequantize_gguf, file_fingerprint, gguf_cache_dir
+import moeify.io.gguf as gguf_source
+from moeify.io.gguf import dequantize_gguf, file_fingerprint, gguf_cache_dir
 
 
 @pytest.fixture

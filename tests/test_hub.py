@@ -1,4 +1,4 @@
-"""Hub download (SOURCE as a Hub id) and upload (`moeify.hub.push_to_hub`) against a fake hub on 127.0.0.1.
+"""Hub download (SOURCE as a Hub id) and upload (`moeify.io.hub.push_to_hub`) against a fake hub on 127.0.0.1.
 
 No test here reaches the internet: huggingface_hub is pointed at `tests/fake_hub.py` (HF_ENDPOINT and the
 module constants it copied at import), its cache, token and home are temporary folders, and every socket
@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from fake_hub import FakeHub, go_offline, point_huggingface_hub_at
 
-from moeify.converter import convert
+from moeify.convert.converter import convert
+from moeify.convert.options import ConvertOptions
 from moeify.errors import MoeifyError
-from moeify.hub import push_to_hub
-from moeify.plan import ConvertOptions
+from moeify.io.hub import push_to_hub
 
 REPO = "acme/tiny-llama"
 DECOYS = ("pytorch_model.bin", "model.gguf", "flax_model.msgpack", "onnx/model.onnx")

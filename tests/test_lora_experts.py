@@ -1,4 +1,4 @@
-"""`moeify convert --method lora-experts` (MixLoRA, issue 11): the experts share the dense FFN and each adds its own
+"""`moeify convert --method lora-experts` (MixLoRA): the experts share the dense FFN and each adds its own
 LoRA delta. The block equals an eager reference (W + s B_e A_e per expert), the conversion is exact at step 0 with B
 = 0, the output loads without moeify, and `moeify train` trains the deltas and the router while the FFN stays
 frozen."""
@@ -18,11 +18,11 @@ from tiny_models import DENSE_FOLDER, PROMPTS, dense_model
 from transformers import AutoModelForCausalLM
 
 from moeify.cli import main
-from moeify.converter import convert
+from moeify.convert.converter import convert
+from moeify.convert.options import ConvertOptions
+from moeify.inspect.verify import verify
 from moeify.modeling import MoeifyConfig
 from moeify.modeling.experts import MoeifyLoraExperts
-from moeify.plan import ConvertOptions
-from moeify.verify import verify
 
 E, K, R = 4, 2, 4
 

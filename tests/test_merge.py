@@ -19,11 +19,11 @@ from safetensors import safe_open
 from tiny_models import DENSE_FOLDER, dense_model
 from transformers import AutoModelForCausalLM
 
-from moeify.checkpoint import open_checkpoint
 from moeify.cli import main
-from moeify.converter import convert
+from moeify.convert.converter import convert
+from moeify.convert.options import ConvertOptions
+from moeify.io.checkpoint import open_checkpoint
 from moeify.merge import merge
-from moeify.plan import ConvertOptions
 from moeify.quant import ExpertLora, load_for_training, save_4bit
 
 E4K2 = {"num_experts": 4, "top_k": 2}

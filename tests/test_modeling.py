@@ -149,17 +149,28 @@ def test_text_config_answers_dense_and_expert_fields() -> None:
 
 
 def test_auto_model_is_the_decoder(tmp_path: Path) -> None:
-    """`AutoModel` (what vLLM's Transformers backend builds) gives `MoeifyForCausalLM(config).model`, same weights."""
-    from transformers import AutoModel
+    """`AutoModel` (what vLLM's Transformers backend builds) gives a `MoeifyModel` that is `MoeifyForCausalLM(config)
+    .model` (the dense base class, same names and weights), and saves and reloads as the MoE, not as the dense model."""
+    from transformers import AutoConfig, AutoModel
+
+    from moeify import MoeifyConfig, MoeifyModel
 
     model = tiny(layers=[0, 2])
-    model.save_pretrained(tmp_path)
-    decoder = AutoModel.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    assert type(decoder) is type(model.model)
+    model.save_pretrained(tmp_path / "lm")
+    decoder = AutoModel.from_pretrained(tmp_path / "lm", dtype=torch.float32).eval()
+    assert isinstance(decoder, MoeifyModel) and isinstance(decoder, type(model.model))
+    assert isinstance(decoder.config, MoeifyConfig)
     assert decoder.layers[0].mlp.experts.config._experts_implementation == "moeify"  # moeify's default
     ids = torch.randint(0, 96, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(decoder(ids).last_hidden_state, model.model(ids).last_hidden_state, atol=0, rtol=0)
+    decoder.save_pretrained(tmp_path / "decoder")
+    saved = AutoConfig.from_pretrained(tmp_path / "decoder")
+    assert isinstance(saved, MoeifyConfig) and saved.moe_layers == [0, 2]
+    again = AutoModel.from_pretrained(tmp_path / "decoder", dtype=torch.float32).eval()
+    assert isinstance(again, MoeifyModel)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).last_hidden_state, model.model(ids).last_hidden_state, atol=0, rtol=0)
     fresh = AutoModel.from_config(model.config)
     assert {n for n, _ in fresh.named_parameters()} == {n for n, _ in model.model.named_parameters()}
     assert all(torch.isfinite(p).all() for p in fresh.parameters())

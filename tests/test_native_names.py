@@ -17,8 +17,8 @@ from tiny_models import DENSE_FOLDER, dense_model
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from moeify.converter import convert
-from moeify.plan import ConvertOptions
+from moeify.convert.converter import convert
+from moeify.convert.options import ConvertOptions
 
 hf_logging.disable_progress_bar()
 

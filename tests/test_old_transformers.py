@@ -20,8 +20,8 @@ from tiny_models import DENSE_FOLDER, dense_model
 from transformers import AutoModelForCausalLM
 from venvs import transformers_python
 
-from moeify.converter import convert
-from moeify.plan import ConvertOptions
+from moeify.convert.converter import convert
+from moeify.convert.options import ConvertOptions
 
 TOL = 1e-5
 OLD_RELEASES = ["5.16.1", "5.19.0"]

@@ -196,7 +196,7 @@ def test_unrouted_assignments_enter_no_chunk_and_get_no_gradient(kind: str) -> N
     holder = nn.ModuleDict({"experts": base})
     add_expert_lora(holder, ExpertLora(r=4, alpha=8.0))
     lora = holder["experts"]
-    assert lora.skips_unrouted
+    assert lora.accepts_unrouted(torch.zeros(1, 4))
     with torch.no_grad():
         for name, p in lora.named_parameters():
             if "lora_B" in name:

@@ -165,8 +165,8 @@ def test_fsdp2_with_bfloat16_parameters_trains_like_one_process(
     equal one process under bfloat16 autocast within bfloat16 rounding."""
     from tiny_models import DENSE_FOLDER, dense_model
 
-    from moeify.converter import convert
-    from moeify.plan import ConvertOptions
+    from moeify.convert.converter import convert
+    from moeify.convert.options import ConvertOptions
 
     dense = dense_model("qwen2", tmp_path_factory.getbasetemp() / DENSE_FOLDER)
     moe = tmp_path / "moe"

@@ -11,9 +11,9 @@ from peft import PeftModel
 from tiny_models import DENSE_FOLDER, dense_model
 from transformers import AutoModelForCausalLM
 
-from moeify.converter import convert
+from moeify.convert.converter import convert
+from moeify.convert.options import ConvertOptions
 from moeify.errors import MoeifyError
-from moeify.plan import ConvertOptions
 from moeify.quant import Experts4bit, load_for_training, quantize_experts
 
 E4K2 = {"num_experts": 4, "top_k": 2}
@@ -161,7 +161,7 @@ def test_4bit_checkpoint_reloads_without_quantizing_again(
         torch.testing.assert_close(small_chunks.eval()(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
 
     # `moeify info` counts the parameters the packed experts stand for, and the bytes they take.
-    from moeify.info import model_info
+    from moeify.inspect.info import model_info
 
     full, packed = model_info(str(out)), model_info(str(saved))
     for key in ("total_params", "active_params", "routed_expert_params", "num_experts", "moe_layers"):

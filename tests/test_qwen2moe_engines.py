@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from tiny_models import DENSE_FOLDER, dense_model
 from transformers import AutoModelForCausalLM
 
-from moeify.converter import convert
-from moeify.plan import ConvertOptions
+from moeify.convert.converter import convert
+from moeify.convert.options import ConvertOptions
 
 CASES = [
     ("qwen2", {}),  # the neutral shared expert Qwen2-MoE always has

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from tiny_models import DENSE_FOLDER, dense_model
 
-from moeify.converter import convert
-from moeify.plan import ConvertOptions
+from moeify.convert.converter import convert
+from moeify.convert.options import ConvertOptions
 
 _LIGHT = """
 import sys

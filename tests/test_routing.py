@@ -20,7 +20,7 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 
 import moeify  # noqa: F401
 from moeify import MoeifyConfig, MoeifyForCausalLM
-from moeify.modeling import expert_kernels
+from moeify.kernels import cpu_experts
 from moeify.modeling.router import MoeifyTopKRouter, load_balancing_loss, router_z_loss
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -254,7 +254,7 @@ def test_null_experts_are_picked_and_cost_no_expert_gemm(implementation: str, mo
     """Whichever the experts implementation (moeify's takes the whole routing and leaves null assignments out
     itself, the others get the FFN assignments compacted), only FFN assignments reach a GEMM."""
     if implementation == "moeify-pieces":
-        monkeypatch.setattr(expert_kernels, "CPU_PIECEWISE_ROWS", 1)
+        monkeypatch.setattr(cpu_experts, "CPU_PIECEWISE_ROWS", 1)
     model = tiny(null_experts={"zero": 1, "copy": 1, "constant": 1})
     model.set_experts_implementation(implementation.removesuffix("-pieces"))
     moe = block(model)

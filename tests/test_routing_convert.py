@@ -14,10 +14,10 @@ from tiny_models import DENSE_FOLDER, PROMPTS, dense_model
 from transformers import AutoModelForCausalLM
 
 from moeify.cli import main
-from moeify.converter import convert
+from moeify.convert.converter import convert
+from moeify.convert.options import ConvertOptions
 from moeify.errors import MoeifyError
-from moeify.plan import ConvertOptions
-from moeify.verify import verify
+from moeify.inspect.verify import verify
 
 NEUTRAL = [
     "--router-scoring", "sigmoid", "--router-network", "mlp", "--router-hidden-size", "12", "--noisy-top-k",
@@ -124,7 +124,7 @@ def test_every_moe_recipe_key_reaches_the_model_and_bias_balancing_runs(
     model = load_model(loaded, str(moe))
     router = model.get_base_model().config.router
     assert {key: router[key] for key in moe_section} == moe_section
-    from moeify.router_stats import routers
+    from moeify.inspect.router_stats import routers
 
     active = list(routers(model).values())
     assert len(active) == 4  # every layer's router, as it runs (peft's trained copy)

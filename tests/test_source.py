@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from moeify.converter import convert
+from moeify.convert.converter import convert
+from moeify.convert.options import ConvertOptions
 from moeify.errors import MoeifyError
-from moeify.plan import ConvertOptions
-from moeify.source import is_hub_id, resolve_source
+from moeify.io.source import is_hub_id, resolve_source
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from tiny_models import DENSE_FOLDER, PROMPTS, dense_model
 
-from moeify.converter import convert
-from moeify.plan import ConvertOptions
+from moeify.convert.converter import convert
+from moeify.convert.options import ConvertOptions
 
 NATIVE_ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 MOEIFY_ARCHS = ["gemma3", "phi3", "llama_mlp_bias", "llama_attn_bias"]

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from tiny_models import DENSE_FOLDER, PROMPTS, dense_model, training_recipe
 
-from moeify.converter import convert
-from moeify.plan import ConvertOptions
+from moeify.convert.converter import convert
+from moeify.convert.options import ConvertOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 OLDEST = "5.16.1"

@@ -1,4 +1,4 @@
-"""`accelerate launch` of `python -m moeify.train` on two CPU processes (gloo) with recipes/accelerate/ddp.yaml:
+"""`accelerate launch` of `python -m moeify train` on two CPU processes (gloo) with recipes/accelerate/ddp.yaml:
 the same global batch gives the same losses as one process (4-bit experts + LoRA, and full fine-tuning of a model
 with a gating residual, null experts and capacity); a model to upcycle is converted once; only the main process
 writes the run's results; a NaN on one process stops both, naming the step.
@@ -21,8 +21,8 @@ import yaml
 from tiny_models import DENSE_FOLDER, PROMPTS, dense_model, training_recipe
 
 from moeify.cli import main
-from moeify.converter import convert
-from moeify.plan import ConvertOptions
+from moeify.convert.converter import convert
+from moeify.convert.options import ConvertOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = Path(__file__).resolve().parent / "launch_train.py"
@@ -65,7 +65,8 @@ def test_ddp_on_two_processes_matches_one_process(tmp_path: Path, tmp_path_facto
         "--config_file",
         str(ROOT / "recipes/accelerate/ddp.yaml"),
         "-m",
-        "moeify.train",
+        "moeify",
+        "train",
         str(_recipe(tmp_path, moe, "two", batch=2)),
     ]
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -103,7 +104,8 @@ def test_deepspeed_zero3_trains_4bit_experts_like_one_process(
         "--config_file",
         str(ROOT / "recipes/accelerate/deepspeed-zero3.yaml"),
         "-m",
-        "moeify.train",
+        "moeify",
+        "train",
         str(_recipe(tmp_path, moe, "two", batch=2)),
     ]
     proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)

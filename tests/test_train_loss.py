@@ -103,8 +103,8 @@ def test_native_and_moeify_format_of_the_same_weights_have_the_same_aux_loss(
     from tiny_models import DENSE_FOLDER, dense_model
     from transformers import AutoModelForCausalLM
 
-    from moeify.converter import convert
-    from moeify.plan import ConvertOptions
+    from moeify.convert.converter import convert
+    from moeify.convert.options import ConvertOptions
     from moeify.train.loss import causal_lm_loss_terms
 
     dense = dense_model("llama", tmp_path_factory.getbasetemp() / DENSE_FOLDER)
@@ -130,8 +130,8 @@ def test_moeify_format_with_router_loss(tmp_path, tmp_path_factory: pytest.TempP
     from tiny_models import DENSE_FOLDER, dense_model
     from transformers import AutoModelForCausalLM
 
-    from moeify.converter import convert
-    from moeify.plan import ConvertOptions
+    from moeify.convert.converter import convert
+    from moeify.convert.options import ConvertOptions
 
     dense = dense_model("gemma3", tmp_path_factory.getbasetemp() / DENSE_FOLDER)
     convert(

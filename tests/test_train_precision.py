@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from tiny_models import DENSE_FOLDER, PROMPTS, dense_model, training_recipe
 
 from moeify.cli import main
-from moeify.converter import convert
+from moeify.convert.converter import convert
+from moeify.convert.options import ConvertOptions
 from moeify.errors import MoeifyError
-from moeify.plan import ConvertOptions
 from moeify.train.recipe import load_recipe, trainer_settings
 
 # (source architecture, convert options): a native Qwen2-MoE with a shared expert and its gate, and the moeify

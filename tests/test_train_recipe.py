@@ -128,9 +128,9 @@ def test_dry_run_counts_what_load_for_training_trains_and_reads_no_weight(
     import torch
     from tiny_models import DENSE_FOLDER, dense_model
 
-    from moeify import checkpoint
-    from moeify.converter import convert
-    from moeify.plan import ConvertOptions
+    from moeify.convert.converter import convert
+    from moeify.convert.options import ConvertOptions
+    from moeify.io import checkpoint
     from moeify.quant import ExpertLora, load_for_training
     from moeify.train.dry_run import estimate
 
@@ -180,7 +180,7 @@ def test_dry_run_counts_what_load_for_training_trains_and_reads_no_weight(
         if "lora_" not in n and "modules_to_save" not in n
     )
     assert result.trainable_params == trainable
-    from moeify.info import model_info
+    from moeify.inspect.info import model_info
 
     assert result.total_params == model_info(str(out))["total_params"]
     assert result.total_params > trainable

@@ -12,9 +12,9 @@ import yaml
 from tiny_models import DENSE_FOLDER, PROMPTS, dense_model
 
 from moeify.cli import main
-from moeify.converter import convert
+from moeify.convert.converter import convert
+from moeify.convert.options import ConvertOptions
 from moeify.errors import MoeifyError
-from moeify.plan import ConvertOptions
 
 
 def test_thirty_steps_lower_the_loss_and_save_a_peft_adapter(
@@ -63,9 +63,9 @@ def test_data_sources_and_their_errors(tmp_path: Path) -> None:
     from tiny_models import build_tokenizer
     from transformers import PreTrainedTokenizerFast
 
+    from moeify.data.corpus import python_docstrings
+    from moeify.data.text import build_datasets
     from moeify.errors import MoeifyError
-    from moeify.train.corpus import python_docstrings
-    from moeify.train.data import build_datasets
     from moeify.train.recipe import DataRecipe
 
     tokenizer: PreTrainedTokenizerFast = build_tokenizer()
@@ -327,7 +327,7 @@ def test_full_fine_tuning_runs_native_experts_with_moeify(
 def test_chat_messages_with_loss_on_assistant_turns_only(tmp_path: Path) -> None:
     from tiny_models import build_tokenizer
 
-    from moeify.train.data import build_datasets
+    from moeify.data.text import build_datasets
     from moeify.train.recipe import DataRecipe
 
     tokenizer = build_tokenizer()

@@ -22,10 +22,10 @@ import torch
 from tiny_models import DENSE_FOLDER, dense_model
 
 import moeify
-from moeify.converter import convert
-from moeify.plan import ConvertOptions
+from moeify.convert.converter import convert
+from moeify.convert.options import ConvertOptions
+from moeify.inspect.router_stats import RouterStats
 from moeify.quant import load_for_training
-from moeify.router_stats import RouterStats
 from moeify.train.loss import causal_lm_loss
 
 PACKAGE = str(Path(moeify.__file__).parent)

@@ -1,4 +1,4 @@
-"""Upcycling transforms that are not copies (issue 11): Drop-Upcycling and expert noise. Exactly the promised
+"""Upcycling transforms that are not copies: Drop-Upcycling and expert noise. Exactly the promised
 neurons change, the same set in gate, up and down, with the statistics of what they replace; seeded and
 reproducible; both formats and layouts; `verify` and the model card report the deviation."""
 
@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 from tiny_models import DENSE_FOLDER, dense_model
 
 from moeify.cli import main
-from moeify.converter import convert
-from moeify.plan import ConvertOptions
-from moeify.upcycle import LayerContext, dropped_neurons
-from moeify.verify import verify
+from moeify.convert.converter import convert
+from moeify.convert.methods.transforms import LayerContext, dropped_neurons
+from moeify.convert.options import ConvertOptions
+from moeify.inspect.verify import verify
 
 E, INTERMEDIATE = 4, 128  # tiny_models: intermediate_size 128
 
@@ -194,7 +194,7 @@ def test_neuron_split_partitions_the_ffn_into_disjoint_experts(dense: Path, tmp_
 
 
 def test_kmeans_split_keeps_neurons_that_read_the_same_directions_together() -> None:
-    from moeify.upcycle import ExpertFFN, split_upcycle
+    from moeify.convert.methods.transforms import ExpertFFN, split_upcycle
 
     generator = torch.Generator().manual_seed(0)
     centres = torch.randn(4, 32, generator=generator) * 3
@@ -253,7 +253,7 @@ def test_experts_from_several_fine_tunes(dense: Path, tmp_path: Path, capsys) ->
 
 
 def test_kmeans_router_sends_each_cluster_of_router_inputs_to_its_own_expert() -> None:
-    from moeify.calibration import kmeans_router
+    from moeify.convert.calibration import kmeans_router
 
     generator = torch.Generator().manual_seed(0)
     centres = torch.randn(4, 64, generator=generator)
@@ -271,7 +271,7 @@ def test_kmeans_router_sends_each_cluster_of_router_inputs_to_its_own_expert() -
 def test_kmeans_router_rows_come_from_the_mlp_inputs_of_the_calibration_text(dense: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moeify.calibration import kmeans_router, router_inputs
+    from moeify.convert.calibration import kmeans_router, router_inputs
 
     calibration = tmp_path / "calibration.txt"
     texts = ["The capital of France is Paris.", "def f(x): return x + 1", "Experts route tokens."] * 4

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from transformers import PreTrainedConfig
 
-from ..adapters import ArchitectureAdapter
+from ..architectures import ArchitectureAdapter
 from ..errors import MoeifyError
-from ..plan import ConvertOptions
 from .base import MoESpec, MoETensorNames, OutputFormat
 from .moeify import MoeifyFormat
 from .native import NATIVE_FORMATS, NativeFormat
@@ -15,28 +16,33 @@ MOEIFY_FORMAT = MoeifyFormat()
 
 
 def choose_format(
-    adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec, options: ConvertOptions
+    adapter: ArchitectureAdapter,
+    dense_config: PreTrainedConfig,
+    spec: MoESpec,
+    requested: str,
+    custom_router: dict[str, Any],
 ) -> tuple[OutputFormat, str]:
-    """Pick the output format for `--format` and say why.
+    """Pick the output format for `--format` (`requested`) and say why.
 
     `native`: the first stock class of the adapter that is exact, else a `MoeifyError` naming the reasons and
     `--format moeify`. `auto`: the first exact stock class that serving engines also compute correctly, moeify
-    otherwise. `moeify`: always.
+    otherwise. `moeify`: always. `custom_router`: the router settings that differ from the defaults, which no stock
+    class expresses.
     """
-    if options.format == "moeify":
+    if requested == "moeify":
         return MOEIFY_FORMAT, "moeify format requested"
-    custom = options.custom_router()
+    custom = custom_router
     if custom:
         settings = ", ".join(f"{key}={value}" for key, value in custom.items())
         reason = f"the router settings {settings} have no equivalent in the stock transformers MoE classes"
-        if options.format == "native":
+        if requested == "native":
             raise MoeifyError(f"--format native: {reason}. Use --format moeify (or auto).")
         return MOEIFY_FORMAT, reason + ", so moeify's own format"
     reasons = []
     for target in adapter.native_targets:
         fmt = NATIVE_FORMATS[target]
-        reason = fmt.explain_unsupported(adapter, dense_config, spec, options)
-        if reason is None and fmt.not_automatic and options.format == "auto":
+        reason = fmt.explain_unsupported(adapter, dense_config, spec)
+        if reason is None and fmt.not_automatic and requested == "auto":
             reason = fmt.not_automatic
         if reason is None:
             note = f" (but {fmt.not_automatic})" if fmt.not_automatic else ""
@@ -44,7 +50,7 @@ def choose_format(
         reasons.append(f"{fmt.class_name}: {reason}")
     if not adapter.native_targets:
         reasons.append(f"no stock transformers MoE class matches {adapter.display_name}")
-    if options.format == "native":
+    if requested == "native":
         raise MoeifyError(
             f"--format native cannot represent this {adapter.display_name} MoE exactly ("
             + "; ".join(reasons)

@@ -7,8 +7,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedConfig
 
-from ..adapters import ArchitectureAdapter
-from ..plan import ConvertOptions
+from ..architectures import ArchitectureAdapter
+
+# Neurons of the all-zero shared expert Qwen2-MoE gets when none is asked for (see `formats.base.MoETensorNames`):
+# small, a multiple of every usual tensor-parallel size, and below any real expert size; counted as no shared expert.
+NEUTRAL_SHARED_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ class OutputFormat:
     no_dense_layers_in: str | None = None
 
     def explain_unsupported(
-        self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec, options: ConvertOptions
+        self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec
     ) -> str | None:
         """`None` if this format represents the MoE exactly, else a one-line reason."""
         raise NotImplementedError

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-from ..adapters import ArchitectureAdapter
+from ..architectures import ArchitectureAdapter
 from ..modeling import MoeifyConfig, MoeifyForCausalLM
-from ..plan import ConvertOptions
 from .base import MoESpec, MoETensorNames, OutputFormat, RouterTensor
 
 
@@ -20,7 +19,7 @@ class MoeifyFormat(OutputFormat):
     layouts = ("fused",)
 
     def explain_unsupported(
-        self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec, options: ConvertOptions
+        self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec
     ) -> str | None:
         return None
 

@@ -13,10 +13,8 @@ from __future__ import annotations
 from transformers import GraniteMoeSharedConfig, MixtralConfig, PreTrainedConfig, Qwen2MoeConfig, Qwen3MoeConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from ..adapters import ArchitectureAdapter
-from ..params import NEUTRAL_SHARED_SIZE
-from ..plan import ConvertOptions
-from .base import MoESpec, MoETensorNames, OutputFormat, dense_config_dict
+from ..architectures import ArchitectureAdapter
+from .base import NEUTRAL_SHARED_SIZE, MoESpec, MoETensorNames, OutputFormat, dense_config_dict
 
 _QWEN_EXPERT = {
     "gate": "mlp.experts.{e}.gate_proj.weight",
@@ -56,7 +54,7 @@ class NativeFormat(OutputFormat):
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
 
     def explain_unsupported(
-        self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec, options: ConvertOptions
+        self, adapter: ArchitectureAdapter, dense_config: PreTrainedConfig, spec: MoESpec
     ) -> str | None:
         if adapter.model_type not in self.dense_types:
             return f"{self.name} cannot represent a {adapter.display_name} model exactly"

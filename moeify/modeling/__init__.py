@@ -8,11 +8,7 @@ transformers).
 
 from typing import Any
 
-from .. import registration
-from . import expert_kernels  # noqa: F401  (registers experts_implementation="moeify", for native classes too)
 from .configuration_moeify import MoeifyConfig, RouterConfig
-
-registration.run_deferred()  # `import moeify.modeling` first: the Auto registration waited for MoeifyConfig
 
 # `save_pretrained` writes a complete `auto_map` (and copies the modeling files) for classes registered like this.
 MoeifyConfig.register_for_auto_class()

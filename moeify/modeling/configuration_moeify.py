@@ -22,6 +22,9 @@ except ImportError:  # transformers < 5.23: composite configs list `sub_configs`
     SubConfigSpec = None
 
 
+# The layout of this config and of the weights it describes; a newer moeify that changes either raises it. Configs
+# without the key (moeify 0.1) are version 1.
+FORMAT_VERSION = 1
 SCORINGS = ("softmax", "sigmoid")
 NETWORKS = ("linear", "mlp")
 NULL_EXPERT_KINDS = ("zero", "copy", "constant")
@@ -155,6 +158,8 @@ class MoeifyConfig(PreTrainedConfig):
             `gate_up` and `down` (`MoeifyLoraExperts`); `moe_intermediate_size` is that FFN's.
         expert_lora_alpha (`float`, *optional*):
             LoRA scaling numerator of the expert deltas (`scale = alpha / r`); defaults to `2 * expert_lora_rank`.
+        moeify_format_version (`int`, defaults to `FORMAT_VERSION`):
+            The version of moeify's format the model was written in; code that reads an older one refuses a newer one.
     """
 
     model_type = "moeify"
@@ -179,8 +184,15 @@ class MoeifyConfig(PreTrainedConfig):
     expert_lora_rank: int = 0
     expert_lora_alpha: float | None = None
     tie_word_embeddings: bool = False
+    moeify_format_version: int = FORMAT_VERSION
 
     def __post_init__(self, **kwargs: Any) -> None:
+        if int(self.moeify_format_version) > FORMAT_VERSION:
+            raise ValueError(
+                f"this model is in moeify format version {self.moeify_format_version}, written by a newer moeify; "
+                f"this code reads versions up to {FORMAT_VERSION}. Upgrade moeify (pip install -U moeify), or load the "
+                "model with trust_remote_code=True (and without importing moeify) to run the code saved beside it."
+            )
         router = dict(self.router or {})
         for flat, key in _FLAT_ROUTER_KEYS.items():  # moeify 0.1 configs, or the stock classes' argument names
             if flat in kwargs:

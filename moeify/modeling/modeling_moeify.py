@@ -10,6 +10,7 @@ Copied next to the weights for `trust_remote_code=True`: imports torch, transfor
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -19,18 +20,19 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
 from .configuration_moeify import MoeifyConfig
-from .expert_kernels import IMPLEMENTATION as DEFAULT_EXPERTS
-from .expert_kernels import accepts_unrouted
 from .experts import MoeifyExpertDeltas, MoeifyExpertsBase, MoeifyLoraExperts, build_experts, routed_only
 from .router import MoeifyTopKRouter, RoutingState, load_balancing_loss, router_z_loss
 
 # transformers 5.25 renamed the key-value cache argument and output field `past_key_values` to `cache` (the old
 # name warns, and goes in 5.40); moeify's model passes and returns it under the name of the installed version.
 CACHE = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# The experts implementation `import moeify` registers (faster on the CPU); without moeify, transformers' default.
+MOEIFY_EXPERTS = "moeify"
 
 
 class MoeifySharedExperts(nn.Module):
@@ -133,14 +135,16 @@ class MoeifySparseMoeBlock(nn.Module):
 
 
 def _skips_unrouted(experts: nn.Module, hidden_states: torch.Tensor) -> bool:
-    """Whether `experts` leaves out the assignments to an index >= E (null experts, dropped for capacity) itself, on
-    the CPU: moeify's experts implementation (expert_kernels.py) and its 4-bit / frozen training experts
-    (`skips_unrouted`, moeify.quant). Handing them the whole routing saves the compaction's gather and scatter
-    (0.87-0.96x of the block's fwd+bwd time with null experts, BENCHMARKS.md, issue 12)."""
-    config = getattr(experts, "config", None)
-    return accepts_unrouted(hidden_states) and (
-        getattr(experts, "skips_unrouted", False) or getattr(config, "_experts_implementation", None) == DEFAULT_EXPERTS
-    )
+    """Whether `experts` leaves out the assignments to an index >= E (null experts, dropped for capacity) itself.
+
+    An experts module, or the experts implementation it runs, says so with `accepts_unrouted(hidden_states)` (moeify's
+    kernels and training experts do, on the CPU). Handing them the whole routing saves the compaction's gather and
+    scatter; every other implementation gets the routed assignments only."""
+    accepts = getattr(experts, "accepts_unrouted", None)
+    if accepts is None:
+        implementation = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+        accepts = getattr(ALL_EXPERTS_FUNCTIONS.get(implementation), "accepts_unrouted", None)
+    return accepts is not None and accepts(hidden_states)
 
 
 SILU_ACTIVATIONS = ("silu", "swish")
@@ -253,36 +257,45 @@ class MoeifyPreTrainedModel(PreTrainedModel):
         return True
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        # Ours by default: transformers' grouped_mm off the CPU, the same GEMMs with less allocation on it.
-        return super().get_correct_experts_implementation(requested_experts or DEFAULT_EXPERTS)
+        if requested_experts is None and MOEIFY_EXPERTS in ALL_EXPERTS_FUNCTIONS:
+            requested_experts = MOEIFY_EXPERTS
+        return super().get_correct_experts_implementation(requested_experts)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        init_moe_weights(module, getattr(self.config.text_config, "initializer_range", 0.02))
+        text_config = getattr(self.config, "text_config", self.config)  # the dense config while `MoeifyModel` builds
+        init_moe_weights(module, getattr(text_config, "initializer_range", 0.02))
 
 
 class MoeifyModel(MoeifyPreTrainedModel):
     """The decoder of `MoeifyForCausalLM` without its head: what `AutoModel` builds (vLLM's Transformers backend
     adds its own head to it).
 
-    `MoeifyModel(config)` returns the dense architecture's own base model (e.g. `Gemma3TextModel` from
-    `config.text_config`) with MoE blocks, exactly `MoeifyForCausalLM(config).model`: its parameter names,
-    forward, attention and cache code are the dense model's.
+    An instance is also the dense architecture's own base model (e.g. `Gemma3TextModel`, built from
+    `config.text_config`; see `__new__`) with MoE blocks: its parameter names, forward, attention and cache code are
+    the dense model's, exactly `MoeifyForCausalLM(config).model`. Its config is the `MoeifyConfig`, which answers the
+    dense fields too, so it saves and reloads as this MoE.
     """
 
-    def __new__(cls, config: MoeifyConfig, *args: Any, **kwargs: Any) -> PreTrainedModel:  # type: ignore[misc]
-        dense = build_dense(MODEL_MAPPING[type(config.text_config)], config)
-        # What `PreTrainedModel.__init__` does for a model with experts: default to our implementation (the dense
-        # instance cannot be asked: it has no experts, so transformers would answer "eager").
-        config._experts_implementation_internal = (
-            getattr(config, "_experts_implementation_internal", None) or DEFAULT_EXPERTS
-        )
-        decoder = upcycle_decoder(dense, config)
-        for block in decoder.modules():
-            if isinstance(block, MoeifySparseMoeBlock):
-                block.apply(decoder._init_weights)  # the dense model initialised itself before the swap
-        return decoder
+    def __new__(cls, config: MoeifyConfig, *args: Any, **kwargs: Any) -> MoeifyModel:
+        return super().__new__(_with_dense_base(cls, MODEL_MAPPING[type(config.text_config)]))
+
+    def __init__(self, config: MoeifyConfig) -> None:
+        dense_class = type(self).__mro__[type(self).__mro__.index(MoeifyPreTrainedModel) + 1]
+        requested_experts = getattr(config, "_experts_implementation_internal", None)
+        build_dense(partial(dense_class.__init__, self), config)
+        self.config = config
+        config._experts_implementation_internal = requested_experts
+        self.config._experts_implementation_internal = self.get_correct_experts_implementation(requested_experts)
+        upcycle_decoder(self, config)
+        self.post_init()
+
+
+@functools.cache
+def _with_dense_base(moe_class: type, dense_class: type) -> type:
+    """`moe_class` over the dense base model class: `MoeifyModel`'s methods first, then the dense model's."""
+    return type(moe_class.__name__, (moe_class, dense_class), {"__module__": moe_class.__module__})
 
 
 class MoeifyForCausalLM(MoeifyPreTrainedModel, GenerationMixin):

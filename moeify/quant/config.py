@@ -13,14 +13,13 @@ QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
 BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # Default budgets of dequantized expert weights. On the CPU, glibc serves blocks under 32 MiB from its heap once one
 # has been freed, while larger ones are mapped afresh and page-faulted in on every call: a chunk whose gate_up part
-# (2/3 of it) stays under 32 MiB is recycled. Measured (BENCHMARKS.md, issue 12 sixth measurements): 4-bit + LoRA
+# (2/3 of it) stays under 32 MiB is recycled. Measured (BENCHMARKS.md): 4-bit + LoRA
 # fwd+bwd 1.3-1.4x faster than with 1 GiB chunks, and the chunk is the largest temporary of a 4-bit training step.
 # On accelerators the caching allocator recycles any size, and fewer, larger grouped GEMMs launch less.
 CPU_DEQUANTIZED_BYTES = 48 << 20
 ACCELERATOR_DEQUANTIZED_BYTES = 1 << 30
 # bitsandbytes' fused 4-bit CPU kernel took 0.19x-0.31x of the time of dequantizing an expert and multiplying for one
-# of its rows, 0.83x-0.92x for 16 and 1.04x-1.11x for 24 (`benchmarks/fused_4bit_rows.py`, BENCHMARKS.md issue 12,
-# sixteenth measurements): up to 16 rows.
+# of its rows, 0.83x-0.92x for 16 and 1.04x-1.11x for 24 (`benchmarks/fused_4bit_rows.py`): up to 16 rows.
 CPU_FUSED_ROWS = 16
 # The fused kernel reads its own copy of the packed experts (`Experts4bit.fused_projection`), as large as the stored
 # ones: built for every layer, evaluation and generation would hold the experts twice. The layouts of all

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from ..kernels.cpu_experts import accepts_unrouted
 from ..modeling.experts import expert_counts, expert_factors, grouped_linear, grouped_lora
 
 PROJECTIONS = ("gate_up", "down")
@@ -74,13 +75,15 @@ class ExpertDispatch(nn.Module):
     `shapes` (`{"gate_up": (2I, H), "down": (H, I)}`), `act_fn`, `has_bias` and say where weights come from.
 
     On the CPU an index >= `num_experts` (a MoE++ null expert, an assignment dropped for capacity) is left out: it
-    sorts after every expert's rows and no chunk takes it (`skips_unrouted`, read by moeify's MoE block)."""
+    sorts after every expert's rows and no chunk takes it (`accepts_unrouted`, read by moeify's MoE block)."""
 
-    skips_unrouted = True  # on the CPU
     num_experts: int
     shapes: dict[str, tuple[int, int]]
     act_fn: Callable[[torch.Tensor], torch.Tensor]
     has_bias: bool
+
+    def accepts_unrouted(self, hidden_states: torch.Tensor) -> bool:
+        return accepts_unrouted(hidden_states)
 
     def chunk_weight(self, name: str, chunk: ExpertChunk, dtype: torch.dtype) -> torch.Tensor:
         """Projection `name`'s weights of the chunk's experts in `dtype`, `(experts, out, in)`; valid until the next

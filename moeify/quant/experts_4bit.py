@@ -238,7 +238,7 @@ class Experts4bit(ExpertDispatch):
         projections reuse (each product is done before the next weights are taken, so the dequantized weights never
         exceed one chunk's gate_up part). A fresh block of this size is often mapped anew by the C allocator and
         faulted in page by page: in place, that nearly doubled bitsandbytes' dequantization time at E 8 / I 3584 /
-        256 tokens (BENCHMARKS.md, issue 12)."""
+        256 tokens (BENCHMARKS.md)."""
         if chunk.experts.device.type != "cpu":
             return self.dequantize(name, chunk.selector, dtype, ids=chunk.ids)  # the caching allocator reuses blocks
         numel = len(chunk.experts) * max(out_dim * in_dim for out_dim, in_dim in self.shapes.values())

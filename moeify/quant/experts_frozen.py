@@ -11,7 +11,7 @@ stock peft loads onto the untouched model.
 
 On the CPU the sorted tokens run in chunks of consecutive whole experts whose `(rows, 2I)` gate_up output stays
 under `CPU_CHUNK_BYTES`: glibc serves blocks under 32 MiB from its heap, recycled call after call, while larger ones
-are mapped and page-faulted in afresh each time (BENCHMARKS.md, issue 12: 0.8-0.9x the time at 4096 tokens, the same
+are mapped and page-faulted in afresh each time (BENCHMARKS.md: 0.8-0.9x the time at 4096 tokens, the same
 at 256). Accelerators, whose caching allocator recycles any size, run all experts as one chunk, without reading the
 counts back.
 """
@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..modeling.expert_kernels import CPU_CHUNK_BYTES
+from ..kernels.cpu_experts import CPU_CHUNK_BYTES
 from .dispatch import PROJECTIONS, ExpertChunk, ExpertDispatch, fused_experts
 
 

@@ -13,7 +13,7 @@ plain `from_pretrained` fails with transformers' "unknown quantization type" ins
 Why not transformers' loader: it fuses per-expert checkpoints into full-precision 3-D tensors for the whole
 model before any quantizer sees them, and its conversion / quantizer interfaces differ across the transformers
 releases moeify supports (5.16-5.23). The few checkpoint names that differ from module names are the legacy
-MoE names stock `save_pretrained` writes (the same ones moeify's native formats write): see `moeify.layouts`.
+MoE names stock `save_pretrained` writes (the same ones moeify's native formats write): see `moeify.formats.layouts`.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from ..checkpoint import open_checkpoint
 from ..errors import MoeifyError
-from ..layouts import EXPERT_PARAMS, checkpoint_name, expert_pieces, read_expert
-from ..source import resolve_source
+from ..formats.layouts import EXPERT_PARAMS, checkpoint_name, expert_pieces, read_expert
+from ..io.checkpoint import open_checkpoint
+from ..io.source import resolve_source
 from .config import ExpertLora, ExpertQuantization
 from .dispatch import fused_experts
 from .experts_4bit import Experts4bit
@@ -91,7 +91,6 @@ def load_for_training(
     Returns a `PeftModel` whose `save_pretrained` writes an adapter stock peft loads onto the full-precision MoE.
     """
     lora = lora or ExpertLora()
-    import moeify  # noqa: F401  (registers the moeify format)
 
     device = _device(device)
 
@@ -175,7 +174,7 @@ def load_with_adapter(
     """
     from peft import set_peft_model_state_dict
 
-    from ..peft_adapter import adapter_folder, read_lora_adapter
+    from ..io.peft_adapter import adapter_folder, read_lora_adapter
 
     config: dict[str, Any] = {}
     state: dict[str, torch.Tensor] = {}

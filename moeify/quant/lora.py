@@ -43,9 +43,8 @@ class ExpertsLora(nn.Module, BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self.update_layer(adapter_name, lora)
 
-    @property
-    def skips_unrouted(self) -> bool:
-        return self.experts.skips_unrouted
+    def accepts_unrouted(self, hidden_states: torch.Tensor) -> bool:
+        return self.experts.accepts_unrouted(hidden_states)
 
     @property
     def experts(self) -> ExpertDispatch:

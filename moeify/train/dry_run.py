@@ -43,8 +43,6 @@ def estimate(recipe: Recipe) -> Estimate:
     """Count parameters of the recipe's model (meta device) and estimate the peak memory of one training step."""
     from transformers import AutoModelForCausalLM
 
-    import moeify  # noqa: F401  (registers the moeify format)
-
     from ..errors import MoeifyError
 
     try:
@@ -53,8 +51,8 @@ def estimate(recipe: Recipe) -> Estimate:
         else:  # the MoE `model.convert` would make of the dense model, from its config alone
             from transformers import AutoConfig
 
-            from ..converter import planned_config
-            from ..plan import ConvertOptions
+            from ..convert.converter import planned_config
+            from ..convert.options import ConvertOptions
 
             if str(recipe.model.source).endswith(".gguf"):
                 raise MoeifyError(

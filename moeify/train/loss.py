@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..data.text import IGNORE_INDEX
 from ..modeling.router import load_balancing_loss, router_z_loss
 
-IGNORE_INDEX = -100
 CHUNK_BYTES = 32 << 20  # float32 logits of one chunk
 
 
@@ -108,7 +108,7 @@ def causal_lm_loss_terms(
         aux_coef = float(getattr(base, "router_aux_loss_coef", getattr(base.config, "router_aux_loss_coef", 0.0)))
     routing: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []  # (router, logits, top-k index) per layer
     if router_loss and not reports_losses and (aux_coef or z_loss_coef):
-        from ..router_stats import routers
+        from ..inspect.router_stats import routers
 
         for module in routers(base).values():
             hooks.append(module.register_forward_hook(lambda m, _i, out: routing.append((m, out[0], out[2]))))

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import yaml
 
+from ..data.text import DataRecipe
 from ..errors import MoeifyError
 
 Precision = Literal["nf4", "fp4", "none"]
@@ -79,23 +80,6 @@ class LoraRecipe:
     expert_r: int | None = _doc("rank of the experts' LoRA (default: r); a dense model's FFN counts", default=None)
     expert_alpha: float | None = _doc("scale numerator of the experts' LoRA (default: alpha)", default=None)
     train_router: bool = _doc("train the routers in full precision (saved with the adapter)", default=True)
-
-
-@dataclass
-class DataRecipe:
-    """Training text."""
-
-    path: str = _doc(
-        "Hub dataset id, local .json/.jsonl/.parquet/.csv/.txt file or folder, builtin:python-docstrings", default=""
-    )
-    text_field: str = _doc("the column holding the text", default="text")
-    messages_field: str | None = _doc(
-        "a column of chat messages ({role, content}) to render with the chat template", default=None
-    )
-    assistant_only_loss: bool = _doc("with messages: predict the assistant turns only", default=False)
-    max_length: int = _doc("tokens per training sequence", default=512)
-    eval_fraction: float = _doc("share of the data held out for evaluation", default=0.05)
-    packing: bool = _doc("concatenate texts and cut them into max_length blocks", default=True)
 
 
 @dataclass
@@ -199,7 +183,7 @@ def check_recipe(recipe: Recipe) -> None:
     if (recipe.model.path is None) == (recipe.model.source is None):
         raise MoeifyError("model: give exactly one of `path` (a converted MoE) or `source` (a dense model to upcycle).")
     if recipe.model.source is not None:
-        from ..plan import ConvertOptions
+        from ..convert.options import ConvertOptions
 
         valid = [f.name for f in dataclasses.fields(ConvertOptions)]
         for key in recipe.model.convert:
@@ -207,7 +191,7 @@ def check_recipe(recipe: Recipe) -> None:
                 raise MoeifyError(f"model.convert.{key}: not a `moeify convert` setting{_suggest(key, valid)}.")
     elif recipe.model.convert:
         raise MoeifyError("model.convert: only used with model.source (a dense model to upcycle).")
-    from ..source import is_hub_id
+    from ..io.source import is_hub_id
 
     for key in ("path", "source"):
         value = getattr(recipe.model, key)

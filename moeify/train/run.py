@@ -16,10 +16,10 @@ from torch import nn
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 
 from ..errors import MoeifyError
+from ..io.dtypes import DTYPES
 from .loss import IGNORE_INDEX, causal_lm_loss, causal_lm_loss_terms
 from .recipe import LoraRecipe, Recipe, checkpointing_argument, trainer_settings, wants_checkpointing
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -80,7 +80,7 @@ class MoeTrainer(Trainer):
         return loss.detach(), None, None
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
-        from ..router_stats import RouterStats
+        from ..inspect.router_stats import RouterStats
 
         with RouterStats(self.model) as self.router_stats:
             return super().train(*args, **kwargs)
@@ -178,7 +178,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     """Run the recipe; returns the final metrics (also written to `output.dir/train_results.json`)."""
     from transformers import AutoTokenizer, TrainingArguments, default_data_collator, set_seed
 
-    from .data import build_datasets
+    from ..data.text import build_datasets
 
     seed = int(recipe.training.get("seed", 42))
     set_seed(seed)
@@ -219,11 +219,11 @@ def train(recipe: Recipe) -> dict[str, Any]:
     router = {k: v for k, v in _last_logged(trainer).items() if k.startswith("router/") and "/L" not in k}
     _model_card(recipe, recipe.model.path or path, metrics, router).save(out / "README.md")  # the Hub id, if one
     if recipe.output.merge:
-        from ..merge import merge
+        from ..merge.fold import merge
 
         merge(path, out, out / "merged", overwrite=True, progress=False)
     if recipe.output.push_to_hub:
-        from ..hub import push_to_hub
+        from ..io.hub import push_to_hub
 
         push_to_hub(out, recipe.output.push_to_hub, ignore_patterns=["checkpoint-*", "merged/*", "upcycled/*"])
     return metrics
@@ -261,7 +261,7 @@ def load_model(recipe: Recipe, path: str, device: torch.device | None = None) ->
     )
 
     q, lora = recipe.quantization, recipe.lora
-    dtype = _DTYPES[q.compute_dtype]
+    dtype = DTYPES[q.compute_dtype]
     checkpointing = wants_checkpointing(recipe)
     linear = None if q.linear == "none" else linear_quantization_config(q.linear, dtype, q.double_quant)
     if lora is not None and "attention" not in lora.targets:
@@ -358,9 +358,9 @@ def _in_ffn(name: str) -> bool:
 def _model_folder(recipe: Recipe) -> str:
     """The local folder of the model to train: `model.path` (a Hub id is fetched), or `model.source` upcycled with
     `model.convert` into `output.dir/upcycled` (reused when it is there)."""
-    from ..converter import convert
-    from ..plan import ConvertOptions
-    from ..source import resolve_source
+    from ..convert.converter import convert
+    from ..convert.options import ConvertOptions
+    from ..io.source import resolve_source
 
     if recipe.model.path is not None:
         try:

@@ -26,8 +26,8 @@ from tiny_models import ARCHITECTURES, build_dense
 from transformers import AutoModelForCausalLM
 
 from moeify.cli import main
-from moeify.converter import convert
-from moeify.plan import ConvertOptions
+from moeify.convert.converter import convert
+from moeify.convert.options import ConvertOptions
 
 LLAMACPP_PYTHON = os.environ.get("MOEIFY_LLAMACPP_PYTHON")
 pytestmark = [

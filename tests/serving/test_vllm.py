@@ -3,7 +3,8 @@
 Skipped unless `MOEIFY_VLLM_PYTHON` names a Python with vLLM and moeify (`bash scripts/vllm-env.sh` builds one;
 vLLM pins its own transformers, so it lives in its own venv). Tiny dense models with head_dim 32 (vLLM's CPU
 attention supports 32 and up) are converted to every native target and to the moeify format; vLLM serves native
-outputs with its own model classes and moeify-format ones with moeify's plugin class (`moeify.vllm_model`, vLLM's
+outputs with its own model classes and moeify-format ones with moeify's plugin class (`moeify.serving.vllm_model`,
+vLLM's
 Transformers backend with the experts its fused kernel gets wrong kept as moeify's); the greedy tokens of a batch of
 token-id prompts must equal transformers' (float32). Without the plugin (vLLM's own Transformers backend class), an
 output vLLM would compute wrongly must be refused with a message saying why.
@@ -24,8 +25,8 @@ import torch
 from tiny_models import ARCHITECTURES, dense_model
 from transformers import AutoModelForCausalLM
 
-from moeify.converter import convert
-from moeify.plan import ConvertOptions
+from moeify.convert.converter import convert
+from moeify.convert.options import ConvertOptions
 
 VLLM_PYTHON = os.environ.get("MOEIFY_VLLM_PYTHON")
 pytestmark = [

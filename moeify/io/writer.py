@@ -13,6 +13,7 @@ import json
 import math
 import mmap
 import os
+import re
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from ..errors import MoeifyError
 
 SAFETENSORS_DTYPES = {
     torch.float32: "F32",
@@ -198,3 +201,31 @@ def write_safetensors(
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return weight_map
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_max_shard_size(size: str | int) -> int:
+    """`'5GB'` -> 5_000_000_000 (also KB/MB/TB, KiB/MiB/GiB, or a plain byte count)."""
+    if isinstance(size, int):
+        value = size
+    else:
+        match = _SIZE.match(size)
+        if not match:
+            raise MoeifyError(f"bad --max-shard-size '{size}': use a size such as 5GB, 500MB or 2GiB.")
+        value = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+    if value <= 0:
+        raise MoeifyError(f"--max-shard-size must be positive (got {size}).")
+    return value

@@ -5,16 +5,40 @@ users expect): a Hub dataset id, local json / jsonl / parquet / csv / txt files,
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from ..errors import MoeifyError
 from .corpus import BUILTIN_PREFIX, builtin_corpus
-from .loss import IGNORE_INDEX
-from .recipe import DataRecipe
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100  # the label of a position the loss skips (transformers' and PyTorch's convention)
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+
+
+@dataclass
+class DataRecipe:
+    """Where the text comes from and how it becomes training blocks (a recipe's `data` section)."""
+
+    path: str = field(
+        metadata={
+            "doc": "Hub dataset id, local .json/.jsonl/.parquet/.csv/.txt file or folder, builtin:python-docstrings"
+        },
+        default="",
+    )
+    text_field: str = field(metadata={"doc": "the column holding the text"}, default="text")
+    messages_field: str | None = field(
+        metadata={"doc": "a column of chat messages ({role, content}) to render with the chat template"}, default=None
+    )
+    assistant_only_loss: bool = field(
+        metadata={"doc": "with messages: predict the assistant turns only"}, default=False
+    )
+    max_length: int = field(metadata={"doc": "tokens per training sequence"}, default=512)
+    eval_fraction: float = field(metadata={"doc": "share of the data held out for evaluation"}, default=0.05)
+    packing: bool = field(metadata={"doc": "concatenate texts and cut them into max_length blocks"}, default=True)
 
 
 def load_text(data: DataRecipe):  # noqa: ANN201  (a datasets.Dataset)
@@ -34,7 +58,7 @@ def load_text(data: DataRecipe):  # noqa: ANN201  (a datasets.Dataset)
         if builder is None:
             raise MoeifyError(f"data.path {path}: unknown file type; use one of {', '.join(sorted(_BUILDERS))}.")
         return load_dataset(builder, data_files=str(path), split="train")
-    from ..source import is_hub_id
+    from ..io.source import is_hub_id
 
     if not is_hub_id(data.path):
         raise MoeifyError(f"data.path {data.path} does not exist (and is not a Hub dataset id such as org/name).")

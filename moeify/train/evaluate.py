@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from .errors import MoeifyError
+from ..errors import MoeifyError
+from ..io.dtypes import DTYPES
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 PRECISIONS = ("nf4", "fp4", "none")  # how experts and linear modules are stored, as a recipe's `quantization`
 
 
@@ -48,11 +48,8 @@ def evaluate(
     """
     from transformers import AutoTokenizer
 
-    import moeify  # noqa: F401  (registers the moeify format)
-
-    from .source import resolve_source
-    from .train.data import build_datasets
-    from .train.recipe import DataRecipe
+    from ..data.text import DataRecipe, build_datasets
+    from ..io.source import resolve_source
 
     folder = resolve_source(model)
     tokenizer_folder = next(
@@ -82,7 +79,7 @@ def evaluate(
 
 def _storage(folder: Path, adapter: str | None, experts: str | None, linear: str | None) -> tuple[str, str]:
     """How the experts and the other linear modules are loaded: as asked, else as trained (see `evaluate`)."""
-    from .quant.loading import read_config
+    from ..quant.loading import read_config
 
     trained: dict[str, Any] = {}
     if adapter is not None and (Path(adapter) / "recipe.yaml").is_file():
@@ -103,15 +100,15 @@ def _storage(folder: Path, adapter: str | None, experts: str | None, linear: str
 def _load(folder: Path, adapter: str | None, dtype: str, experts: str, linear: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    if dtype not in DTYPES:
-        raise MoeifyError(f"--dtype must be one of {', '.join(DTYPES)} (got '{dtype}').")
+    if DTYPES.get(dtype) is None:
+        raise MoeifyError(f"--dtype must be one of {', '.join(k for k, v in DTYPES.items() if v)} (got '{dtype}').")
     linear_config = None
     if linear != "none":
-        from .quant.loading import linear_quantization_config
+        from ..quant.loading import linear_quantization_config
 
         linear_config = linear_quantization_config(linear, DTYPES[dtype])
     if experts != "none":
-        from .quant import ExpertQuantization, load_with_adapter
+        from ..quant import ExpertQuantization, load_with_adapter
 
         quantization = ExpertQuantization(quant_type=experts)  # type: ignore[arg-type]
         return load_with_adapter(folder, adapter, quantization, linear_config, dtype=DTYPES[dtype])
@@ -119,7 +116,7 @@ def _load(folder: Path, adapter: str | None, dtype: str, experts: str, linear: s
     if adapter:
         from peft import PeftModel
 
-        from .peft_adapter import adapter_folder
+        from ..io.peft_adapter import adapter_folder
 
         model = PeftModel.from_pretrained(model, adapter_folder(adapter))
     return model.eval()
@@ -131,8 +128,8 @@ def _measure(
 ) -> dict[str, Any]:
     """Loss and router statistics of `model` on `ids`; under autocast to `autocast` when given (a 4-bit model keeps
     what LoRA trained in float32 beside frozen weights in the compute dtype, as training ran it)."""
-    from .router_stats import RouterStats
-    from .train.loss import causal_lm_loss
+    from ..inspect.router_stats import RouterStats
+    from .loss import causal_lm_loss
 
     total, predicted = 0.0, 0
     device = next(model.parameters()).device.type

@@ -8,14 +8,10 @@ from typing import Any
 
 import torch
 
-from .errors import MoeifyError
+from ..errors import MoeifyError
+from ..io.dtypes import DTYPES
+from ..io.writer import parse_max_shard_size
 
-DTYPES: dict[str, torch.dtype | None] = {
-    "auto": None,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
-}
 FORMATS = ("auto", "native", "moeify")
 LAYOUTS = ("per-expert", "fused")
 ROUTER_INITS = ("random", "zeros", "kmeans", "prompts")
@@ -67,7 +63,7 @@ class ConvertOptions:
     expert_noise: float = 0.0
 
     def expert_transforms(self) -> dict[str, dict[str, Any]]:
-        """The transforms to apply to each routed expert, in order (`moeify.upcycle.TRANSFORMS`)."""
+        """The transforms to apply to each routed expert, in order (`moeify.convert.methods.transforms.TRANSFORMS`)."""
         transforms: dict[str, dict[str, Any]] = {}
         if self.drop_upcycling is not None:
             transforms["drop_upcycling"] = {"rate": self.drop_upcycling, "independent": self.drop_independent}
@@ -194,7 +190,7 @@ class ConvertOptions:
 
     def router_settings(self) -> dict[str, Any]:
         """The whole router section this conversion writes (defaults + `router`), validated."""
-        from .modeling.configuration_moeify import RouterConfig
+        from ..modeling.configuration_moeify import RouterConfig
 
         try:
             return RouterConfig.from_dict(dict(self.router)).to_dict()
@@ -203,7 +199,7 @@ class ConvertOptions:
 
     def custom_router(self) -> dict[str, Any]:
         """The router settings that differ from the defaults (what the stock MoE classes cannot express)."""
-        from .modeling.configuration_moeify import RouterConfig
+        from ..modeling.configuration_moeify import RouterConfig
 
         defaults = RouterConfig().to_dict()
         return {k: v for k, v in self.router_settings().items() if v != defaults[k]}
@@ -215,7 +211,7 @@ class ConvertOptions:
 
     def router_deviation(self) -> str | None:
         """Why the router settings change an upcycled model's outputs at step 0 (`RouterConfig.deviation`)."""
-        from .modeling.configuration_moeify import RouterConfig
+        from ..modeling.configuration_moeify import RouterConfig
 
         return RouterConfig.from_dict(self.router_settings()).deviation()
 
@@ -263,34 +259,6 @@ def parse_layers(spec: str, num_layers: int | None) -> list[int]:
             f"the model has {num_layers} layers (0-{num_layers - 1})."
         )
     return sorted(layers)
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
-
-
-def parse_max_shard_size(size: str | int) -> int:
-    """`'5GB'` -> 5_000_000_000 (also KB/MB/TB, KiB/MiB/GiB, or a plain byte count)."""
-    if isinstance(size, int):
-        value = size
-    else:
-        match = _SIZE.match(size)
-        if not match:
-            raise MoeifyError(f"bad --max-shard-size '{size}': use a size such as 5GB, 500MB or 2GiB.")
-        value = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
-    if value <= 0:
-        raise MoeifyError(f"--max-shard-size must be positive (got {size}).")
-    return value
 
 
 def parse_null_experts(spec: str) -> dict[str, int]:

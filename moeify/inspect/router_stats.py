@@ -180,7 +180,7 @@ def plot_heatmap(layers: list[dict[str, Any]], path: str | Path, title: str = ""
     try:
         from matplotlib.figure import Figure  # no pyplot: no display backend needed
     except ImportError:
-        from .errors import MoeifyError
+        from ..errors import MoeifyError
 
         raise MoeifyError("--plot needs matplotlib: pip install matplotlib") from None
     shares = torch.tensor([layer["tokens_per_expert"] for layer in layers], dtype=torch.float64)

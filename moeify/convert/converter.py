@@ -21,22 +21,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, GenerationConfig, PreTrainedConfig
+from transformers import GenerationConfig, PreTrainedConfig
 from transformers.dynamic_module_utils import custom_object_save
 
-from .adapters import ArchitectureAdapter, get_adapter, supported_model_types
-from .atomic import atomic_output, check_output_folder
-from .checkpoint import Checkpoint, open_checkpoint
-from .errors import MoeifyError
-from .formats import MoESpec, MoETensorNames, OutputFormat, choose_format
-from .formats.base import RouterTensor, shared_gate_epsilon
-from .lora_experts import LoraExpertSeeds
-from .model_card import render_model_card, source_license
-from .params import ParamSummary, summarize
-from .plan import ConvertOptions, parse_layers, parse_max_shard_size
-from .source import TOKENIZER_FILES, is_hub_id, resolve_source
-from .upcycle import EXACT_METHODS, ExpertFFN, LayerContext, LazyExperts, MoELayerWeights, apply_transforms, get_method
-from .writer import TensorSpec, write_safetensors
+from ..architectures import ArchitectureAdapter, get_adapter, supported_model_types
+from ..errors import MoeifyError
+from ..formats import MoESpec, MoETensorNames, OutputFormat, choose_format
+from ..formats.base import RouterTensor, shared_gate_epsilon
+from ..inspect.model_card import render_model_card, source_license
+from ..inspect.params import ParamSummary, summarize
+from ..io.atomic import atomic_output, check_output_folder
+from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.source import TOKENIZER_FILES, is_hub_id, load_config, resolve_source
+from ..io.writer import TensorSpec, parse_max_shard_size, write_safetensors
+from .methods.lora_experts import LoraExpertSeeds
+from .methods.transforms import (
+    EXACT_METHODS,
+    ExpertFFN,
+    LayerContext,
+    LazyExperts,
+    MoELayerWeights,
+    apply_transforms,
+    get_method,
+)
+from .options import ConvertOptions, parse_layers
 
 
 @dataclass
@@ -66,21 +74,6 @@ class ConversionResult:
             f"top-{p.top_k}{shared}; {p.total:,} parameters in total, {p.active:,} active per token; {exact}. "
             f"Check with: moeify verify DENSE {self.output}"
         )
-
-
-def load_config(folder: Path, trust_remote_code: bool = False) -> PreTrainedConfig:
-    """`AutoConfig.from_pretrained(folder)`, with a `MoeifyError` that says what to do when it fails."""
-    try:
-        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except ValueError as err:
-        if "trust_remote_code" in str(err):
-            raise MoeifyError(
-                f"{folder} needs its own code to load its configuration, and moeify never runs a source's code "
-                "unless asked: pass --trust-remote-code if you trust it."
-            ) from None
-        raise MoeifyError(f"cannot read the configuration in {folder}: {err}") from None
-    except OSError as err:
-        raise MoeifyError(f"cannot read the configuration in {folder}: {err}") from None
 
 
 def _dense_text_config(config: PreTrainedConfig) -> PreTrainedConfig:
@@ -359,7 +352,7 @@ def _lora_experts_specs(
 ) -> list[TensorSpec]:
     """lora-experts (MixLoRA): the experts' one FFN, written once (every expert is the same copy), and each expert's
     LoRA delta: A ~ U(+-1/sqrt(in)) as peft initialises LoRA (seeded by seed and layer), B = 0 (exact at step 0);
-    with `--lora-expert` adapters, the first experts' factors come from them (`moeify.lora_experts`)."""
+    with `--lora-expert` adapters, the first experts' factors come from them (`moeify.convert.methods.lora_experts`)."""
     E, I, H, r = spec.num_experts, spec.intermediate_size, hidden, spec.expert_lora_rank  # noqa: E741
 
     def base(weights: MoELayerWeights) -> Any:
@@ -498,7 +491,7 @@ def planned_config(dense_config: PreTrainedConfig, options: ConvertOptions) -> P
     adapter = get_adapter(dense_config.model_type)
     moe_layers = parse_layers(options.layers, dense_config.num_hidden_layers)
     spec = _moe_spec(adapter, dense_config, options, moe_layers, dense_config.intermediate_size)
-    fmt, _ = choose_format(adapter, dense_config, spec, options)
+    fmt, _ = choose_format(adapter, dense_config, spec, options.format, options.custom_router())
     return fmt.build_config(adapter, dense_config, spec)
 
 
@@ -535,7 +528,7 @@ def plan_conversion(source: str, options: ConvertOptions, progress: bool = True)
         prompts = read_expert_prompts(Path(options.expert_prompts), options.num_experts)
         router_rows = prompt_router(local, prompts, moe_layers, adapter.mlp_module, options.router_init_std)
     spec = _moe_spec(adapter, dense_config, options, moe_layers, intermediate)
-    fmt, reason = choose_format(adapter, dense_config, spec, options)
+    fmt, reason = choose_format(adapter, dense_config, spec, options.format, options.custom_router())
     layout = options.layout if options.layout in fmt.layouts else fmt.layouts[0]
     notes = []
     if fmt.unrenormalised_in:
@@ -579,7 +572,7 @@ def plan_conversion(source: str, options: ConvertOptions, progress: bool = True)
         renormalize=spec.renormalize,
     )
     if options.lora_expert_sources:
-        from .peft_adapter import adapter_folder
+        from ..io.peft_adapter import adapter_folder
 
         builder.lora_seeds = LoraExpertSeeds(
             [adapter_folder(source) for source in options.lora_expert_sources],

@@ -6,9 +6,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
-# Neurons of the all-zero shared expert Qwen2-MoE gets when none is asked for (see `formats.base.MoETensorNames`):
-# small, a multiple of every usual tensor-parallel size, and below any real expert size; counted as no shared expert.
-NEUTRAL_SHARED_SIZE = 16
+from ..formats.base import NEUTRAL_SHARED_SIZE
+
 _EXPERT = re.compile(r"(?:^|\.)experts\.")
 # lora-experts (MixLoRA): the experts' one shared FFN runs for every token; only the per-expert deltas are routed.
 _SHARED_BY_EXPERTS = re.compile(r"(?:^|\.)experts\.(?:gate_up_proj|down_proj)(?:_bias)?$")

@@ -12,7 +12,7 @@ import importlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import MoeifyError
+from ..errors import MoeifyError
 
 NO_TOKEN_MESSAGE = "no Hugging Face token: run `hf auth login` or set HF_TOKEN"
 DEFAULT_COMMIT_MESSAGE = "Upload Mixture-of-Experts model converted with moeify"
@@ -52,16 +52,16 @@ def push_to_hub(
             invalid repository id, Hub unreachable or refusing the upload.
     """
     path = _check_folder(folder)
-    from huggingface_hub import HfApi, constants
+    from importlib.metadata import version
 
-    from . import __version__
+    from huggingface_hub import HfApi, constants
 
     if constants.is_offline_mode():
         raise MoeifyError(
             "cannot push while offline: HF_HUB_OFFLINE is set. Unset it (or set HF_HUB_OFFLINE=0) and run again."
         )
     token = token or _saved_token()
-    api = HfApi(token=token, library_name="moeify", library_version=__version__)
+    api = HfApi(token=token, library_name="moeify", library_version=version("moeify"))
     with _hub_errors(repo_id, api.endpoint), hub_progress_bars(progress):
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision is not None and revision != constants.DEFAULT_REVISION:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import MoeifyError
+from ..errors import MoeifyError
 
 _DISK_ERRORS = {
     errno.ENOSPC: "no space left on the device; free some space or choose an OUT on another disk",

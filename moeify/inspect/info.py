@@ -8,10 +8,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import open_checkpoint
-from .converter import load_config
+from ..io.checkpoint import open_checkpoint
+from ..io.source import load_config, resolve_source
 from .params import counted_shapes, human, summarize
-from .source import resolve_source
 
 # bitsandbytes NF4 with blocksize 64 stores 4 bits per weight plus one fp32 absmax per 64 weights.
 NF4_BYTES_PER_PARAM = 0.5 + 4 / 64
@@ -25,12 +24,11 @@ def model_info(source: str, trust_remote_code: bool = False) -> dict[str, Any]:
     matrix except embeddings and LM head, which stay bf16), stored_bytes (the checkpoint's tensors as stored) and
     quantization (how a `save_4bit` checkpoint stores its experts, else None).
     """
-    import moeify  # noqa: F401  (registers the moeify config)
 
     folder = resolve_source(source, trust_remote_code=trust_remote_code)
     quantization = None
     if json.loads((folder / "config.json").read_text()).get("model_type") == "moeify_4bit_experts":
-        from .quant.loading import read_config
+        from ..quant.loading import read_config
 
         config, q = read_config(folder)  # a save_4bit checkpoint: its experts are stored packed
         assert q is not None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from .errors import MoeifyError
+from ..errors import MoeifyError
 
 _PREFIX = "base_model.model."  # peft's prefix of every saved parameter name
 

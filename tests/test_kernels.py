@@ -14,7 +14,8 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 import moeify  # noqa: F401  (registers the implementation)
-from moeify.modeling import MoeifyConfig, expert_kernels
+from moeify.kernels import cpu_experts
+from moeify.modeling import MoeifyConfig
 from moeify.modeling.experts import (
     MoeifyExperts,
     MoeifyExpertsWithBias,
@@ -31,7 +32,7 @@ IMPLEMENTATIONS = ["moeify", "moeify_grouped"]
 def pieces_of_three_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tiny blocks run in pieces as large ones do: at most 3 rows of float32 gate_up output (2 * INNER) per piece,
     so experts with more rows span several pieces (their weight gradients add up across them)."""
-    monkeypatch.setattr(expert_kernels, "CPU_CHUNK_BYTES", 3 * 2 * INNER * 4)
+    monkeypatch.setattr(cpu_experts, "CPU_CHUNK_BYTES", 3 * 2 * INNER * 4)
 
 
 def moeify_experts(
@@ -88,7 +89,7 @@ def test_moeify_experts_equal_eager_in_output_and_gradients(
 ) -> None:
     """Both sums of each token's rows that "moeify_grouped" has (`index_add_` on the CPU, gathering elsewhere) are
     run on every device."""
-    monkeypatch.setattr(expert_kernels, "_sums_by_gathering", lambda device: gathering)
+    monkeypatch.setattr(cpu_experts, "_sums_by_gathering", lambda device: gathering)
     experts = moeify_experts(bias, activation, device=device)
     inputs = routing(device=device)
     expected, got = run(experts, "eager", inputs), run(experts, implementation, inputs)
@@ -145,7 +146,7 @@ def test_weights_train_from_inputs_without_gradients(implementation: str) -> Non
 @pytest.mark.parametrize("row_major", [True, False], ids=["row-major", "transposed"])
 def test_bfloat16_follows_the_float32_reference(row_major: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Also with the weight gradients' left operands copied row-major (a tiny block's columns let them)."""
-    monkeypatch.setattr(expert_kernels, "CPU_ROW_MAJOR_COLUMNS", 1 if row_major else 1 << 30)
+    monkeypatch.setattr(cpu_experts, "CPU_ROW_MAJOR_COLUMNS", 1 if row_major else 1 << 30)
     experts = moeify_experts(bias=False, activation="silu")
     inputs = routing()
     expected = run(experts, "eager", inputs)
@@ -173,14 +174,14 @@ def test_short_weight_gradient_products_take_a_row_major_left_in_bfloat16(
         lambda self, left, *a, **kw: seen.append(left.is_contiguous()) or addmm_(self, left, *a, **kw),
     )
     torch.manual_seed(0)
-    most, fewest = expert_kernels.CPU_ROW_MAJOR_ROWS, expert_kernels.CPU_ROW_MAJOR_COLUMNS
+    most, fewest = cpu_experts.CPU_ROW_MAJOR_ROWS, cpu_experts.CPU_ROW_MAJOR_COLUMNS
     for rows, columns in ((most, fewest), (most + 1, fewest), (most, fewest - 1)):
         gradient, right = torch.randn(rows, 24).to(dtype), torch.randn(rows, columns).to(dtype)
         expected = gradient.double().T @ right.double()
         target = torch.full((24, columns), float("nan"), dtype=dtype)
-        expert_kernels._write_or_add(target, gradient.T, right, first=True)
+        cpu_experts._write_or_add(target, gradient.T, right, first=True)
         torch.testing.assert_close(target.double(), expected, atol=0.5, rtol=1e-2)
-        expert_kernels._write_or_add(target, gradient.T, right, first=False)
+        cpu_experts._write_or_add(target, gradient.T, right, first=False)
         torch.testing.assert_close(target.double(), 2 * expected, atol=1.0, rtol=1e-2)
     row_major = dtype == torch.bfloat16
     assert seen == [row_major, row_major, False, False, False, False]
@@ -188,7 +189,7 @@ def test_short_weight_gradient_products_take_a_row_major_left_in_bfloat16(
 
 def test_pieces_split_experts_under_the_budget() -> None:
     offsets = torch.tensor([4, 4, 5, 11], dtype=torch.int32)  # expert 1 has no rows, expert 3 six
-    pieces = expert_kernels._pieces(offsets, row_bytes=2 * INNER * 4)
+    pieces = cpu_experts._pieces(offsets, row_bytes=2 * INNER * 4)
     assert pieces == [(0, 0, 2), (0, 2, 4), (2, 4, 5), (3, 5, 8), (3, 8, 11)]
 
 
@@ -196,28 +197,28 @@ def test_small_blocks_run_grouped_mm(monkeypatch: pytest.MonkeyPatch) -> None:
     """A block whose whole gate_up output fits the budget, with fewer rows than `CPU_PIECEWISE_ROWS` and experts
     smaller than `CPU_PIECEWISE_EXPERT_BYTES` or not training, runs transformers' grouped_mm, bit for bit."""
     calls = []
-    piecewise = expert_kernels._PiecewiseExperts.apply
-    monkeypatch.setattr(expert_kernels._PiecewiseExperts, "apply", lambda *a: calls.append(1) or piecewise(*a))
-    monkeypatch.setattr(expert_kernels, "CPU_CHUNK_BYTES", TOKENS * K * 2 * INNER * 4)
+    piecewise = cpu_experts._PiecewiseExperts.apply
+    monkeypatch.setattr(cpu_experts._PiecewiseExperts, "apply", lambda *a: calls.append(1) or piecewise(*a))
+    monkeypatch.setattr(cpu_experts, "CPU_CHUNK_BYTES", TOKENS * K * 2 * INNER * 4)
     experts = moeify_experts(bias=False, activation="silu")
     inputs = routing()
     expected, got = run(experts, "grouped_mm", inputs), run(experts, "moeify", inputs)
     for name, value in expected.items():
         assert torch.equal(got[name], value), name
     assert not calls
-    monkeypatch.setattr(expert_kernels, "CPU_CHUNK_BYTES", TOKENS * K * 2 * INNER * 4 - 1)  # one byte over: pieces
+    monkeypatch.setattr(cpu_experts, "CPU_CHUNK_BYTES", TOKENS * K * 2 * INNER * 4 - 1)  # one byte over: pieces
     run(experts, "moeify", inputs)
     assert len(calls) == 1
-    monkeypatch.setattr(expert_kernels, "CPU_CHUNK_BYTES", TOKENS * K * 2 * INNER * 4)
-    monkeypatch.setattr(expert_kernels, "CPU_PIECEWISE_ROWS", TOKENS * K)  # as many rows as the threshold: pieces
+    monkeypatch.setattr(cpu_experts, "CPU_CHUNK_BYTES", TOKENS * K * 2 * INNER * 4)
+    monkeypatch.setattr(cpu_experts, "CPU_PIECEWISE_ROWS", TOKENS * K)  # as many rows as the threshold: pieces
     run(experts, "moeify", inputs)
     assert len(calls) == 2
-    monkeypatch.setattr(expert_kernels, "CPU_PIECEWISE_ROWS", TOKENS * K + 1)
+    monkeypatch.setattr(cpu_experts, "CPU_PIECEWISE_ROWS", TOKENS * K + 1)
     expert_bytes = 3 * INNER * HIDDEN * 4  # gate_up and down of one expert, float32
-    monkeypatch.setattr(expert_kernels, "CPU_PIECEWISE_EXPERT_BYTES", expert_bytes + 1)
+    monkeypatch.setattr(cpu_experts, "CPU_PIECEWISE_EXPERT_BYTES", expert_bytes + 1)
     run(experts, "moeify", inputs)
     assert len(calls) == 2
-    monkeypatch.setattr(expert_kernels, "CPU_PIECEWISE_EXPERT_BYTES", expert_bytes)  # training experts this large
+    monkeypatch.setattr(cpu_experts, "CPU_PIECEWISE_EXPERT_BYTES", expert_bytes)  # training experts this large
     got = run(experts, "moeify", inputs)
     assert len(calls) == 3
     for name, value in expected.items():
@@ -235,17 +236,17 @@ def test_unrouted_assignments_add_nothing_and_get_no_gradient(path: str, monkeyp
     is left out on every path: output and gradients equal eager's with those slots' weights masked to zero (their
     weight gradient is then zero), and no GEMM sees their rows."""
     if path == "grouped_mm":  # a block this small runs transformers' grouped_mm on the routed assignments
-        monkeypatch.setattr(expert_kernels, "CPU_CHUNK_BYTES", TOKENS * K * 2 * INNER * 4)
-        monkeypatch.setattr(expert_kernels, "CPU_PIECEWISE_EXPERT_BYTES", 1 << 40)
+        monkeypatch.setattr(cpu_experts, "CPU_CHUNK_BYTES", TOKENS * K * 2 * INNER * 4)
+        monkeypatch.setattr(cpu_experts, "CPU_PIECEWISE_EXPERT_BYTES", 1 << 40)
     pieces, grouped_rows, function_rows = [], [], []
-    piecewise, grouped = expert_kernels._PiecewiseExperts.apply, expert_kernels.grouped_mm_experts_forward
-    function = expert_kernels._GroupedExperts.apply
-    monkeypatch.setattr(expert_kernels._PiecewiseExperts, "apply", lambda *a: pieces.append(a[3]) or piecewise(*a))
+    piecewise, grouped = cpu_experts._PiecewiseExperts.apply, cpu_experts.grouped_mm_experts_forward
+    function = cpu_experts._GroupedExperts.apply
+    monkeypatch.setattr(cpu_experts._PiecewiseExperts, "apply", lambda *a: pieces.append(a[3]) or piecewise(*a))
     monkeypatch.setattr(
-        expert_kernels, "grouped_mm_experts_forward", lambda m, h, *a: grouped_rows.append(len(h)) or grouped(m, h, *a)
+        cpu_experts, "grouped_mm_experts_forward", lambda m, h, *a: grouped_rows.append(len(h)) or grouped(m, h, *a)
     )
     monkeypatch.setattr(
-        expert_kernels._GroupedExperts, "apply", lambda *a: function_rows.append(len(a[2])) or function(*a)
+        cpu_experts._GroupedExperts, "apply", lambda *a: function_rows.append(len(a[2])) or function(*a)
     )
     experts = moeify_experts(bias=True, activation="silu")
     hidden, index, weights = routing()
@@ -334,8 +335,8 @@ def test_sizes_grouped_mm_does_not_take_run_in_pieces(
     them): both implementations run them in pieces on the CPU, even a block small enough for grouped_mm otherwise,
     and equal eager."""
     assert inner * torch.empty((), dtype=dtype).element_size() % 16
-    monkeypatch.setattr(expert_kernels, "CPU_CHUNK_BYTES", 1 << 40)
-    monkeypatch.setattr(expert_kernels, "CPU_PIECEWISE_EXPERT_BYTES", 1 << 40)
+    monkeypatch.setattr(cpu_experts, "CPU_CHUNK_BYTES", 1 << 40)
+    monkeypatch.setattr(cpu_experts, "CPU_PIECEWISE_EXPERT_BYTES", 1 << 40)
     experts = moeify_experts(bias=True, activation="silu", dtype=dtype, inner=inner)
     inputs = routing(dtype=dtype)
     with pytest.raises(RuntimeError, match="16 bytes"):
@@ -354,10 +355,10 @@ def test_sizes_grouped_mm_does_not_take_run_eager_off_the_cpu(
     """Where the pieces do not run (accelerators, `torch.compile`; here the CPU made to look like one), such sizes
     are not handed to transformers' grouped_mm, which refuses them: both implementations run the class's own eager
     forward, bit for bit."""
-    monkeypatch.setattr(expert_kernels, "accepts_unrouted", lambda hidden_states: False)
+    monkeypatch.setattr(cpu_experts, "accepts_unrouted", lambda hidden_states: False)
     calls = []
     eager = type(moeify_experts(bias=True, activation="silu")).forward.__wrapped__
-    monkeypatch.setattr(expert_kernels, "_eager_forward", lambda experts: lambda *a: calls.append(1) or eager(*a))
+    monkeypatch.setattr(cpu_experts, "_eager_forward", lambda experts: lambda *a: calls.append(1) or eager(*a))
     experts = moeify_experts(bias=True, activation="silu", dtype=dtype, inner=inner)
     inputs = routing(dtype=dtype)
     expected, got = run(experts, "eager", inputs), run(experts, implementation, inputs)
@@ -378,8 +379,8 @@ def test_the_eager_forward_is_the_class_own_through_every_wrapper() -> None:
         pass
 
     for experts in (moeify_experts(bias=False, activation="silu"), WrappedAgain.__new__(WrappedAgain)):
-        assert expert_kernels._eager_forward(experts) is MoeifyExpertsBase.forward
-    assert expert_kernels._eager_forward(torch.nn.Linear(2, 2)) is expert_kernels.grouped_mm_experts_forward
+        assert cpu_experts._eager_forward(experts) is MoeifyExpertsBase.forward
+    assert cpu_experts._eager_forward(torch.nn.Linear(2, 2)) is cpu_experts.grouped_mm_experts_forward
 
 
 @pytest.mark.cuda
@@ -426,8 +427,8 @@ def test_grouped_hands_over_where_grouped_mm_does_not_run(monkeypatch: pytest.Mo
     """A CPU torch before 2.11 (its grouped_mm wants aligned weights): "moeify_grouped" runs "moeify" instead, and
     the grouped function is not called."""
     calls = []
-    function = expert_kernels._GroupedExperts.apply
-    monkeypatch.setattr(expert_kernels._GroupedExperts, "apply", lambda *a: calls.append(1) or function(*a))
+    function = cpu_experts._GroupedExperts.apply
+    monkeypatch.setattr(cpu_experts._GroupedExperts, "apply", lambda *a: calls.append(1) or function(*a))
     experts = moeify_experts(bias=True, activation="silu")
     inputs = routing()
     expected = run(experts, "moeify", inputs)
@@ -510,14 +511,14 @@ def test_no_grad_keeps_no_gate_up_outputs(monkeypatch: pytest.MonkeyPatch) -> No
     """Under no_grad (generation, a reentrant checkpoint's first pass) the pieces' gate_up outputs are not held to
     the end of the forward, although the weights want gradients."""
     kept = []
-    forward = expert_kernels._PiecewiseExperts.forward
+    forward = cpu_experts._PiecewiseExperts.forward
 
     def spy(ctx: object, *args: object) -> torch.Tensor:
         out = forward(ctx, *args)
         kept.append(len(ctx.to_save) - 7)  # besides the inputs, weights and biases
         return out
 
-    monkeypatch.setattr(expert_kernels._PiecewiseExperts, "forward", staticmethod(spy))
+    monkeypatch.setattr(cpu_experts._PiecewiseExperts, "forward", staticmethod(spy))
     experts = moeify_experts(bias=False, activation="silu")
     experts.config._experts_implementation = "moeify"
     with torch.no_grad():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MoeifyError
+from ..errors import MoeifyError
 from .writer import TORCH_DTYPES
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")

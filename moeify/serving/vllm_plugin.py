@@ -2,7 +2,7 @@
 
 vLLM loads it through the `vllm.general_plugins` entry point (pyproject.toml) in every process it starts; `register`
 imports moeify (its config and model classes join transformers' Auto classes, so no `trust_remote_code` is needed)
-and registers `MoeifyForCausalLM` with vLLM's `ModelRegistry` as the class in `moeify.vllm_model`. That class is
+and registers `MoeifyForCausalLM` with vLLM's `ModelRegistry` as the class in `moeify.serving.vllm_model`. That class is
 vLLM's own Transformers-backend MoE model, except where vLLM's fused MoE kernel would compute moeify's experts
 wrongly: there the experts stay moeify's modules, computed by moeify's code inside vLLM. Nothing of vLLM is patched.
 """
@@ -16,6 +16,4 @@ def register() -> None:
     """The `vllm.general_plugins` entry point: register moeify's format with transformers and with vLLM."""
     from vllm import ModelRegistry
 
-    import moeify  # noqa: F401  (registers MoeifyConfig / MoeifyForCausalLM / MoeifyModel with the Auto classes)
-
-    ModelRegistry.register_model(ARCHITECTURE, "moeify.vllm_model:MoeifyForCausalLM")
+    ModelRegistry.register_model(ARCHITECTURE, "moeify.serving.vllm_model:MoeifyForCausalLM")

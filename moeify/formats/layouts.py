@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import Checkpoint
-from .errors import MoeifyError
-from .formats import NATIVE_FORMATS, MoETensorNames
+from ..errors import MoeifyError
+from ..io.checkpoint import Checkpoint
+from . import NATIVE_FORMATS, MoETensorNames
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 _LAYER = re.compile(r"^(.*\.layers\.\d+)\.(.*)$")

@@ -30,13 +30,20 @@ from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from .atomic import atomic_output, check_output_folder
-from .checkpoint import Checkpoint, open_checkpoint
-from .errors import MoeifyError
-from .layouts import EXPERT_PARAMS, ExpertPiece, checkpoint_name, expert_pieces, released_expert_pieces, released_name
-from .peft_adapter import adapter_folder, lora_adapter_tensors
-from .plan import DTYPES, parse_max_shard_size
-from .writer import TensorSpec, write_safetensors
+from ..errors import MoeifyError
+from ..formats.layouts import (
+    EXPERT_PARAMS,
+    ExpertPiece,
+    checkpoint_name,
+    expert_pieces,
+    released_expert_pieces,
+    released_name,
+)
+from ..io.atomic import atomic_output, check_output_folder
+from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.dtypes import DTYPES
+from ..io.peft_adapter import adapter_folder, lora_adapter_tensors
+from ..io.writer import TensorSpec, parse_max_shard_size, write_safetensors
 
 _WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "README.md")
 
@@ -118,9 +125,8 @@ def merge(
     Raises:
         MoeifyError: bad input (an adapter for another base, an existing `out`, ...); nothing is written.
     """
-    import moeify  # noqa: F401  (registers the moeify format)
 
-    from .source import resolve_source
+    from ..io.source import resolve_source
 
     started = time.perf_counter()
     say = log or (lambda message: print(message, file=sys.stderr))
@@ -170,7 +176,7 @@ class _Plan:
 
 def _plan(base: Path, adapter: Path, dtype: torch.dtype | None) -> _Plan:
     """Check the adapter against the base (on the meta device) and list every output tensor with its producer."""
-    from .quant.loading import read_config
+    from ..quant.loading import read_config
 
     config, quantization = read_config(base)
     from_4bit = f"{quantization.quant_type}, blocksize {quantization.blocksize}" if quantization else None
@@ -421,7 +427,7 @@ def _specs_from_4bit(
     base: Path,
 ) -> list[TensorSpec]:
     """Output tensors of a merge into a `save_4bit` checkpoint: experts dequantized, in the class's released layout."""
-    from .quant.experts_4bit import Experts4bit
+    from ..quant.experts_4bit import Experts4bit
 
     names = set(reader)
     model_type = model.config.model_type
@@ -559,7 +565,7 @@ def _write_card(plan: _Plan, base: str | Path, adapter: str | Path, folder: Path
 def _logit_difference(merged: Path, base: Path, adapter: Path, plan: _Plan) -> tuple[float, float]:
     """Max |logit difference| (absolute, and relative to the largest logit) of the merged model vs the adapter
     model, both in float32, on the verify prompts."""
-    from .verify import PROMPTS, load_tokenizer
+    from ..inspect.verify import PROMPTS, load_tokenizer
 
     merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     adapter_model = _adapter_model(base, adapter, plan).eval()
@@ -585,6 +591,6 @@ def _adapter_model(base: Path, adapter: Path, plan: _Plan) -> nn.Module:
     if plan.from_4bit is None:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         return PeftModel.from_pretrained(model, adapter)
-    from .quant import load_with_adapter
+    from ..quant import load_with_adapter
 
     return load_with_adapter(base, adapter, dtype=torch.float32)

@@ -6,7 +6,8 @@ weights just before it runs and drop them after, so peak memory is about one lay
 calibration batch, whatever the model size. A forward pre-hook on each MoE layer's MLP takes its input: the
 normalised hidden state that enters the FFN, which is what the router will see.
 
-`kmeans_router` clusters a layer's inputs (unit-normalised: spherical, balanced k-means, `moeify.clustering`) and
+`kmeans_router` clusters a layer's inputs (unit-normalised: spherical, balanced k-means, `moeify.convert.clustering`)
+and
 returns the unit centroids as router rows, scaled to the norm of the random initialisation's rows
 (`router_init_std * sqrt(H)`), so logits start at the same scale and each token's top expert is its cluster.
 """
@@ -19,15 +20,14 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MoeifyError
 from .clustering import balanced_kmeans
-from .errors import MoeifyError
 
 
 def calibration_texts(data: str, text_field: str = "text") -> list[str]:
     """The texts of `data`: a Hub dataset id, a local text / json / jsonl / parquet / csv file, a folder of `.txt`
     files, or `builtin:python-docstrings` (through `datasets`, as `moeify train` reads data)."""
-    from .train.data import load_text
-    from .train.recipe import DataRecipe
+    from ..data.text import DataRecipe, load_text
 
     raw = load_text(DataRecipe(path=data, text_field=text_field))
     if text_field not in raw.column_names:

@@ -1,4 +1,4 @@
-"""`MoeifyForCausalLM` for vLLM (registered by `moeify.vllm_plugin`; imports vLLM, so only vLLM loads it).
+"""`MoeifyForCausalLM` for vLLM (registered by `moeify.serving.vllm_plugin`; imports vLLM, so only vLLM loads it).
 
 vLLM's Transformers backend builds the transformers model and swaps each 3-D `experts` module for its fused MoE
 kernel, and where it recognises the MoE block it routes the tokens itself. In vLLM 0.32 that kernel's activation

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .errors import MoeifyError
+from ...errors import MoeifyError
 
 
 @dataclass
@@ -182,7 +182,7 @@ def split_upcycle(ffn: DenseFFN, ctx: LayerContext) -> MoELayerWeights:
     routed = ffn.scaled_output(0.5) if ctx.shared_experts else ffn
     size = routed.intermediate_size
     if ctx.split == "kmeans":
-        from .clustering import balanced_kmeans
+        from ..clustering import balanced_kmeans
 
         features = torch.cat([routed.gate, routed.up], dim=1).float()
         features = features / features.norm(dim=1, keepdim=True).clamp(min=1e-12)

@@ -20,7 +20,7 @@ autograd function:
 The reason is the CPU allocator rather than the FLOPs (the GEMMs are the same): glibc serves blocks under 32 MiB
 from its heap, recycled call after call, while the block-sized temporaries of one grouped call (235 MB at H 1024,
 I 3584, 8192 rows) are mapped and page-faulted in afresh on every call. torch's CPU grouped_mm is itself one GEMM
-per group, so the Python loop over pieces adds only its call overhead (BENCHMARKS.md, issue 12). From 4096 rows on,
+per group, so the Python loop over pieces adds only its call overhead (BENCHMARKS.md). From 4096 rows on,
 pieces win even under 32 MiB (reduced precision: bf16 at I 896 / K 2 / 4096 tokens, 29 MB): the grouped path's
 gathers are undone in backward by an accumulating `index_put_`, a serial scatter on the CPU. With fewer rows,
 pieces still win when the expert weights train and are large (bf16 I 3584, float32 I 896 at H 1024): their fresh
@@ -37,9 +37,8 @@ import; the default of moeify's own models.
 of grouped GEMMs (`_GroupedExperts`): transformers' grouped_mm forward, but only the `(rows, 2I)` gate_up output kept
 for backward, the weight gradients as one K-grouped `grouped_mm` each, and each token's rows summed by gathering
 (deterministic) off the CPU. It is the candidate for accelerators, where "moeify" hands over to transformers; on this
-CPU it measured about as fast as transformers' grouped_mm, with a lower peak (BENCHMARKS.md, issue 12).
+CPU it measured about as fast as transformers' grouped_mm, with a lower peak (BENCHMARKS.md).
 
-Copied next to the weights for `trust_remote_code=True`: imports torch and transformers only.
 """
 
 from __future__ import annotations
@@ -57,7 +56,10 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from transformers.integrations.moe import ExpertsInterface, _default_apply_gate, grouped_mm_experts_forward
 
-from .experts import grouped_mm_runs, grouped_mm_takes, routed_only, sort_by_expert
+from ..modeling import experts as moe_experts
+
+# Bound as a module and read at call time: `import moeify` registers these kernels as soon as transformers loads its
+# MoE integration, which can happen while moeify's modeling files are themselves still importing.
 
 IMPLEMENTATION = "moeify"
 GROUPED_IMPLEMENTATION = "moeify_grouped"
@@ -83,9 +85,11 @@ def moeify_experts_forward(
     if routed is None or not _runs_in_pieces(self, routed):
         if routed is not None and routed < top_k_index.numel():
             grouped = functools.partial(grouped_mm_experts_forward, self)  # it takes every index for an expert
-            return routed_only(grouped, hidden_states, top_k_index, top_k_weights, self.num_experts, self.parameters())
+            return moe_experts.routed_only(
+                grouped, hidden_states, top_k_index, top_k_weights, self.num_experts, self.parameters()
+            )
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    order, offsets, tokens = sort_by_expert(top_k_index, self.num_experts)
+    order, offsets, tokens = moe_experts.sort_by_expert(top_k_index, self.num_experts)
     bias_gate_up, bias_down = (self.gate_up_proj_bias, self.down_proj_bias) if self.has_bias else (None, None)
     row_bytes = self.gate_up_proj.shape[1] * self.gate_up_proj.element_size()
     return _PiecewiseExperts.apply(
@@ -142,7 +146,7 @@ def _grouped_mm_aligned(experts: nn.Module) -> bool:
     """Whether torch's `grouped_mm` takes `experts`' sizes: rows of its operands (H and I elements) a multiple of 16
     bytes. transformers' grouped_mm path fails on others (e.g. I 12 in bfloat16); the pieces' plain GEMMs take any."""
     sizes = experts.gate_up_proj.shape[-1], experts.down_proj.shape[-1]
-    return grouped_mm_takes(sizes, experts.gate_up_proj.element_size())
+    return moe_experts.grouped_mm_takes(sizes, experts.gate_up_proj.element_size())
 
 
 def _eager_forward(experts: nn.Module) -> Callable[..., torch.Tensor]:
@@ -283,7 +287,7 @@ def moeify_grouped_experts_forward(
     (`_GroupedExperts`), on any device. Where that does not apply it is `"moeify"` (`moeify_experts_forward`): layouts
     it does not cover (`_covers`), sizes torch's `grouped_mm` refuses (`_grouped_mm_aligned`), and where it does not
     run (`grouped_mm_runs`). Same contract as `moeify_experts_forward`, including indices >= E on the CPU."""
-    if not _covers(self) or not _grouped_mm_aligned(self) or not grouped_mm_runs(hidden_states.device):
+    if not _covers(self) or not _grouped_mm_aligned(self) or not moe_experts.grouped_mm_runs(hidden_states.device):
         return moeify_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     return _grouped(self, hidden_states, top_k_index, top_k_weights, _routed_rows(self, hidden_states, top_k_index))
 
@@ -297,7 +301,7 @@ def _grouped(
 ) -> torch.Tensor:
     """`_GroupedExperts` on `experts`; `routed`: the number of assignments to a routed expert where known (the
     CPU), None where every index is one."""
-    order, offsets, tokens = sort_by_expert(top_k_index, experts.num_experts)
+    order, offsets, tokens = moe_experts.sort_by_expert(top_k_index, experts.num_experts)
     inverse = None  # where each token's rows are gathered back together (see `_sum_per_token`)
     if routed is not None and routed < order.numel():  # the rest (index >= E) sort last and add nothing
         order, tokens = order[:routed], tokens[:routed]
@@ -455,7 +459,7 @@ def _write_or_add(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
     `left` is the transpose of a `(rows, out)` tensor. In bfloat16, over at most `CPU_ROW_MAJOR_ROWS` rows and into
     at least `CPU_ROW_MAJOR_COLUMNS` columns, it is first copied into row-major `(out, rows)` memory: oneDNN's AMX
     matmul on a transposed source ran these short inner-dimension products (a weight gradient over a few hundred
-    rows) up to 2x slower than on a row-major one, more than the copy costs (BENCHMARKS.md, fifteenth measurements).
+    rows) up to 2x slower than on a row-major one, more than the copy costs (`benchmarks/weight_grad_layout.py`).
     Written by hand because torch picks no layout for its callers; float32, more rows and fewer columns (where the
     copy weighs more against the product) measured no gain."""
     if left.stride(0) == 1 and _row_major_pays(left.dtype, left.shape[1], right.shape[1]):
@@ -512,5 +516,13 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
-ExpertsInterface.register(IMPLEMENTATION, moeify_experts_forward)
-ExpertsInterface.register(GROUPED_IMPLEMENTATION, moeify_grouped_experts_forward)
+# The MoE block of moeify's models hands such an implementation the whole routing, null experts included.
+moeify_experts_forward.accepts_unrouted = accepts_unrouted  # type: ignore[attr-defined]
+moeify_grouped_experts_forward.accepts_unrouted = accepts_unrouted  # type: ignore[attr-defined]
+
+
+def register() -> None:
+    """`experts_implementation="moeify"` and `"moeify_grouped"` in transformers' experts interface (`import moeify`
+    calls this once transformers' MoE integration is loaded)."""
+    ExpertsInterface.register(IMPLEMENTATION, moeify_experts_forward)
+    ExpertsInterface.register(GROUPED_IMPLEMENTATION, moeify_grouped_experts_forward)

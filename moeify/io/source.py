@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .errors import MoeifyError
+from ..errors import MoeifyError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 # Tokenizer files a converted model carries over from its source.
 TOKENIZER_FILES = (
@@ -42,7 +46,7 @@ def resolve_source(
 ) -> Path:
     """A local folder with config.json and safetensors weights for `source`.
 
-    A `.gguf` file is dequantized once into moeify's cache (see `moeify.gguf_source`); a Hub id is fetched
+    A `.gguf` file is dequantized once into moeify's cache (see `moeify.io.gguf`); a Hub id is fetched
     with `huggingface_hub.snapshot_download` (only the files in `HUB_ALLOW_PATTERNS`), honouring the HF
     cache and `HF_HUB_OFFLINE`.
     """
@@ -56,7 +60,7 @@ def resolve_source(
             raise MoeifyError(
                 f"SOURCE {path} is a file but not a .gguf; give a checkpoint folder, a .gguf or a Hub id."
             )
-        from .gguf_source import dequantize_gguf
+        from .gguf import dequantize_gguf
 
         try:
             return dequantize_gguf(path, trust_remote_code=trust_remote_code, progress=progress)
@@ -72,6 +76,8 @@ def resolve_source(
 
 
 def _download(repo_id: str, revision: str | None, progress: bool = True) -> Path:
+    from importlib.metadata import version
+
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -81,7 +87,6 @@ def _download(repo_id: str, revision: str | None, progress: bool = True) -> Path
         RevisionNotFoundError,
     )
 
-    from . import __version__
     from .hub import hub_progress_bars, transport_errors
 
     try:
@@ -91,7 +96,7 @@ def _download(repo_id: str, revision: str | None, progress: bool = True) -> Path
                 revision=revision,
                 allow_patterns=HUB_ALLOW_PATTERNS,
                 library_name="moeify",
-                library_version=__version__,
+                library_version=version("moeify"),
             )
         return Path(folder)
     except GatedRepoError:
@@ -120,3 +125,20 @@ def _download(repo_id: str, revision: str | None, progress: bool = True) -> Path
             f"cannot download {repo_id}: the Hub could not be reached ({type(err).__name__}: {err}). Check the "
             "network connection, or pass a local folder."
         ) from None
+
+
+def load_config(folder: Path, trust_remote_code: bool = False) -> PreTrainedConfig:
+    """`AutoConfig.from_pretrained(folder)`, with a `MoeifyError` that says what to do when it fails."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise MoeifyError(
+                f"{folder} needs its own code to load its configuration, and moeify never runs a source's code "
+                "unless asked: pass --trust-remote-code if you trust it."
+            ) from None
+        raise MoeifyError(f"cannot read the configuration in {folder}: {err}") from None
+    except OSError as err:
+        raise MoeifyError(f"cannot read the configuration in {folder}: {err}") from None

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MoeifyError
+from ...errors import MoeifyError
 
 _ROLES = ("gate", "up", "gate_up", "down")
 
@@ -110,7 +110,7 @@ def _read(path: Path, log: Callable[[str], None]) -> dict[str, _Lora]:
     config = json.loads(config_file.read_text())
     from peft.utils.other import get_pattern_key
 
-    from .peft_adapter import lora_adapter_tensors
+    from ...io.peft_adapter import lora_adapter_tensors
 
     unsupported = ("use_dora", "lora_bias", "fan_in_fan_out", "target_parameters")
     tensors = lora_adapter_tensors(path, config, "--lora-expert", unsupported)

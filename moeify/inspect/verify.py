@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from .errors import MoeifyError
-from .plan import DTYPES
-from .source import resolve_source
+from ..errors import MoeifyError
+from ..io.dtypes import DTYPES
+from ..io.source import resolve_source
 
 # Real text, varied in length, so padding, sliding windows and several positions are exercised.
 PROMPTS = [
@@ -55,7 +55,6 @@ class VerifyReport:
 
 def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = False):
     """Load a causal LM from a folder, Hub id or `.gguf` (via moeify's dequantized cache), in eval mode."""
-    import moeify  # noqa: F401  (registers the moeify classes)
 
     if dtype not in DTYPES or dtype == "auto":
         raise MoeifyError(f"--dtype must be one of bfloat16, float16, float32 (got '{dtype}').")
@@ -138,6 +137,6 @@ def expected_deviation(config: object) -> str | None:
     router = getattr(config, "router", None)
     if not isinstance(router, dict):
         return None
-    from .modeling import RouterConfig
+    from ..modeling import RouterConfig
 
     return RouterConfig.from_dict(router).deviation()

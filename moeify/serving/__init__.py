@@ -1,0 +1,1 @@
+"""Serving engines: the vLLM plugin that lets vLLM load moeify-format models."""
