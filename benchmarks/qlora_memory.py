@@ -180,13 +180,13 @@ def run_variant(
     if max_dequantized_mib is not None:
         quantization = ExpertQuantization(max_dequantized_bytes=max_dequantized_mib << 20)
     if variant in ("d", "e"):
-        from moeify.quant import ExpertLora, load_for_training
+        from moeify.quant import ExpertLoraConfig, load_for_training
 
         lora = LoraConfig(r=16, lora_alpha=32, target_modules=ATTENTION)
         model = load_for_training(
             folder,
             quantization=quantization,
-            lora=ExpertLora(r=16, alpha=32),
+            lora=ExpertLoraConfig(r=16, alpha=32),
             attention_lora=lora,
             gradient_checkpointing=checkpointing,
             linear_quantization=bnb,
@@ -198,12 +198,12 @@ def run_variant(
     if variant in ("d", "e"):
         pass
     elif variant == "c":
-        from moeify.quant import ExpertLora, quantize_experts
+        from moeify.quant import ExpertLoraConfig, quantize_experts
         from moeify.quant.lora import add_expert_lora
 
         quantize_experts(model, quantization)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=ATTENTION))
-        add_expert_lora(model, ExpertLora(r=16, alpha=32))
+        add_expert_lora(model, ExpertLoraConfig(r=16, alpha=32))
     else:
         # peft needs the full parameter names on quantized models (see shared/design/transformers-v5-facts.md).
         names = [f"model.layers.{i}.{p}" for i in range(model.config.num_hidden_layers) for p in experts]

@@ -97,10 +97,10 @@ def training_experts(block: torch.nn.Module, kind: str) -> torch.nn.Module:
     only the LoRA factors train."""
     if kind == "full":
         return block
-    from moeify.quant import ExpertLora, Experts4bit, ExpertsFrozen, add_expert_lora
+    from moeify.quant import ExpertLoraConfig, Experts4bit, ExpertsFrozen, add_expert_lora
 
     block.experts = Experts4bit.from_experts(block.experts) if kind == "nf4+lora" else ExpertsFrozen(block.experts)
-    add_expert_lora(block, ExpertLora(r=16, alpha=32.0))
+    add_expert_lora(block, ExpertLoraConfig(r=16, alpha=32.0))
     for name, parameter in block.named_parameters():
         parameter.requires_grad_("lora" in name)
     return block

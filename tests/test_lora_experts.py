@@ -22,12 +22,14 @@ from moeify.convert.converter import convert
 from moeify.convert.options import ConvertOptions
 from moeify.inspect.verify import verify
 from moeify.modeling import MoeifyConfig
-from moeify.modeling.experts import MoeifyLoraExperts
+from moeify.modeling.experts import MoeifyMixLoraExperts
 
 E, K, R = 4, 2, 4
 
 
-def _reference(module: MoeifyLoraExperts, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def _reference(
+    module: MoeifyMixLoraExperts, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """Each expert as a full FFN `W + scale * B_e A_e` (peft's target_parameters layout), one token at a time."""
     d, out = module.deltas, torch.zeros_like(x)
 
@@ -58,7 +60,7 @@ def test_lora_experts_block_equals_full_experts_with_the_deltas_folded_in(bias: 
     text = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4)
     config = MoeifyConfig(text_config=text, num_experts=E, num_experts_per_tok=K, expert_lora_rank=R, mlp_bias=bias)
     assert config.expert_lora_alpha == 2 * R
-    module = MoeifyLoraExperts(config)
+    module = MoeifyMixLoraExperts(config)
     for p in module.parameters():
         torch.nn.init.normal_(p, std=0.2)  # B != 0: a trained-looking delta
     x = torch.randn(12, 32, requires_grad=True)
@@ -170,7 +172,7 @@ def test_trained_lora_experts_survive_save_load_without_moeify_and_generate_with
     )
     assert done.returncode == 0, done.stderr[-3000:]
     remote = torch.load(tmp_path / "o.pt")
-    assert remote["experts"] == "MoeifyLoraExperts"
+    assert remote["experts"] == "MoeifyMixLoraExperts"
     torch.testing.assert_close(remote["logits"], reference, atol=1e-5, rtol=1e-5)
 
     prompt = ids[:1, :6]
@@ -251,7 +253,7 @@ def test_moeify_train_trains_the_deltas_and_router_then_merge_writes_full_expert
     gate_up = saved["model.layers.0.mlp.experts.gate_up_proj"]
     assert gate_up.shape[0] == E and not torch.equal(gate_up[0], gate_up[1])  # the experts differ now
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    assert type(merged.model.layers[0].mlp.experts).__name__ != "MoeifyLoraExperts"
+    assert type(merged.model.layers[0].mlp.experts).__name__ != "MoeifyMixLoraExperts"
     ids = torch.randint(0, merged.config.vocab_size, (2, 12))
     expected = model.eval()(ids).logits
     torch.testing.assert_close(merged(ids).logits, expected, atol=1e-4 * float(expected.abs().max()), rtol=0)

@@ -24,7 +24,7 @@ from moeify.convert.converter import convert
 from moeify.convert.options import ConvertOptions
 from moeify.io.checkpoint import open_checkpoint
 from moeify.merge import merge
-from moeify.quant import ExpertLora, load_for_training, save_4bit
+from moeify.quant import ExpertLoraConfig, load_for_training, save_4bit
 
 E4K2 = {"num_experts": 4, "top_k": 2}
 CASES = [  # (dense architecture, convert options, class written[, load_for_training settings])
@@ -66,7 +66,7 @@ def trained_adapter(base: Path, adapter: Path, expert_rank: int = 2, seed: int =
     """A 4-bit + LoRA model whose every LoRA factor and router is non-trivial (as after training), saved."""
     model = load_for_training(
         base,
-        lora=ExpertLora(r=expert_rank, alpha=3.0 * expert_rank),
+        lora=ExpertLoraConfig(r=expert_rank, alpha=3.0 * expert_rank),
         dtype=torch.float32,
         gradient_checkpointing=False,
         **kwargs,  # type: ignore[arg-type]
@@ -181,7 +181,9 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(
 def test_an_expert_lora_lands_on_its_own_expert(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Only expert 1 of layer 0's gate_up LoRA is non-zero: the merge changes that expert's w1 / w3 only."""
     base = converted("llama", {**E4K2, "layout": "per-expert"}, tmp_path, tmp_path_factory)
-    model = load_for_training(base, lora=ExpertLora(r=2, alpha=2.0), dtype=torch.float32, gradient_checkpointing=False)
+    model = load_for_training(
+        base, lora=ExpertLoraConfig(r=2, alpha=2.0), dtype=torch.float32, gradient_checkpointing=False
+    )
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("layers.0.mlp.experts.base_layer.lora_B.default.weight"):  # gate_up, (out, E * r)

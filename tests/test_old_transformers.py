@@ -29,7 +29,7 @@ CASES = [
     ("gemma3", {"num_experts": 4, "top_k": 2, "shared_experts": 1}),
     ("phi3", {"num_experts": 4, "top_k": 2, "layers": "0,2"}),
     ("llama_mlp_bias", {"num_experts": 4, "top_k": 2, "shared_experts": 1}),
-    ("llama", {"num_experts": 4, "top_k": 2, "method": "lora-experts", "expert_lora_rank": 4}),  # MoeifyLoraExperts
+    ("llama", {"num_experts": 4, "top_k": 2, "method": "lora-experts", "expert_lora_rank": 4}),  # MoeifyMixLoraExperts
     (  # every router feature that adds weights or changes the forward
         "qwen2",
         {

@@ -20,7 +20,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tiny_models import NATIVE_MOE_CLASSES, native_moe
 
-from moeify.quant import ExpertLora, Experts4bit, add_expert_lora, quantize_experts
+from moeify.quant import ExpertLoraConfig, Experts4bit, add_expert_lora, quantize_experts
 
 _CHILD = r"""
 import json, sys
@@ -46,7 +46,7 @@ def test_adapter_loads_in_stock_peft_on_full_precision_experts(name: str, expert
     quantized = copy.deepcopy(full)
     names = quantize_experts(quantized)
     model = get_peft_model(quantized, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).eval()
-    assert add_expert_lora(model, ExpertLora(r=expert_rank, alpha=2.0 * expert_rank)) == names
+    assert add_expert_lora(model, ExpertLoraConfig(r=expert_rank, alpha=2.0 * expert_rank)) == names
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(n.endswith("experts.base_layer.lora_A.default.weight") for n in trainable)
     assert not any("packed" in n for n in trainable)

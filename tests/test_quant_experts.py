@@ -13,7 +13,14 @@ from transformers import LlamaConfig, MixtralConfig, MixtralForCausalLM
 
 from moeify.modeling import MoeifyConfig, MoeifyForCausalLM
 from moeify.modeling.experts import build_experts
-from moeify.quant import ExpertLora, ExpertQuantization, Experts4bit, ExpertsLora, add_expert_lora, quantize_experts
+from moeify.quant import (
+    ExpertLoraConfig,
+    ExpertQuantization,
+    Experts4bit,
+    ExpertsLoraLayer,
+    add_expert_lora,
+    quantize_experts,
+)
 from moeify.quant.experts_4bit import _cpu_fused_kernel, _dequantize_4bit_cpu_into
 
 H, I, E, K, T = 64, 128, 4, 2, 12  # noqa: E741
@@ -34,12 +41,12 @@ def full_precision_experts(bias: bool = False, seed: int = 0) -> nn.Module:
     return experts
 
 
-def with_lora(module: Experts4bit, lora: ExpertLora, nonzero: bool = False) -> ExpertsLora:
+def with_lora(module: Experts4bit, lora: ExpertLoraConfig, nonzero: bool = False) -> ExpertsLoraLayer:
     """`module` with per-expert LoRA; `nonzero`: B drawn at random (it starts at zero) so the LoRA path counts."""
     holder = nn.ModuleDict({"experts": module})
     add_expert_lora(holder, lora)
     wrapped = holder["experts"]
-    assert isinstance(wrapped, ExpertsLora) and isinstance(wrapped.base_layer, ExpertsLora)
+    assert isinstance(wrapped, ExpertsLoraLayer) and isinstance(wrapped.base_layer, ExpertsLoraLayer)
     if nonzero:
         with torch.no_grad():
             for name, param in wrapped.named_parameters():
@@ -54,8 +61,8 @@ def lora_parameters(module: nn.Module) -> list[torch.Tensor]:
 
 def eager_reference(layer: nn.Module, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Dequantize every expert and loop over them: the definition the grouped 4-bit path must match."""
-    module = layer.experts if isinstance(layer, ExpertsLora) else layer
-    factors = layer.factors() if isinstance(layer, ExpertsLora) else {}
+    module = layer.experts if isinstance(layer, ExpertsLoraLayer) else layer
+    factors = layer.factors() if isinstance(layer, ExpertsLoraLayer) else {}
     out = torch.zeros_like(x)
     for e in range(module.num_experts):
         token, slot = torch.where(index == e)
@@ -92,11 +99,11 @@ def route(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
-@pytest.mark.parametrize("lora", [None, ExpertLora(r=4, alpha=8)])
+@pytest.mark.parametrize("lora", [None, ExpertLoraConfig(r=4, alpha=8)])
 @pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 def test_matches_eager_reference(
-    double_quant: bool, lora: ExpertLora | None, chunked: bool, bias: bool, device: str
+    double_quant: bool, lora: ExpertLoraConfig | None, chunked: bool, bias: bool, device: str
 ) -> None:
     quant = ExpertQuantization(double_quant=double_quant, max_dequantized_bytes=1 if chunked else 1 << 30)
     module: nn.Module = Experts4bit.from_experts(full_precision_experts(bias).to(device), quant)
@@ -116,9 +123,9 @@ def test_matches_eager_reference(
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("lora", [None, ExpertLora(r=4, alpha=8)])
+@pytest.mark.parametrize("lora", [None, ExpertLoraConfig(r=4, alpha=8)])
 def test_one_chunk_of_every_expert_without_reading_the_counts(
-    lora: ExpertLora | None, monkeypatch: pytest.MonkeyPatch
+    lora: ExpertLoraConfig | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where every expert fits the budget on an accelerator, `chunks` gives one chunk of all experts (experts that
     got no token are empty groups) and reads nothing on the host; run here on the CPU, made to take that path."""
@@ -147,9 +154,9 @@ def test_one_chunk_of_every_expert_without_reading_the_counts(
     assert reads == []
 
 
-@pytest.mark.parametrize("lora", [None, ExpertLora(r=4, alpha=8)])
+@pytest.mark.parametrize("lora", [None, ExpertLoraConfig(r=4, alpha=8)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_router_only_gradient_matches_eager_reference(lora: ExpertLora | None, bias: bool, device: str) -> None:
+def test_router_only_gradient_matches_eager_reference(lora: ExpertLoraConfig | None, bias: bool, device: str) -> None:
     """Frozen inputs and LoRA: backward computes only the routing weights' gradient, from the expert outputs it
     never saved (W_down^T grad against the activations, plus the LoRA and bias terms)."""
     module: nn.Module = Experts4bit.from_experts(full_precision_experts(bias).to(device))
@@ -168,7 +175,7 @@ def test_router_only_gradient_matches_eager_reference(lora: ExpertLora | None, b
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(device: str) -> None:
-    module = with_lora(Experts4bit.from_experts(full_precision_experts().to(device)), ExpertLora(r=4))
+    module = with_lora(Experts4bit.from_experts(full_precision_experts().to(device)), ExpertLoraConfig(r=4))
     with torch.no_grad():
         module.lora_B["default"].weight.normal_(std=0.1)
 
@@ -365,7 +372,7 @@ def test_storage_is_under_three_tenths_of_bf16() -> None:
 
 def test_lora_starts_as_the_quantized_model_and_trains_only_lora() -> None:
     plain = Experts4bit.from_experts(full_precision_experts())
-    adapted = with_lora(copy.deepcopy(plain), ExpertLora(r=4))
+    adapted = with_lora(copy.deepcopy(plain), ExpertLoraConfig(r=4))
     x, logits = routing()
     weights, index = route(logits.detach())
     assert torch.equal(adapted(x, index, weights), plain(x, index, weights))
@@ -413,7 +420,7 @@ def test_quantized_model_swaps_every_experts_module_and_stays_close() -> None:
         names = quantize_experts(model)
         assert names == [f"model.layers.{i}.mlp.experts" for i in range(2)]
         assert all(isinstance(model.get_submodule(n), Experts4bit) for n in names)
-        assert add_expert_lora(model, ExpertLora(r=2)) == names
+        assert add_expert_lora(model, ExpertLoraConfig(r=2)) == names
         logits = model(ids).logits
         relative = ((logits - reference).norm() / reference.norm()).item()
         assert 0 < relative < 0.05, relative  # NF4's error, not garbage
@@ -422,7 +429,7 @@ def test_quantized_model_swaps_every_experts_module_and_stays_close() -> None:
 
 
 def test_casting_the_model_moves_but_never_casts_the_4bit_storage() -> None:
-    module = with_lora(Experts4bit.from_experts(full_precision_experts(bias=True)), ExpertLora(r=4))
+    module = with_lora(Experts4bit.from_experts(full_precision_experts(bias=True)), ExpertLoraConfig(r=4))
     x, logits = routing()
     weights, index = route(logits)
     before = module(x, index, weights)
@@ -441,7 +448,7 @@ def test_casting_the_model_moves_but_never_casts_the_4bit_storage() -> None:
 def test_moving_to_cuda_and_back_keeps_the_4bit_bytes() -> None:
     """`.to("cuda")` moves the packed bytes and scales as they are; the block computes the same there (within float
     noise) and, moved back, exactly what it computed before."""
-    module = with_lora(Experts4bit.from_experts(full_precision_experts(bias=True)), ExpertLora(r=4))
+    module = with_lora(Experts4bit.from_experts(full_precision_experts(bias=True)), ExpertLoraConfig(r=4))
     with torch.no_grad():
         module.lora_B["default"].weight.normal_(std=0.1)
     x, logits = routing()
@@ -467,9 +474,9 @@ def test_bad_settings_and_non_moe_models_fail_clearly() -> None:
     with pytest.raises(ValueError, match="blocksize 100 is not one of"):
         Experts4bit.from_experts(experts, ExpertQuantization(blocksize=100))
     with pytest.raises(ValueError, match="LoRA rank r must be >= 1"):
-        with_lora(Experts4bit.from_experts(experts), ExpertLora(r=0))
+        with_lora(Experts4bit.from_experts(experts), ExpertLoraConfig(r=0))
     with pytest.raises(ValueError, match="no 4-bit or frozen experts: call moeify.quant.quantize_experts or freeze_"):
-        add_expert_lora(nn.ModuleDict({"experts": experts}), ExpertLora())
+        add_expert_lora(nn.ModuleDict({"experts": experts}), ExpertLoraConfig())
     dense = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(ValueError, match="has no fused experts module"):
         quantize_experts(dense)
@@ -481,7 +488,7 @@ def test_model_with_gradient_checkpointing() -> None:
 
     model = native_moe("mixtral")
     quantize_experts(model)
-    add_expert_lora(model, ExpertLora(r=4))
+    add_expert_lora(model, ExpertLoraConfig(r=4))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -524,7 +531,7 @@ def test_bfloat16_compute_matches_stock_bfloat16(device: str) -> None:
 def test_bfloat16_gradients_follow_the_float32_reference(device: str) -> None:
     """bf16 compute (activations, dequantized weights and LoRA factors cast to bf16 in the dispatch) gives the
     gradients of the float32 eager reference within bf16's precision: inputs, routing weights, LoRA factors."""
-    module = with_lora(Experts4bit.from_experts(full_precision_experts(bias=True).to(device)), ExpertLora(r=4))
+    module = with_lora(Experts4bit.from_experts(full_precision_experts(bias=True).to(device)), ExpertLoraConfig(r=4))
     with torch.no_grad():
         module.lora_B["default"].weight.normal_(std=0.1)
         module.base_layer.lora_B["default"].weight.normal_(std=0.1)
@@ -552,7 +559,7 @@ def test_every_native_class_computes_its_dequantized_self(name: str) -> None:
     stock = native_moe(name).eval()
     ours = copy.deepcopy(stock)
     names = quantize_experts(ours)
-    add_expert_lora(ours, ExpertLora(r=4))
+    add_expert_lora(ours, ExpertLoraConfig(r=4))
     with torch.no_grad():
         for module_name in names:
             module, experts = ours.get_submodule(module_name).experts, stock.get_submodule(module_name)
@@ -590,10 +597,10 @@ def spy_fused(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
 @needs_fused_cpu_kernel
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [True, False])
-@pytest.mark.parametrize("lora", [None, ExpertLora(r=4, alpha=8)])
+@pytest.mark.parametrize("lora", [None, ExpertLoraConfig(r=4, alpha=8)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_generation_runs_the_fused_cpu_kernel_on_the_stored_weights(
-    quant_type: str, double_quant: bool, lora: ExpertLora | None, bias: bool, monkeypatch: pytest.MonkeyPatch
+    quant_type: str, double_quant: bool, lora: ExpertLoraConfig | None, bias: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Under no_grad, bf16, a few rows per expert: no expert is dequantized, each expert's rows go through
     bitsandbytes' `gemv_4bit` on its packed-for-CPU layout, and the result is the float32 eager reference of the

@@ -19,7 +19,7 @@ from transformers import LlamaConfig, MixtralConfig, MixtralForCausalLM
 
 from moeify.modeling import MoeifyConfig
 from moeify.modeling.experts import build_experts
-from moeify.quant import ExpertLora, ExpertsFrozen, add_expert_lora, freeze_experts
+from moeify.quant import ExpertLoraConfig, ExpertsFrozen, add_expert_lora, freeze_experts
 
 H, I, E, K, T = 64, 128, 4, 2, 20  # noqa: E741
 
@@ -47,7 +47,7 @@ def test_frozen_experts_with_lora_equal_the_experts_with_the_deltas_folded_in(
     original = experts_module(bias).to(device)
     reference = copy.deepcopy(original)
     holder = nn.ModuleDict({"experts": ExpertsFrozen(original)})
-    add_expert_lora(holder, ExpertLora(r=rank, alpha=3.0 * rank))
+    add_expert_lora(holder, ExpertLoraConfig(r=rank, alpha=3.0 * rank))
     lora = holder["experts"]
     frozen = lora.experts
     assert frozen.gate_up_proj is original.gate_up_proj and not frozen.gate_up_proj.requires_grad  # shared, frozen
@@ -107,7 +107,7 @@ def test_backward_keeps_only_the_gate_up_output_besides_the_inputs() -> None:
     """Like the 4-bit experts, the frozen ones save for backward their inputs, the LoRA factors and each chunk's
     gate_up output `(rows, 2I)`, nothing else (no gathered input, activation or product per chunk)."""
     holder = nn.ModuleDict({"experts": ExpertsFrozen(experts_module(False))})
-    add_expert_lora(holder, ExpertLora(r=4, alpha=8.0))
+    add_expert_lora(holder, ExpertLoraConfig(r=4, alpha=8.0))
     x = torch.randn(T, H, requires_grad=True)
     weights, index = torch.softmax(torch.randn(T, E, requires_grad=True), -1).topk(K, dim=-1)
     saved: list[torch.Tensor] = []
@@ -158,7 +158,7 @@ def test_adapter_of_frozen_experts_loads_in_stock_peft_with_the_same_logits(tmp_
     model = copy.deepcopy(full)
     names = freeze_experts(model)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    assert add_expert_lora(model, ExpertLora(r=2, alpha=4.0)) == names
+    assert add_expert_lora(model, ExpertLoraConfig(r=2, alpha=4.0)) == names
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     with torch.no_grad():
@@ -194,7 +194,7 @@ def test_unrouted_assignments_enter_no_chunk_and_get_no_gradient(kind: str) -> N
     original = experts_module(bias=True)
     base = ExpertsFrozen(original) if kind == "frozen" else Experts4bit.from_experts(original)
     holder = nn.ModuleDict({"experts": base})
-    add_expert_lora(holder, ExpertLora(r=4, alpha=8.0))
+    add_expert_lora(holder, ExpertLoraConfig(r=4, alpha=8.0))
     lora = holder["experts"]
     assert lora.accepts_unrouted(torch.zeros(1, 4))
     with torch.no_grad():

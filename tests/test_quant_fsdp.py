@@ -32,7 +32,7 @@ def _run(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     from torch.distributed.fsdp import fully_shard
 
-    from moeify.quant import ExpertLora, Experts4bit, add_expert_lora, quantize_experts
+    from moeify.quant import ExpertLoraConfig, Experts4bit, add_expert_lora, quantize_experts
 
     torch.manual_seed(0)
     config = MixtralConfig(
@@ -48,7 +48,7 @@ def _run(rank: int, port: int, out: str) -> None:
     model = MixtralForCausalLM(config)
     quantize_experts(model)
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
-    add_expert_lora(model, ExpertLora(r=2, alpha=4.0))
+    add_expert_lora(model, ExpertLoraConfig(r=2, alpha=4.0))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:

@@ -196,7 +196,7 @@ def test_bad_settings_fail_before_loading_with_what_to_change(
 ) -> None:
     from peft import LoraConfig
 
-    from moeify.quant import ExpertLora, ExpertQuantization, loading
+    from moeify.quant import ExpertLoraConfig, ExpertQuantization, loading
 
     out = converted("llama", E4K2, tmp_path_factory)
     kwargs = {
@@ -204,7 +204,7 @@ def test_bad_settings_fail_before_loading_with_what_to_change(
             "quant_type": ExpertQuantization(quant_type="int3"),  # type: ignore[arg-type]
             "blocksize": ExpertQuantization(blocksize=4096),
         },
-        "lora": {"rank": ExpertLora(r=0)},
+        "lora": {"rank": ExpertLoraConfig(r=0)},
         "attention_lora": {"qkv_proj": LoraConfig(target_modules=["q_proj", "qkv_proj"])},
     }
     ((key, value),) = settings.items()

@@ -131,7 +131,7 @@ def test_dry_run_counts_what_load_for_training_trains_and_reads_no_weight(
     from moeify.convert.converter import convert
     from moeify.convert.options import ConvertOptions
     from moeify.io import checkpoint
-    from moeify.quant import ExpertLora, load_for_training
+    from moeify.quant import ExpertLoraConfig, load_for_training
     from moeify.train.dry_run import estimate
 
     dense = dense_model(arch, tmp_path_factory.getbasetemp() / DENSE_FOLDER)
@@ -163,12 +163,16 @@ def test_dry_run_counts_what_load_for_training_trains_and_reads_no_weight(
     from moeify.quant.loading import _default_targets
 
     model = load_for_training(
-        out, lora=ExpertLora(r=2, alpha=32), gradient_checkpointing=False, dtype=torch.bfloat16, attention_lora=None
+        out,
+        lora=ExpertLoraConfig(r=2, alpha=32),
+        gradient_checkpointing=False,
+        dtype=torch.bfloat16,
+        attention_lora=None,
     )
     del model  # the defaults give r=16 attention LoRA; build the r=4 one the recipe asks for
     base = load_for_training(
         out,
-        lora=ExpertLora(r=2, alpha=32),
+        lora=ExpertLoraConfig(r=2, alpha=32),
         gradient_checkpointing=False,
         dtype=torch.bfloat16,
         attention_lora=LoraConfig(r=4, lora_alpha=32, target_modules=_default_targets(_meta_model(out), "lora")),

@@ -14,7 +14,8 @@ from tiny_models import DENSE_FOLDER, dense_model
 
 from moeify.cli import main
 from moeify.convert.converter import convert
-from moeify.convert.methods.transforms import LayerContext, dropped_neurons
+from moeify.convert.methods.base import LayerContext
+from moeify.convert.methods.drop import dropped_neurons
 from moeify.convert.options import ConvertOptions
 from moeify.inspect.verify import verify
 
@@ -194,7 +195,8 @@ def test_neuron_split_partitions_the_ffn_into_disjoint_experts(dense: Path, tmp_
 
 
 def test_kmeans_split_keeps_neurons_that_read_the_same_directions_together() -> None:
-    from moeify.convert.methods.transforms import ExpertFFN, split_upcycle
+    from moeify.convert.methods.base import ExpertFFN
+    from moeify.convert.methods.fine_grained import split_upcycle
 
     generator = torch.Generator().manual_seed(0)
     centres = torch.randn(4, 32, generator=generator) * 3

@@ -34,16 +34,9 @@ from ..io.atomic import atomic_output, check_output_folder
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.source import TOKENIZER_FILES, is_hub_id, load_config, resolve_source
 from ..io.writer import TensorSpec, parse_max_shard_size, write_safetensors
-from .methods.lora_experts import LoraExpertSeeds
-from .methods.transforms import (
-    EXACT_METHODS,
-    ExpertFFN,
-    LayerContext,
-    LazyExperts,
-    MoELayerWeights,
-    apply_transforms,
-    get_method,
-)
+from .methods import EXACT_METHODS, apply_transforms, get_method
+from .methods.base import ExpertFFN, LayerContext, LazyExperts, MoELayerWeights, layer_seed
+from .methods.lora_seeds import LoraExpertSeeds
 from .options import ConvertOptions, parse_layers
 
 
@@ -249,7 +242,7 @@ def _moe_layer_specs(
         """N(0, router_init_std) from a generator seeded by (seed, layer, tensor); zeros with --router-init zeros."""
         if zeros:
             return torch.zeros(shape, dtype=dtype)
-        generator = torch.Generator().manual_seed((seed * 100_003 + layer) * 17 + salt)
+        generator = torch.Generator().manual_seed(layer_seed(seed, layer) * 17 + salt)
         return (torch.randn(shape, generator=generator) * std).to(dtype)
 
     def router_weight(weights: MoELayerWeights) -> list[torch.Tensor]:
@@ -269,7 +262,7 @@ def _moe_layer_specs(
     fused_names = names.saved_fused if layout == "per-expert" and names.saved_fused else names.fused
     if spec.expert_lora_rank:
         seeds = builder.lora_seeds if builder is not None else None
-        out += _lora_experts_specs(prefix, names, spec, hidden, dtype, produce, seed * 100_003 + layer, layer, seeds)
+        out += _lora_experts_specs(prefix, names, spec, hidden, dtype, produce, layer_seed(seed, layer), layer, seeds)
     elif layout == "fused" or names.saved_fused:
         out.append(
             TensorSpec(
@@ -346,13 +339,13 @@ def _lora_experts_specs(
     hidden: int,
     dtype: torch.dtype,
     produce: Callable[[Callable[[MoELayerWeights], Any]], Callable[[], Iterator[torch.Tensor]]],
-    layer_seed: int,
+    seed: int,
     layer: int,
     seeds: LoraExpertSeeds | None,
 ) -> list[TensorSpec]:
     """lora-experts (MixLoRA): the experts' one FFN, written once (every expert is the same copy), and each expert's
     LoRA delta: A ~ U(+-1/sqrt(in)) as peft initialises LoRA (seeded by seed and layer), B = 0 (exact at step 0);
-    with `--lora-expert` adapters, the first experts' factors come from them (`moeify.convert.methods.lora_experts`)."""
+    with `--lora-expert` adapters, the first experts' factors come from them (`moeify.convert.methods.lora_seeds`)."""
     E, I, H, r = spec.num_experts, spec.intermediate_size, hidden, spec.expert_lora_rank  # noqa: E741
 
     def base(weights: MoELayerWeights) -> Any:
@@ -374,7 +367,7 @@ def _lora_experts_specs(
         def factors(
             projection: str = projection, inputs: int = inputs, outputs: int = outputs, salt: int = salt
         ) -> tuple[torch.Tensor, torch.Tensor]:
-            generator = torch.Generator().manual_seed(layer_seed * 31 + salt)
+            generator = torch.Generator().manual_seed(seed * 31 + salt)
             lora_a = (torch.rand((E * r, inputs), generator=generator) * 2 - 1) * inputs**-0.5
             lora_b = torch.zeros(outputs, E * r)
             if seeds is not None:
@@ -817,7 +810,7 @@ def _calibrated_router_rows(
     inputs = router_inputs(local, texts, layers, adapter.mlp_module, max_tokens=options.calibration_tokens)
     rows = options.num_experts // options.granularity
     return {
-        layer: kmeans_router(x, rows, options.router_init_std, options.seed * 100_003 + layer)
+        layer: kmeans_router(x, rows, options.router_init_std, layer_seed(options.seed, layer))
         for layer, x in inputs.items()
     }
 

@@ -63,7 +63,7 @@ class ConvertOptions:
     expert_noise: float = 0.0
 
     def expert_transforms(self) -> dict[str, dict[str, Any]]:
-        """The transforms to apply to each routed expert, in order (`moeify.convert.methods.transforms.TRANSFORMS`)."""
+        """The transforms to apply to each routed expert, in order (`moeify.convert.methods.TRANSFORMS`)."""
         transforms: dict[str, dict[str, Any]] = {}
         if self.drop_upcycling is not None:
             transforms["drop_upcycling"] = {"rate": self.drop_upcycling, "independent": self.drop_independent}

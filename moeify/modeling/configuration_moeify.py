@@ -155,7 +155,7 @@ class MoeifyConfig(PreTrainedConfig):
         expert_lora_rank (`int`, defaults to 0):
             0: every routed expert has its own weights. `r > 0` (`moeify convert --method lora-experts`, MixLoRA):
             the routed experts share one frozen FFN per layer and each adds its own rank-`r` LoRA delta to
-            `gate_up` and `down` (`MoeifyLoraExperts`); `moe_intermediate_size` is that FFN's.
+            `gate_up` and `down` (`MoeifyMixLoraExperts`); `moe_intermediate_size` is that FFN's.
         expert_lora_alpha (`float`, *optional*):
             LoRA scaling numerator of the expert deltas (`scale = alpha / r`); defaults to `2 * expert_lora_rank`.
         moeify_format_version (`int`, defaults to `FORMAT_VERSION`):

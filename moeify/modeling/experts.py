@@ -5,7 +5,7 @@
 expert_kernels.py), `grouped_mm`, `batched_mm`, `eager`, ... chosen with `from_pretrained(experts_implementation=...)`.
 The eager forward below is the reference the others must match.
 
-`MoeifyLoraExperts` (MixLoRA, `moeify convert --method lora-experts`) instead holds one FFN shared by every
+`MoeifyMixLoraExperts` (MixLoRA, `moeify convert --method lora-experts`) instead holds one FFN shared by every
 expert, `gate_up_proj` `(2 * I, H)` and `down_proj` `(H, I)`, plus each expert's LoRA delta (`deltas`).
 
 Copied next to the weights for `trust_remote_code=True`: imports torch and transformers only.
@@ -225,7 +225,7 @@ class MoeifyExpertDeltas(nn.Module):
         return expert_lora(inputs, lora_a, lora_b, self.scale, self.num_experts, offsets)
 
 
-class MoeifyLoraExperts(nn.Module):
+class MoeifyMixLoraExperts(nn.Module):
     """MixLoRA experts: every routed expert is the layer's one FFN plus its own LoRA delta.
 
     `expert_e(x) = (W_d + dW_d,e) (act(gate) * up)`, `[gate; up] = (W_gu + dW_gu,e) x`. The shared `W_gu x` runs
@@ -262,5 +262,5 @@ class MoeifyLoraExperts(nn.Module):
 def build_experts(config: MoeifyConfig) -> nn.Module:
     """The experts module that matches the config: LoRA experts, or full experts with or without biases."""
     if config.expert_lora_rank:
-        return MoeifyLoraExperts(config)
+        return MoeifyMixLoraExperts(config)
     return MoeifyExpertsWithBias(config) if config.mlp_bias else MoeifyExperts(config)

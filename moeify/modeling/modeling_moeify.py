@@ -25,7 +25,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
 from .configuration_moeify import MoeifyConfig
-from .experts import MoeifyExpertDeltas, MoeifyExpertsBase, MoeifyLoraExperts, build_experts, routed_only
+from .experts import MoeifyExpertDeltas, MoeifyExpertsBase, MoeifyMixLoraExperts, build_experts, routed_only
 from .router import MoeifyTopKRouter, RoutingState, load_balancing_loss, router_z_loss
 
 # transformers 5.25 renamed the key-value cache argument and output field `past_key_values` to `cache` (the old
@@ -180,7 +180,7 @@ def _refuse_engines_without_null_experts(config: MoeifyConfig) -> None:
 @torch.no_grad()
 def init_moe_weights(module: nn.Module, std: float) -> None:
     """Random initialisation of the MoE modules (conversion overwrites it with the upcycled weights)."""
-    if isinstance(module, MoeifyExpertsBase | MoeifyLoraExperts):
+    if isinstance(module, MoeifyExpertsBase | MoeifyMixLoraExperts):
         nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
         nn.init.normal_(module.down_proj, mean=0.0, std=std)
         if hasattr(module, "gate_up_proj_bias"):

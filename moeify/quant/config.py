@@ -9,6 +9,11 @@ import torch
 
 QuantType = Literal["nf4", "fp4"]
 QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
+# Module names in the MoE classes moeify writes or loads. Full precision and trainable: routers (with their MLP /
+# noise / residual layers), gates, MoE++ constant experts. Then shared experts and attention projections.
+ROUTER_MODULES = ("gate", "router", "shared_expert_gate", "constant_experts")
+SHARED_MODULES = ("shared_expert", "shared_experts", "shared_mlp")  # Qwen2-MoE, moeify, GraniteMoeShared
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # The blocksizes bitsandbytes' 4-bit kernels accept.
 BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # Default budgets of dequantized expert weights. On the CPU, glibc serves blocks under 32 MiB from its heap once one
@@ -93,7 +98,7 @@ class ExpertQuantization:
 
 
 @dataclass(frozen=True)
-class ExpertLora:
+class ExpertLoraConfig:
     """LoRA on every routed expert: `W_e x + scale * B_e A_e x`, only for the tokens routed to expert e.
 
     Args:

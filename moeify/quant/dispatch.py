@@ -15,7 +15,7 @@ gradient `<grad, W_down a + lora + bias>` is computed as `<W_down^T grad, a> + <
 product backward forms anyway. Each chunk's LoRA gradients are taken on that chunk's own factors and added into
 peft's layout once per chunk.
 
-LoRA factors (held by `moeify.quant.lora.ExpertsLora`) use peft's `target_parameters` layout: `lora_A` is
+LoRA factors (held by `moeify.quant.lora.ExpertsLoraLayer`) use peft's `target_parameters` layout: `lora_A` is
 `(E * r, in)` (expert-major rows) and `lora_B` is `(out, E * r)` (expert index fastest in the columns).
 """
 

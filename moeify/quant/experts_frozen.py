@@ -6,7 +6,7 @@ gradient of that whole `(E, out, in)` matrix in backward. `ExpertsFrozen` replac
 dispatch as `moeify.quant.Experts4bit` (`moeify.quant.dispatch.ExpertDispatch`), its weights used in place instead
 of dequantized: tokens sorted by expert once, the frozen weights as grouped GEMMs, each expert's LoRA as two more
 grouped GEMMs on its own tokens. The weights need no gradient, so backward computes input gradients and the LoRA
-factors' only. Wrapped by `moeify.quant.ExpertsLora`, it saves adapters in peft's `target_parameters` layout, which
+factors' only. Wrapped by `moeify.quant.ExpertsLoraLayer`, it saves adapters in peft's `target_parameters` layout, which
 stock peft loads onto the untouched model.
 
 On the CPU the sorted tokens run in chunks of consecutive whole experts whose `(rows, 2I)` gate_up output stays

@@ -36,15 +36,12 @@ from ..errors import MoeifyError
 from ..formats.layouts import EXPERT_PARAMS, checkpoint_name, expert_pieces, read_expert
 from ..io.checkpoint import open_checkpoint
 from ..io.source import resolve_source
-from .config import ExpertLora, ExpertQuantization
+from .config import ATTENTION_PROJECTIONS, ROUTER_MODULES, SHARED_MODULES, ExpertLoraConfig, ExpertQuantization
 from .dispatch import fused_experts
 from .experts_4bit import Experts4bit
 from .lora import add_expert_lora
 
 # Full precision and trainable: routers (with their MLP / noise / residual layers), gates, MoE++ constant experts.
-ROUTER_MODULES = ("gate", "router", "shared_expert_gate", "constant_experts")
-SHARED_MODULES = ("shared_expert", "shared_experts", "shared_mlp")  # Qwen2-MoE, moeify, GraniteMoeShared
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 QUANT_METHOD = "moeify_experts_4bit"  # `quant_method` of a saved 4-bit checkpoint's `quantization_config`
 CHECKPOINT_MODEL_TYPE = "moeify_4bit_experts"  # the `model_type` in its config.json (see `read_config`)
 
@@ -52,7 +49,7 @@ CHECKPOINT_MODEL_TYPE = "moeify_4bit_experts"  # the `model_type` in its config.
 def load_for_training(
     source: str | Path,
     quantization: ExpertQuantization | None = None,
-    lora: ExpertLora | None = None,
+    lora: ExpertLoraConfig | None = None,
     attention_lora: LoraConfig | None = None,
     dtype: torch.dtype = torch.bfloat16,
     gradient_checkpointing: bool = True,
@@ -90,7 +87,7 @@ def load_for_training(
 
     Returns a `PeftModel` whose `save_pretrained` writes an adapter stock peft loads onto the full-precision MoE.
     """
-    lora = lora or ExpertLora()
+    lora = lora or ExpertLoraConfig()
 
     device = _device(device)
 
@@ -185,7 +182,7 @@ def load_with_adapter(
     experts = list(config.get("target_parameters") or [])
     ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     r, alpha = config.get("r", 16), config.get("lora_alpha", 32.0)
-    expert_lora = ExpertLora(
+    expert_lora = ExpertLoraConfig(
         r=ranks.get(experts[0], r) if experts else r,
         alpha=alphas.get(experts[0], alpha) if experts else alpha,
         use_rslora=bool(config.get("use_rslora")),
@@ -322,7 +319,7 @@ def _check_settings(
     model: nn.Module,
     experts: dict[str, nn.Module],
     quantization: ExpertQuantization,
-    lora: ExpertLora,
+    lora: ExpertLoraConfig,
     attention_lora: LoraConfig,
 ) -> None:
     """Bad settings fail here, with what to change, before any weight is read."""

@@ -2,7 +2,7 @@
 
 peft puts LoRA on fused 3-D experts with `LoraConfig(target_parameters=["mlp.experts.gate_up_proj",
 "mlp.experts.down_proj"])`: two `ParamWrapper`s around the experts module, gate_up innermost, each with
-`lora_A` `(E * r, in)` and `lora_B` `(out, E * r)`. `ExpertsLora` is the same nesting around an `Experts4bit`, so
+`lora_A` `(E * r, in)` and `lora_B` `(out, E * r)`. `ExpertsLoraLayer` is the same nesting around an `Experts4bit`, so
 a `PeftModel` holding it saves (`save_pretrained`) an adapter that stock peft loads onto the full-precision model
 with `target_parameters`, and peft treats it as its own (trainable parameters, state dict, adapter switching).
 The difference is the computation: the factors of both wrappers are handed to `Experts4bit`, which applies each
@@ -18,18 +18,18 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .config import ExpertLora
+from .config import ExpertLoraConfig
 from .dispatch import PROJECTIONS, ExpertDispatch, LoraFactors
 
 
-class ExpertsLora(nn.Module, BaseTunerLayer):
+class ExpertsLoraLayer(nn.Module, BaseTunerLayer):
     """LoRA of one projection (`"gate_up"` or `"down"`) of every expert; wraps an `Experts4bit` / `ExpertsFrozen` or
-    another `ExpertsLora`."""
+    another `ExpertsLoraLayer`."""
 
     adapter_layer_names = ("lora_A", "lora_B")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
 
-    def __init__(self, base_layer: nn.Module, projection: str, adapter_name: str, lora: ExpertLora) -> None:
+    def __init__(self, base_layer: nn.Module, projection: str, adapter_name: str, lora: ExpertLoraConfig) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.projection = projection
@@ -49,12 +49,12 @@ class ExpertsLora(nn.Module, BaseTunerLayer):
     @property
     def experts(self) -> ExpertDispatch:
         module = self.base_layer
-        while isinstance(module, ExpertsLora):
+        while isinstance(module, ExpertsLoraLayer):
             module = module.base_layer
         assert isinstance(module, ExpertDispatch)
         return module
 
-    def update_layer(self, adapter_name: str, lora: ExpertLora) -> None:
+    def update_layer(self, adapter_name: str, lora: ExpertLoraConfig) -> None:
         lora.validate()
         experts = self.experts
         out_dim, in_dim = experts.shapes[self.projection]
@@ -71,12 +71,12 @@ class ExpertsLora(nn.Module, BaseTunerLayer):
 
     def factors(self) -> dict[str, LoraFactors]:
         """The active adapter's factors of this wrapper and of the wrappers inside it."""
-        inner = self.base_layer.factors() if isinstance(self.base_layer, ExpertsLora) else {}
+        inner = self.base_layer.factors() if isinstance(self.base_layer, ExpertsLoraLayer) else {}
         if self.disable_adapters:
             return inner
         active = [a for a in self.active_adapters if a in self.lora_A]
         if len(active) > 1:
-            raise ValueError(f"ExpertsLora applies one adapter at a time; active: {active}")
+            raise ValueError(f"ExpertsLoraLayer applies one adapter at a time; active: {active}")
         for name in active:
             inner[self.projection] = LoraFactors(
                 self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], self.lora_dropout[name]
@@ -95,7 +95,7 @@ class ExpertsLora(nn.Module, BaseTunerLayer):
         raise NotImplementedError("expert LoRA is never merged in place")
 
 
-def add_expert_lora(model: nn.Module, lora: ExpertLora, adapter_name: str = "default") -> list[str]:
+def add_expert_lora(model: nn.Module, lora: ExpertLoraConfig, adapter_name: str = "default") -> list[str]:
     """Give every `Experts4bit` / `ExpertsFrozen` of `model` per-expert LoRA on gate_up and down; returns the
     experts' names.
 
@@ -114,7 +114,7 @@ def add_expert_lora(model: nn.Module, lora: ExpertLora, adapter_name: str = "def
         holder = model.get_submodule(parent) if parent else model
         wrapped: nn.Module = getattr(holder, child)
         for projection in PROJECTIONS:  # gate_up innermost, as peft nests target_parameters in list order
-            wrapped = ExpertsLora(wrapped, projection, adapter_name, lora)
+            wrapped = ExpertsLoraLayer(wrapped, projection, adapter_name, lora)
         setattr(holder, child, wrapped)
     if isinstance(model, PeftModel):
         config = model.peft_config[adapter_name]

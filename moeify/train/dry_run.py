@@ -12,12 +12,9 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import PretrainedConfig
 
-from ..quant.config import CPU_FUSED_LAYOUT_BYTES
+from ..quant.config import ATTENTION_PROJECTIONS, CPU_FUSED_LAYOUT_BYTES, ROUTER_MODULES, SHARED_MODULES
 from .recipe import Recipe, wants_checkpointing
 
-ROUTERS = ("gate", "router", "shared_expert_gate", "constant_experts")  # as moeify.quant.loading.ROUTER_MODULES
-SHARED = ("shared_expert", "shared_experts", "shared_mlp")
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 PROCESS_BYTES = 400 << 20  # the Python process with torch, transformers, peft and bitsandbytes imported (CPU)
 
@@ -96,7 +93,9 @@ def estimate(recipe: Recipe) -> Estimate:
                 trainable += experts * rank * ((hidden + two_i) + (two_i // 2 + hidden))
             elif lora is None:
                 trainable += own
-        elif leaf in ROUTERS or parent in ROUTERS:  # a router / gate, or a layer of one (an MLP router): full precision
+        elif (
+            leaf in ROUTER_MODULES or parent in ROUTER_MODULES
+        ):  # a router / gate, or a layer of one (an MLP router): full precision
             reachable = sum(p.numel() for p in params if p.requires_grad)
             if lora is None or lora.train_router:
                 trainable += reachable
@@ -107,8 +106,8 @@ def estimate(recipe: Recipe) -> Estimate:
             weights += _four_bit_bytes(own, 64, q.double_quant) if q.linear != "none" else own * compute
             if lora is None:
                 trainable += own
-            elif ("attention" in lora.targets and leaf in ATTENTION) or (
-                "shared_experts" in lora.targets and parent in SHARED
+            elif ("attention" in lora.targets and leaf in ATTENTION_PROJECTIONS) or (
+                "shared_experts" in lora.targets and parent in SHARED_MODULES
             ):
                 trainable += lora.r * (module.in_features + module.out_features)
             elif dense and "experts" in lora.targets and parent == "mlp":  # a dense FFN: `load_model`'s LoRA

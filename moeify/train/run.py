@@ -248,7 +248,7 @@ def load_model(recipe: Recipe, path: str, device: torch.device | None = None) ->
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..quant import ExpertLora, ExpertQuantization, add_expert_lora, freeze_experts, load_for_training
+    from ..quant import ExpertLoraConfig, ExpertQuantization, add_expert_lora, freeze_experts, load_for_training
     from ..quant.dispatch import fused_experts
     from ..quant.loading import (
         ROUTER_MODULES,
@@ -281,7 +281,7 @@ def load_model(recipe: Recipe, path: str, device: torch.device | None = None) ->
         return load_for_training(
             path,
             quantization=ExpertQuantization(quant_type=q.experts, blocksize=q.blocksize, double_quant=q.double_quant),
-            lora=ExpertLora(r=lora.expert_r or lora.r, alpha=_expert_alpha(lora), dropout=lora.dropout),
+            lora=ExpertLoraConfig(r=lora.expert_r or lora.r, alpha=_expert_alpha(lora), dropout=lora.dropout),
             attention_lora=LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout),  # default targets
             dtype=dtype,
             gradient_checkpointing=checkpointing,
@@ -330,7 +330,7 @@ def load_model(recipe: Recipe, path: str, device: torch.device | None = None) ->
     peft_model = get_peft_model(model, config)
     if expert_lora:  # per-expert LoRA in the grouped dispatch, saved in peft's target_parameters layout
         add_expert_lora(
-            peft_model, ExpertLora(r=lora.expert_r or lora.r, alpha=_expert_alpha(lora), dropout=lora.dropout)
+            peft_model, ExpertLoraConfig(r=lora.expert_r or lora.r, alpha=_expert_alpha(lora), dropout=lora.dropout)
         )
     freeze_unreachable(peft_model)
     upcast_trainable(peft_model)
