@@ -133,10 +133,10 @@ def test_overwrite_keeps_old_output_until_new_is_complete(dense_llama: Path, tmp
 
 
 def test_failure_midway_leaves_nothing(dense_llama: Path, tmp_path: Path, monkeypatch) -> None:
-    from moeify.convert import converter
+    from moeify.convert import layers
 
     calls = {"n": 0}
-    real_get = converter._LayerBuilder.get
+    real_get = layers.LayerBuilder.get
 
     def failing_get(self, layer):
         calls["n"] += 1
@@ -144,7 +144,7 @@ def test_failure_midway_leaves_nothing(dense_llama: Path, tmp_path: Path, monkey
             raise KeyboardInterrupt
         return real_get(self, layer)
 
-    monkeypatch.setattr(converter._LayerBuilder, "get", failing_get)
+    monkeypatch.setattr(layers.LayerBuilder, "get", failing_get)
     out = tmp_path / "moe"
     with pytest.raises(KeyboardInterrupt):
         convert(str(dense_llama), out, ConvertOptions(num_experts=4), progress=False)
@@ -186,7 +186,7 @@ def test_copies_cost_one_read_and_one_build_per_layer(dense_llama: Path, tmp_pat
     """E experts from one FFN: each source tensor is read once and the fused [gate; up] is built once."""
     from collections import Counter
 
-    from moeify.convert import converter
+    from moeify.convert import layers
     from moeify.io.checkpoint import SafetensorsCheckpoint
 
     reads: Counter[str] = Counter()
@@ -207,7 +207,7 @@ def test_copies_cost_one_read_and_one_build_per_layer(dense_llama: Path, tmp_pat
             return torch.cat(*args, **kwargs)
 
     monkeypatch.setattr(SafetensorsCheckpoint, "get", counting_get)
-    monkeypatch.setattr(converter, "torch", CountingTorch())
+    monkeypatch.setattr(layers, "torch", CountingTorch())
     convert(str(dense_llama), tmp_path / "moe", ConvertOptions(num_experts=8, top_k=2, layout="fused"), progress=False)
     assert set(reads) == set(tensors(dense_llama)) and set(reads.values()) == {1}
     assert len(concatenations) == json.loads((dense_llama / "config.json").read_text())["num_hidden_layers"]

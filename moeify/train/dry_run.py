@@ -48,8 +48,8 @@ def estimate(recipe: Recipe) -> Estimate:
         else:  # the MoE `model.convert` would make of the dense model, from its config alone
             from transformers import AutoConfig
 
-            from ..convert.converter import planned_config
             from ..convert.options import ConvertOptions
+            from ..convert.plan import planned_config
 
             if str(recipe.model.source).endswith(".gguf"):
                 raise MoeifyError(
