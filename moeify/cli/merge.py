@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..merge.fold import merge
+    from ..merge import merge
 
     result = merge(
         args.base,

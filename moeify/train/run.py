@@ -219,7 +219,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     router = {k: v for k, v in _last_logged(trainer).items() if k.startswith("router/") and "/L" not in k}
     _model_card(recipe, recipe.model.path or path, metrics, router).save(out / "README.md")  # the Hub id, if one
     if recipe.output.merge:
-        from ..merge.fold import merge
+        from ..merge import merge
 
         merge(path, out, out / "merged", overwrite=True, progress=False)
     if recipe.output.push_to_hub:
