@@ -1,9 +1,9 @@
 """Routed experts stored as fused 3-D tensors, run through transformers' experts implementations.
 
 `gate_up_proj` is `(E, 2 * I, H)` (gate rows then up rows, as in Mixtral / Qwen-MoE) and `down_proj` is
-`(E, H, I)`. `@use_experts_implementation` dispatches the forward to moeify's own `"moeify"` (default,
-expert_kernels.py), `grouped_mm`, `batched_mm`, `eager`, ... chosen with `from_pretrained(experts_implementation=...)`.
-The eager forward below is the reference the others must match.
+`(E, H, I)`. `@use_experts_implementation` dispatches the forward to transformers' `grouped_mm`, `batched_mm`, `eager`,
+... chosen with `from_pretrained(experts_implementation=...)`; with moeify installed and imported, its own `"moeify"`
+kernels are registered there too and are the default. The eager forward below is the reference the others must match.
 
 `MoeifyMixLoraExperts` (MixLoRA, `moeify convert --method lora-experts`) instead holds one FFN shared by every
 expert, `gate_up_proj` `(2 * I, H)` and `down_proj` `(H, I)`, plus each expert's LoRA delta (`deltas`).
