@@ -57,6 +57,34 @@ def test_thirty_steps_lower_the_loss_and_save_a_peft_adapter(
     capsys.readouterr()
     assert main(["merge", str(moe), str(run), "-o", str(tmp_path / "merged"), "--quiet"]) == 0
     assert "max |logit difference|" in capsys.readouterr().out
+    assert_merged_is_the_trained_model(tmp_path / "merged", moe, run)
+
+
+def assert_merged_is_the_trained_model(merged: Path, base: Path, adapter: Path) -> None:
+    """The merged folder loads as a plain model whose logits are stock peft's (the trained adapter on the
+    full-precision base) within float32 rounding, and far from the untrained base's: a merge that dropped (part of)
+    the adapter, or scaled it wrongly, fails."""
+    import torch
+    from peft import PeftModel
+    from tiny_models import build_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    batch = build_tokenizer()(PROMPTS, return_tensors="pt", padding=True)
+    mask = batch["attention_mask"].bool()
+
+    def logits(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model.eval()(**batch).logits[mask]
+
+    got = logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32))
+    untrained = logits(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32))
+    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+    expected = logits(trained)
+    tolerance = 1e-4 * expected.abs().max()  # float32 rounding of W + scale * B @ A vs peft's separate LoRA path
+    difference, trained_shift = (got - expected).abs().max(), (expected - untrained).abs().max()
+    assert trained_shift > 100 * tolerance, "training must have moved the logits for this check to mean anything"
+    assert (got - untrained).abs().max() > 100 * tolerance, "the merged model is the untrained base"
+    assert difference <= tolerance, (difference, tolerance)
 
 
 def test_data_sources_and_their_errors(tmp_path: Path) -> None:
@@ -263,7 +291,7 @@ def test_upcycle_train_merge_and_push_in_one_recipe(
         [commit] = hub.commits
     run = tmp_path / "run"
     assert json.loads((run / "upcycled" / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
-    assert (run / "merged" / "model.safetensors").exists() and (run / "merged" / "config.json").exists()
+    assert_merged_is_the_trained_model(run / "merged", run / "upcycled", run)
     card = (run / "README.md").read_text()
     assert "base_model:" in card and "router/entropy" in card and "train_loss" in card and "num_experts: 4" in card
     assert commit.repo_id == "acme/moe-lora"
