@@ -98,9 +98,16 @@ def test_console_script_prints_no_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_info_json_on_dense(capsys, dense_llama: Path) -> None:
-    code = main(["info", str(dense_llama), "--json"])
+@pytest.mark.parametrize("name", ["llama", "llama3"])  # llama3: tied embeddings, counted once
+def test_info_json_on_dense(capsys, tiny_root: Path, name: str) -> None:
+    import torch
+    from tiny_models import dense_model
+    from transformers import AutoModelForCausalLM
+
+    dense = dense_model(name, tiny_root)
+    code = main(["info", str(dense), "--json"])
     info = json.loads(capsys.readouterr().out)
     assert code == 0
     assert info["num_experts"] == 0 and info["moe_layers"] == []
-    assert info["total_params"] == info["active_params"] > 0
+    model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
+    assert info["total_params"] == info["active_params"] == sum(p.numel() for p in model.parameters())

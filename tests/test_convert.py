@@ -133,22 +133,27 @@ def test_overwrite_keeps_old_output_until_new_is_complete(dense_llama: Path, tmp
 
 
 def test_failure_midway_leaves_nothing(dense_llama: Path, tmp_path: Path, monkeypatch) -> None:
-    from moeify.convert import layers
+    from moeify.convert.layers import LayerBuilder
 
-    calls = {"n": 0}
-    real_get = layers.LayerBuilder.get
+    built: list[int] = []
+    partial: dict[str, int] = {}  # the temporary output's files when the interrupt came: path -> bytes
+    real_get = LayerBuilder.get
 
     def failing_get(self, layer):
-        calls["n"] += 1
+        built.append(layer)
         if layer == 2:
+            for folder in tmp_path.glob(".moe.moeify-*"):
+                partial.update({str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*") if p.is_file()})
             raise KeyboardInterrupt
         return real_get(self, layer)
 
-    monkeypatch.setattr(layers.LayerBuilder, "get", failing_get)
+    monkeypatch.setattr(LayerBuilder, "get", failing_get)
     out = tmp_path / "moe"
     with pytest.raises(KeyboardInterrupt):
         convert(str(dense_llama), out, ConvertOptions(num_experts=4), progress=False)
-    assert calls["n"] > 0
+    # Midway: layers 0 and 1 were built and the shard was open in the temporary output when layer 2 was interrupted.
+    assert built[-1] == 2 and {0, 1} <= set(built), built
+    assert "model.safetensors" in partial, partial
     assert not out.exists()
     assert not list(tmp_path.glob(".moe.moeify-*"))
 

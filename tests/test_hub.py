@@ -283,7 +283,7 @@ def test_cli_push_and_convert_push_to_hub(
     assert main(["push", str(moe_out), "acme/pushed", "--private", "--quiet"]) == 0
     assert f"{hub.endpoint}/acme/pushed" in capsys.readouterr().out
     assert [(c.repo_id, c.private) for c in hub.created] == [("acme/pushed", True)]
-    assert set(hub.commits[0].files) == set(files_in(moe_out))
+    assert hub.commits[0].files == files_in(moe_out)  # every file, byte for byte
 
     dense = tiny_llama(tmp_path / "dense", num_hidden_layers=2)
     out = tmp_path / "converted"
@@ -292,7 +292,7 @@ def test_cli_push_and_convert_push_to_hub(
         == 0
     )
     assert [(c.repo_id, c.private) for c in hub.created][1:] == [("acme/fresh", False)]
-    assert set(hub.commits[1].files) == set(files_in(out))
+    assert hub.commits[1].files == files_in(out)
 
     monkeypatch.delenv("HF_TOKEN")
     assert main(["push", str(moe_out), "acme/pushed"]) == 2

@@ -129,10 +129,20 @@ def test_config_validation() -> None:
 
 
 def test_gemma_softcapping_applies() -> None:
-    text = Gemma3TextConfig(**TEXT, head_dim=8, final_logit_softcapping=0.5)
+    """The head's raw logits are scaled far past the cap, so only an applied `tanh(raw / cap) * cap` keeps them in."""
+    torch.manual_seed(0)
+    cap = 0.5
+    text = Gemma3TextConfig(**TEXT, head_dim=8, final_logit_softcapping=cap)
     model = MoeifyForCausalLM(MoeifyConfig(text_config=text, num_experts=2, num_experts_per_tok=1)).eval()
-    logits = model(torch.randint(0, 96, (1, 5))).logits
-    assert logits.abs().max() <= 0.5
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1000.0)
+        ids = torch.randint(0, 96, (2, 5))
+        raw = model.lm_head(model.model(ids).last_hidden_state)
+        logits = model(ids).logits
+    assert raw.abs().max() > 10 * cap, "the uncapped logits must exceed the cap for this test to mean anything"
+    assert logits.abs().max() <= cap
+    torch.testing.assert_close(logits, torch.tanh(raw / cap) * cap, atol=1e-6, rtol=1e-5)
+    assert (logits.abs() > 0.9 * cap).float().mean() > 0.5, "most logits saturate near the cap"
 
 
 def test_text_config_answers_dense_and_expert_fields() -> None:

@@ -17,6 +17,7 @@ from transformers import (
 )
 
 from moeify.train import causal_lm_loss
+from moeify.train.loss import causal_lm_loss_terms
 
 SMALL = dict(
     vocab_size=101,
@@ -89,11 +90,26 @@ def test_the_stock_classes_aux_loss_is_the_switch_loss_of_each_layer_averaged(na
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
     experts, top_k = model.config.num_experts if name == "qwen2_moe" else 4, 2
     per_layer = [load_balancing_loss_func((lg,), experts, top_k, mask) for lg in out.router_logits]
+    by_hand = [_switch_loss(lg, top_k, mask) for lg in out.router_logits]
+    torch.testing.assert_close(torch.stack(per_layer), torch.stack(by_hand))
     pooled = load_balancing_loss_func(out.router_logits, experts, top_k, mask)
-    expected = out.loss - 0.5 * out.aux_loss + 0.5 * torch.stack(per_layer).mean()
     torch.testing.assert_close(out.aux_loss, pooled)  # what the model adds itself
-    assert abs(float(torch.stack(per_layer).mean() - pooled)) > 1e-4  # the two definitions differ here
-    torch.testing.assert_close(causal_lm_loss(model, ids, labels, attention_mask=mask, chunk_tokens=4), expected)
+    expected = out.loss - 0.5 * out.aux_loss + 0.5 * torch.stack(by_hand).mean()
+    got = causal_lm_loss(model, ids, labels, attention_mask=mask, chunk_tokens=4)
+    torch.testing.assert_close(got, expected)
+    # The pooled definition (the model's own loss) would fail the comparison above: the test tells them apart.
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(out.loss, expected)
+
+
+def _switch_loss(router_logits: torch.Tensor, top_k: int, mask: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer's load-balancing loss of one layer, by hand: `n * sum_i f_i P_i` over the non-padding
+    tokens, f_i the share of tokens that picked expert i among their top k, P_i its mean softmax probability."""
+    keep = mask.reshape(-1).bool()
+    probs = torch.softmax(router_logits.float(), dim=-1)[keep]
+    n = probs.shape[-1]
+    picked = torch.zeros_like(probs).scatter_(1, probs.topk(top_k, dim=-1).indices, 1.0)
+    return n * (picked.mean(0) * probs.mean(0)).sum()
 
 
 def test_native_and_moeify_format_of_the_same_weights_have_the_same_aux_loss(
@@ -164,8 +180,19 @@ def test_router_z_loss_is_added_with_its_coefficient_and_its_gradient() -> None:
     router = model.model.layers[0].mlp.gate.weight
     expected_grad = router.grad.clone()
     model.zero_grad()
-    got = causal_lm_loss(model, ids, labels, attention_mask=mask, chunk_tokens=5, z_loss_coef=0.1)
+    terms = causal_lm_loss_terms(model, ids, labels, attention_mask=mask, chunk_tokens=5, z_loss_coef=0.1)
+    got = terms.mean()
     got.backward()
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(router.grad, expected_grad)
-    assert float(z) > 0
+    # The router term alone is 0.1 * z, tighter than the total allows; formulas that are easy to get wrong (padding
+    # counted, mean of logsumexp squared, no square) would fail that comparison.
+    torch.testing.assert_close(terms.router_loss, 0.1 * z.detach(), atol=1e-7, rtol=1e-6)
+    lse = [torch.logsumexp(lg.detach().float(), -1) for lg in out.router_logits]
+    wrong = {
+        "padding counted": torch.stack([(x**2).mean() for x in lse]).mean(),
+        "mean squared": torch.stack([x[keep].mean() ** 2 for x in lse]).mean(),
+        "no square": torch.stack([x[keep].mean() for x in lse]).mean(),
+    }
+    for formula, value in wrong.items():
+        assert abs(float(value - z)) > 100 * 1e-6 * float(z), formula

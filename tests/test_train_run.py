@@ -57,6 +57,34 @@ def test_thirty_steps_lower_the_loss_and_save_a_peft_adapter(
     capsys.readouterr()
     assert main(["merge", str(moe), str(run), "-o", str(tmp_path / "merged"), "--quiet"]) == 0
     assert "max |logit difference|" in capsys.readouterr().out
+    assert_merged_is_the_trained_model(tmp_path / "merged", moe, run)
+
+
+def assert_merged_is_the_trained_model(merged: Path, base: Path, adapter: Path) -> None:
+    """The merged folder loads as a plain model whose logits are stock peft's (the trained adapter on the
+    full-precision base) within float32 rounding, and far from the untrained base's: a merge that dropped (part of)
+    the adapter, or scaled it wrongly, fails."""
+    import torch
+    from peft import PeftModel
+    from tiny_models import build_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    batch = build_tokenizer()(PROMPTS, return_tensors="pt", padding=True)
+    mask = batch["attention_mask"].bool()
+
+    def logits(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model.eval()(**batch).logits[mask]
+
+    got = logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32))
+    untrained = logits(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32))
+    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+    expected = logits(trained)
+    tolerance = 1e-4 * expected.abs().max()  # float32 rounding of W + scale * B @ A vs peft's separate LoRA path
+    difference, trained_shift = (got - expected).abs().max(), (expected - untrained).abs().max()
+    assert trained_shift > 100 * tolerance, "training must have moved the logits for this check to mean anything"
+    assert (got - untrained).abs().max() > 100 * tolerance, "the merged model is the untrained base"
+    assert difference <= tolerance, (difference, tolerance)
 
 
 def test_data_sources_and_their_errors(tmp_path: Path) -> None:
@@ -263,7 +291,7 @@ def test_upcycle_train_merge_and_push_in_one_recipe(
         [commit] = hub.commits
     run = tmp_path / "run"
     assert json.loads((run / "upcycled" / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
-    assert (run / "merged" / "model.safetensors").exists() and (run / "merged" / "config.json").exists()
+    assert_merged_is_the_trained_model(run / "merged", run / "upcycled", run)
     card = (run / "README.md").read_text()
     assert "base_model:" in card and "router/entropy" in card and "train_loss" in card and "num_experts: 4" in card
     assert commit.repo_id == "acme/moe-lora"
@@ -362,18 +390,81 @@ def test_chat_messages_with_loss_on_assistant_turns_only(tmp_path: Path) -> None
     assert "user" in tokenizer.decode(ignored)
 
 
-def test_router_losses_reach_the_logged_loss(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Step 1's logged loss (before any update) grows by the aux loss (about top_k = 2 for these routers) and by
-    the z-loss when their coefficients are 1."""
+def test_router_losses_reach_the_logged_loss(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step 1's logged loss (before any update) grows by exactly the aux loss and the z-loss when their coefficients
+    are 1. The references are computed here, by hand, from what the routers saw in that very forward (their inputs
+    times their weights): the Switch loss `n * sum_i f_i P_i` and `mean(logsumexp(router_logits)^2)`, each per
+    layer over the non-padding tokens, averaged over layers."""
+    import torch
+    import torch.nn.functional as F
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
+
+    from moeify.train import run
+
+    original = run.causal_lm_loss_terms
+    calls: list[tuple[float, float, float]] = []  # (router_loss, aux, z) of each loss computed
+
+    def recording(model, input_ids, labels=None, attention_mask=None, **kwargs):  # noqa: ANN001, ANN202
+        seen: list[tuple[torch.Tensor, int]] = []  # (router logits, top k) of each router that ran
+
+        def router_logits(router: torch.nn.Module, args: tuple, _out: object) -> None:
+            hidden = args[0].detach().reshape(-1, router.weight.shape[1]).float()
+            seen.append((F.linear(hidden, router.weight.detach().float()), router.top_k))
+
+        routers = [m for m in model.modules() if isinstance(m, Qwen2MoeTopKRouter)]
+        hooks = [router.register_forward_hook(router_logits) for router in routers]
+        try:
+            terms = original(model, input_ids, labels, attention_mask, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        keep = mask.reshape(-1).bool().cpu()
+        aux, z = [], []
+        for logits, top_k in seen:
+            logits = logits.cpu()[keep]
+            probs = logits.softmax(-1)
+            picked = torch.zeros_like(probs).scatter_(1, probs.topk(top_k, dim=-1).indices, 1.0)
+            aux.append(probs.shape[-1] * (picked.mean(0) * probs.mean(0)).sum())
+            z.append((torch.logsumexp(logits, -1) ** 2).mean())
+        assert len(seen) == 4  # one router per layer
+        calls.append((float(terms.router_loss), float(torch.stack(aux).mean()), float(torch.stack(z).mean())))
+        return terms
+
+    monkeypatch.setattr(run, "causal_lm_loss_terms", recording)
     settings = {"max_steps": 1, "save_strategy": "no"}
-    first = {}
+    _tiny_run(tmp_path, tmp_path_factory, "none", **settings)
+    _randomize_routers(tmp_path / "moe")
+    first, reference = {}, {}
     for name, moe in {"none": (0.0, 0.0), "aux": (1.0, 0.0), "z": (0.0, 1.0)}.items():
+        calls.clear()
         path = _tiny_run(tmp_path, tmp_path_factory, name, **settings)
         assert main(["train", str(path), f"moe.aux_loss_coef={moe[0]}", f"moe.z_loss_coef={moe[1]}"]) == 0
         history = json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
         first[name] = next(e["loss"] for e in history if "loss" in e)
-    assert 1.5 < first["aux"] - first["none"] < 2.5, first  # Switch aux loss: top_k under near-uniform routing
-    assert first["z"] - first["none"] > 1e-4, first
+        router_loss, aux, z = calls[0]  # step 1, one micro-batch
+        reference[name] = moe[0] * aux + moe[1] * z
+        assert router_loss == pytest.approx(reference[name], abs=1e-5), (name, router_loss, aux, z)
+    # Skewed routers: neither loss is its uniform-routing value (k = 2, ln(4)^2), which many wrong formulas also give.
+    assert reference["none"] == 0 and abs(reference["aux"] - 2) > 0.05 and abs(reference["z"] - math.log(4) ** 2) > 0.5
+    assert first["aux"] - first["none"] == pytest.approx(reference["aux"], abs=1e-5), (first, reference)
+    assert first["z"] - first["none"] == pytest.approx(reference["z"], abs=1e-5), (first, reference)
+
+
+def _randomize_routers(moe: Path) -> None:
+    """Give the upcycled routers (initialised near zero: uniform routing) random weights of logits of order 1."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(moe / "model.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    routers = [name for name in tensors if name.endswith("mlp.gate.weight")]
+    assert len(routers) == 4
+    for name in routers:
+        tensors[name] = torch.randn(tensors[name].shape, generator=generator) * 0.5
+    save_file(tensors, moe / "model.safetensors", metadata={"format": "pt"})
 
 
 @pytest.mark.parametrize("case", ["moeify-format-4bit", "full-precision-lora"])
