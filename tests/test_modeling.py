@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -174,6 +175,10 @@ def test_auto_model_is_the_decoder(tmp_path: Path) -> None:
     ids = torch.randint(0, 96, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(decoder(ids).last_hidden_state, model.model(ids).last_hidden_state, atol=0, rtol=0)
+    copied = copy.deepcopy(decoder)  # what accelerate / Trainer utilities do with a model
+    assert isinstance(copied, MoeifyModel)
+    with torch.no_grad():
+        torch.testing.assert_close(copied(ids).last_hidden_state, decoder(ids).last_hidden_state, atol=0, rtol=0)
     decoder.save_pretrained(tmp_path / "decoder")
     saved = AutoConfig.from_pretrained(tmp_path / "decoder")
     assert isinstance(saved, MoeifyConfig) and saved.moe_layers == [0, 2]

@@ -278,8 +278,10 @@ class MoeifyModel(MoeifyPreTrainedModel):
     dense fields too, so it saves and reloads as this MoE.
     """
 
-    def __new__(cls, config: MoeifyConfig, *args: Any, **kwargs: Any) -> MoeifyModel:
-        return super().__new__(_with_dense_base(cls, MODEL_MAPPING[type(config.text_config)]))
+    def __new__(cls, config: MoeifyConfig | None = None, *args: Any, **kwargs: Any) -> MoeifyModel:
+        if cls is MoeifyModel and config is not None:  # copies (`copy.deepcopy`) come with their class already
+            cls = _with_dense_base(cls, MODEL_MAPPING[type(config.text_config)])
+        return super().__new__(cls)
 
     def __init__(self, config: MoeifyConfig) -> None:
         dense_class = type(self).__mro__[type(self).__mro__.index(MoeifyPreTrainedModel) + 1]
