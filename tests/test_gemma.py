@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from moeify.inspect.info import model_info
 from moeify.inspect.verify import verify
 
-pytestmark = pytest.mark.gemma
+pytestmark = [pytest.mark.gemma, pytest.mark.slow]
 
 
 def test_verify_passes_and_generation_identical(gemma_gguf: Path, gemma_moe: Path) -> None:

@@ -57,6 +57,8 @@ sys.modules["moeify"] = None  # `import moeify` raises ImportError from here on
 import torch, transformers
 from transformers import AutoModelForCausalLM
 
+pytestmark = pytest.mark.slow  # several processes, or a virtual environment of another transformers
+
 data = torch.load(sys.argv[1])
 report = {"transformers": transformers.__version__}
 for path in data["paths"]:

@@ -109,6 +109,7 @@ def test_accumulation_equals_one_batch(data: str, tmp_path: Path, tmp_path_facto
     _compare(sys.executable, recipe, tmp_path)
 
 
+@pytest.mark.slow
 def test_accumulation_equals_one_batch_on_the_oldest_transformers(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

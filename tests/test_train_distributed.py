@@ -24,6 +24,8 @@ from moeify.cli import main
 from moeify.convert.converter import convert
 from moeify.convert.options import ConvertOptions
 
+pytestmark = pytest.mark.slow  # several processes, or a virtual environment of another transformers
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = Path(__file__).resolve().parent / "launch_train.py"
 needs_accelerate = pytest.mark.skipif(
