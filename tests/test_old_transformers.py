@@ -23,6 +23,8 @@ from venvs import transformers_python
 from moeify.convert.converter import convert
 from moeify.convert.options import ConvertOptions
 
+pytestmark = pytest.mark.slow  # a virtual environment of another transformers
+
 TOL = 1e-5
 OLD_RELEASES = ["5.16.1", "5.19.0"]
 CASES = [
@@ -56,8 +58,6 @@ import json, sys
 sys.modules["moeify"] = None  # `import moeify` raises ImportError from here on
 import torch, transformers
 from transformers import AutoModelForCausalLM
-
-pytestmark = pytest.mark.slow  # several processes, or a virtual environment of another transformers
 
 data = torch.load(sys.argv[1])
 report = {"transformers": transformers.__version__}

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from peft import LoraConfig, get_peft_model
 from transformers import MixtralConfig, MixtralForCausalLM
 
-pytestmark = pytest.mark.slow  # several processes, or a virtual environment of another transformers
+pytestmark = pytest.mark.slow  # several processes
 
 WORLD = 2
 

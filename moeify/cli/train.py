@@ -40,7 +40,20 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from ..train.run import train
 
-    metrics = train(recipe)
+    try:
+        metrics = train(recipe)
+    finally:
+        _leave_process_group()
     print(f"Trained: adapter, checkpoints and train_results.json in {recipe.output.dir}")
     print(json.dumps(metrics, indent=2))
     return 0
+
+
+def _leave_process_group() -> None:
+    """End this process's part in a distributed run before the interpreter exits: a gloo or NCCL process group
+    left to the interpreter's teardown can abort the process ("terminate called without an active exception") while
+    the main process is still writing results or merging."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
