@@ -91,7 +91,7 @@ def test_data_sources_and_their_errors(tmp_path: Path) -> None:
     from tiny_models import build_tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from moeify.data.corpus import python_docstrings
+    from moeify.data.corpus import builtin_corpus, python_docstrings, python_stdlib
     from moeify.data.text import build_datasets
     from moeify.errors import MoeifyError
     from moeify.train.recipe import DataRecipe
@@ -99,6 +99,16 @@ def test_data_sources_and_their_errors(tmp_path: Path) -> None:
     tokenizer: PreTrainedTokenizerFast = build_tokenizer()
     texts = python_docstrings()
     assert len(texts) > 300 and texts == python_docstrings()  # the same corpus every time
+    stdlib = python_stdlib()
+    assert stdlib == python_stdlib() and len(stdlib) > 500
+    assert sum(map(len, stdlib)) > 10 * sum(map(len, texts))  # ten times the docstrings' text
+    import json as json_module  # the standard library's own source is in it; its test suite is not
+    import sysconfig
+
+    assert Path(json_module.__file__).read_text().strip() in stdlib
+    tests = sorted((Path(sysconfig.get_paths()["stdlib"]) / "test").glob("test_*.py"))[:20]
+    assert not {p.read_text(encoding="utf-8", errors="replace").strip() for p in tests} & set(stdlib)
+    assert builtin_corpus("python-stdlib") == stdlib
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in PROMPTS * 4))
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "b.txt").write_text("\n".join(PROMPTS * 4))

@@ -1,6 +1,6 @@
 """Training text from a recipe's `data` section, through `datasets` (so the HF cache and offline mode behave as
 users expect): a Hub dataset id, local json / jsonl / parquet / csv / txt files, or a built-in corpus
-(`builtin:python-docstrings`, see `corpus.py`); tokenized, packed into
+(`builtin:python-docstrings`, `builtin:python-stdlib`, see `corpus.py`); tokenized, packed into
 `max_length` blocks, with an eval split held out by fraction."""
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ class DataRecipe:
 
     path: str = field(
         metadata={
-            "doc": "Hub dataset id, local .json/.jsonl/.parquet/.csv/.txt file or folder, builtin:python-docstrings"
+            "doc": "Hub dataset id, local .json/.jsonl/.parquet/.csv/.txt file or folder, builtin:python-docstrings "
+            "or builtin:python-stdlib"
         },
         default="",
     )
