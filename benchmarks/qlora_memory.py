@@ -15,7 +15,8 @@ and on the experts. Each variant runs in a fresh process:
      trained in full precision (peft `modules_to_save`)
   e. moeify's whole path: `load_for_training` with the linears 4-bit too (`linear_quantization`, the same
      `BitsAndBytesConfig`), and the loss from `moeify.train.causal_lm_loss`, which computes the LM head and the
-     cross-entropy in chunks of 1024 tokens under checkpointing instead of materialising float32 logits
+     cross-entropy in chunks of 32 MiB of float32 logits (about 256 tokens at this 32k vocabulary) instead of
+     materialising the whole sequence's logits
 
 Reported: anonymous resident memory (RssAnon: heap and tensors, not the memory-mapped checkpoint's pages) before
 the first step, its peak during step 1 (sampled every 2 ms), and the median time of the steps after the first.
