@@ -7,6 +7,10 @@ loads its Auto model mappings, `MoeifyForCausalLM` and `MoeifyModel` are registe
 real classes the first time they are used (and then put the real classes in their place). If transformers is
 already loaded, everything is registered at once. Registration by hand, as transformers documents it
 (`AutoConfig.register`, `AutoModelForCausalLM.register`), would import the modeling code at `import moeify`.
+
+The same hook registers moeify's expert kernels (`moeify.kernels`) with transformers' experts interface once
+transformers loads its MoE integration, and runs the registrations that had to wait while moeify's own configuration
+module was the one importing transformers.
 """
 
 from __future__ import annotations
