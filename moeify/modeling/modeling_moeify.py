@@ -225,7 +225,6 @@ def build_dense(dense_class: type[PreTrainedModel], config: MoeifyConfig) -> Pre
 
 def upcycle_decoder(decoder: PreTrainedModel, config: MoeifyConfig) -> PreTrainedModel:
     """Make the MLP of each layer in `config.moe_layers` of a dense base model a `MoeifySparseMoeBlock`, in place."""
-    std = getattr(config.text_config, "initializer_range", 0.02)
     # The gating residual's previous logits, from one MoE layer to the next (kept only when a router reads them).
     state = RoutingState() if config.router["gating_residual"] else None
     previous = None
@@ -234,9 +233,6 @@ def upcycle_decoder(decoder: PreTrainedModel, config: MoeifyConfig) -> PreTraine
         block.router.layer_index, block.router.previous_layer, block.router.state = layer_idx, previous, state
         setattr(decoder.layers[layer_idx], config.mlp_module_name, block)
         previous = layer_idx
-    # transformers initialises a nested PreTrainedModel's subtree with that model's own `_init_weights`,
-    # which does not know the MoE modules: extend it for this instance.
-    decoder._init_weights = partial(_dense_init_then_moe, decoder._init_weights, std)
     return decoder
 
 
@@ -284,13 +280,12 @@ class MoeifyModel(MoeifyPreTrainedModel):
         return super().__new__(cls)
 
     def __init__(self, config: MoeifyConfig) -> None:
-        dense_class = type(self).__mro__[type(self).__mro__.index(MoeifyPreTrainedModel) + 1]
+        dense_class = type(self).__bases__[1]  # see `_with_dense_base`
         requested_experts = getattr(config, "_experts_implementation_internal", None)
         build_dense(partial(dense_class.__init__, self), config)
         self.config = config
-        config._experts_implementation_internal = requested_experts
-        self.config._experts_implementation_internal = self.get_correct_experts_implementation(requested_experts)
-        upcycle_decoder(self, config)
+        config._experts_implementation_internal = self.get_correct_experts_implementation(requested_experts)
+        upcycle_decoder(self, config)  # its MoE modules are initialised by `MoeifyPreTrainedModel._init_weights`
         self.post_init()
 
 
@@ -315,6 +310,10 @@ class MoeifyForCausalLM(MoeifyPreTrainedModel, GenerationMixin):
         dense = build_dense(MODEL_FOR_CAUSAL_LM_MAPPING[type(config.text_config)], config)
         self._no_split_modules = list(getattr(dense, "_no_split_modules", None) or [])
         self.model = upcycle_decoder(dense.model, config)
+        # transformers initialises a nested PreTrainedModel's subtree with that model's own `_init_weights`,
+        # which does not know the MoE modules: extend it for this instance.
+        std = getattr(config.text_config, "initializer_range", 0.02)
+        self.model._init_weights = partial(_dense_init_then_moe, self.model._init_weights, std)
         self.lm_head = dense.lm_head
         self.vocab_size = config.text_config.vocab_size
         self.post_init()
