@@ -31,9 +31,8 @@ def choose_format(
     """
     if requested == "moeify":
         return MOEIFY_FORMAT, "moeify format requested"
-    custom = custom_router
-    if custom:
-        settings = ", ".join(f"{key}={value}" for key, value in custom.items())
+    if custom_router:
+        settings = ", ".join(f"{key}={value}" for key, value in custom_router.items())
         reason = f"the router settings {settings} have no equivalent in the stock transformers MoE classes"
         if requested == "native":
             raise MoeifyError(f"--format native: {reason}. Use --format moeify (or auto).")
