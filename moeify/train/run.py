@@ -249,9 +249,9 @@ def load_model(recipe: Recipe, path: str, device: torch.device | None = None) ->
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..quant import ExpertLoraConfig, ExpertQuantization, add_expert_lora, freeze_experts, load_for_training
+    from ..quant.config import ROUTER_MODULES
     from ..quant.dispatch import fused_experts
     from ..quant.loading import (
-        ROUTER_MODULES,
         _default_targets,
         apply_router_settings,
         enable_checkpointing,
