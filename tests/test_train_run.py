@@ -118,7 +118,7 @@ def test_data_sources_and_their_errors(tmp_path: Path) -> None:
         ("builtin:python-docstrings", "text"),
     ):
         train_set, eval_set = build_datasets(
-            DataRecipe(path=str(path), text_field=field, max_length=8, eval_fraction=0.25), tokenizer, 0
+            DataRecipe(path=str(path), text_field=field, max_length=8, eval_fraction=0.25), tokenizer
         )
         assert eval_set is not None and len(train_set) > len(eval_set) > 0
         row = train_set[0]
@@ -137,7 +137,43 @@ def test_data_sources_and_their_errors(tmp_path: Path) -> None:
     ]
     for data, message in bad:
         with pytest.raises(MoeifyError, match=message):
-            build_datasets(data, tokenizer, 0)
+            build_datasets(data, tokenizer)
+
+
+def test_held_out_documents_are_never_in_training_blocks(tmp_path: Path) -> None:
+    import re
+
+    from tiny_models import build_tokenizer
+
+    from moeify.data.text import build_datasets
+    from moeify.errors import MoeifyError
+    from moeify.train.recipe import DataRecipe
+
+    tokenizer = build_tokenizer()
+    # Document i is its own number, repeated: a block's numbers say which documents its text came from.
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": f"{i:04d} " * 12}) + "\n" for i in range(40)))
+
+    def numbers(blocks: object) -> set[str]:
+        return {n for row in blocks for n in re.findall(r"\d{4}", tokenizer.decode(row["input_ids"]))}
+
+    data = DataRecipe(path=str(tmp_path / "docs.jsonl"), max_length=8, eval_fraction=0.2, eval_seed=1)
+    train, held_out = build_datasets(data, tokenizer)
+    assert held_out is not None and numbers(held_out) and numbers(train)
+    assert not numbers(train) & numbers(held_out)  # no document on both sides
+    assert len(numbers(held_out)) <= 8  # 20% of 40 documents
+    _, other_draw = build_datasets(DataRecipe(**{**data.__dict__, "eval_seed": 2}), tokenizer)
+    assert numbers(other_draw) != numbers(held_out)  # the draw follows eval_seed
+    # Held-out blocks cut from the packed stream share documents with the training blocks.
+    train, held_out = build_datasets(DataRecipe(**{**data.__dict__, "eval_split": "blocks"}), tokenizer)
+    assert numbers(train) & numbers(held_out)
+
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": "0001 " * 50}) + "\n")
+    with pytest.raises(MoeifyError, match="needs at least 2 documents .* Use data.eval_split: blocks"):
+        build_datasets(DataRecipe(**{**data.__dict__, "path": str(tmp_path / "one.jsonl")}), tokenizer)
+    one = DataRecipe(**{**data.__dict__, "path": str(tmp_path / "one.jsonl"), "eval_split": "blocks"})
+    assert build_datasets(one, tokenizer)[1] is not None
+    with pytest.raises(MoeifyError, match="held-out documents make no block of 64 tokens"):
+        build_datasets(DataRecipe(**{**data.__dict__, "max_length": 64, "eval_fraction": 0.02}), tokenizer)
 
 
 def _tiny_run(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, out: str, **training: object) -> Path:
@@ -387,9 +423,9 @@ def test_chat_messages_with_loss_on_assistant_turns_only(tmp_path: Path) -> None
         packing=False,
     )
     with pytest.raises(Exception, match="no training block"):  # conversations shorter than 24 tokens are dropped
-        build_datasets(DataRecipe(**{**data.__dict__, "max_length": 10_000}), tokenizer, 0)
+        build_datasets(DataRecipe(**{**data.__dict__, "max_length": 10_000}), tokenizer)
     data = DataRecipe(**{**data.__dict__, "packing": True})
-    blocks, _ = build_datasets(data, tokenizer, 0)
+    blocks, _ = build_datasets(data, tokenizer)
     predicted = [t for row in blocks for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100]
     ignored = [t for row in blocks for t, label in zip(row["input_ids"], row["labels"], strict=True) if label == -100]
     assert predicted and ignored

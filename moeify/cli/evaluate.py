@@ -33,9 +33,15 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         metavar="FRACTION",
-        help="evaluate the blocks moeify train held out with data.eval_fraction=FRACTION (and --seed)",
+        help="evaluate the blocks moeify train held out with data.eval_fraction=FRACTION (and --seed, --eval-split)",
     )
-    p.add_argument("--seed", type=int, default=0, help="training.seed of that run (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="data.eval_seed of that run (default 0)")
+    p.add_argument(
+        "--eval-split",
+        default="documents",
+        choices=["documents", "blocks"],
+        help="data.eval_split of that run: held-out documents or blocks (default documents)",
+    )
     p.add_argument(
         "--dtype",
         default="float32",
@@ -67,6 +73,7 @@ def evaluate_args(args: argparse.Namespace, baseline: str | None = None) -> dict
         dtype=args.dtype,
         held_out=args.held_out,
         seed=args.seed,
+        eval_split=args.eval_split,
         experts=args.experts,
         linear=args.linear,
     )

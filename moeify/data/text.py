@@ -1,13 +1,13 @@
 """Training text from a recipe's `data` section, through `datasets` (so the HF cache and offline mode behave as
 users expect): a Hub dataset id, local json / jsonl / parquet / csv / txt files, or a built-in corpus
 (`builtin:python-docstrings`, `builtin:python-stdlib`, see `corpus.py`); tokenized, packed into
-`max_length` blocks, with an eval split held out by fraction."""
+`max_length` blocks, with a share of the documents (or blocks) held out for evaluation."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from ..errors import MoeifyError
 from .corpus import BUILTIN_PREFIX, builtin_corpus
@@ -39,6 +39,17 @@ class DataRecipe:
     )
     max_length: int = field(metadata={"doc": "tokens per training sequence"}, default=512)
     eval_fraction: float = field(metadata={"doc": "share of the data held out for evaluation"}, default=0.05)
+    eval_split: Literal["documents", "blocks"] = field(
+        metadata={
+            "doc": "what is held out: whole documents (rows of the data, so no text is on both sides) or packed "
+            "blocks (for data that is one long document)"
+        },
+        default="documents",
+    )
+    eval_seed: int = field(
+        metadata={"doc": "seed of the held-out draw (apart from training.seed: runs with other seeds evaluate alike)"},
+        default=0,
+    )
     packing: bool = field(metadata={"doc": "concatenate texts and cut them into max_length blocks"}, default=True)
 
 
@@ -69,12 +80,16 @@ def load_text(data: DataRecipe):  # noqa: ANN201  (a datasets.Dataset)
         raise MoeifyError(f"data.path {data.path}: cannot load the Hub dataset: {err}") from None
 
 
-def build_datasets(data: DataRecipe, tokenizer: PreTrainedTokenizerBase, seed: int):  # noqa: ANN201
+def build_datasets(data: DataRecipe, tokenizer: PreTrainedTokenizerBase):  # noqa: ANN201
     """(train, eval or None): tokenized, packed into `max_length` blocks (or truncated), with labels.
 
     Plain text (`text_field`) is predicted everywhere. Chat data (`messages_field`: a list of `{role, content}`)
     is rendered with the tokenizer's chat template; with `assistant_only_loss` only the assistant turns are
     predicted (the other tokens are labelled -100).
+
+    `eval_fraction` of the documents is held out before packing (`eval_split: documents`), so a block never mixes
+    held-out and training text and no document is on both sides; `eval_split: blocks` holds out packed blocks
+    instead. The draw depends on `eval_seed` only, so the held-out set is the same for every training seed.
     """
     raw = load_text(data)
     chat = data.messages_field is not None
@@ -84,6 +99,35 @@ def build_datasets(data: DataRecipe, tokenizer: PreTrainedTokenizerBase, seed: i
         raise MoeifyError(f"data.{kind} '{field}' is not a column; columns: {', '.join(raw.column_names)}.")
     if chat and not getattr(tokenizer, "chat_template", None):
         raise MoeifyError("data.messages_field: the model's tokenizer has no chat template to render messages with.")
+    by_documents = bool(data.eval_fraction) and data.eval_split == "documents"
+    if by_documents and len(raw) < 2:
+        raise MoeifyError(
+            f"data.eval_split: documents needs at least 2 documents to hold some out; {data.path} has {len(raw)}. "
+            "Use data.eval_split: blocks, or data.eval_fraction: 0."
+        )
+    if by_documents:
+        parts = raw.train_test_split(test_size=data.eval_fraction, seed=data.eval_seed)
+        train = _blocks(parts["train"], data, tokenizer, field)
+        held_out = _blocks(parts["test"], data, tokenizer, field)
+    else:
+        train, held_out = _blocks(raw, data, tokenizer, field), None
+    if len(train) == 0:
+        raise MoeifyError(f"data: no training block of {data.max_length} tokens; lower data.max_length or add text.")
+    if by_documents and len(held_out) == 0:
+        raise MoeifyError(
+            f"data: the {len(parts['test'])} held-out documents make no block of {data.max_length} tokens; raise "
+            "data.eval_fraction, lower data.max_length, or use data.eval_split: blocks."
+        )
+    if data.eval_fraction and not by_documents and len(train) >= 2:
+        split = train.train_test_split(test_size=data.eval_fraction, seed=data.eval_seed)
+        train, held_out = split["train"], split["test"]
+    return train, held_out
+
+
+def _blocks(raw, data: DataRecipe, tokenizer: PreTrainedTokenizerBase, field: str):  # noqa: ANN001, ANN202
+    """Documents (a datasets.Dataset) -> tokenized `input_ids` / `labels` rows of `max_length` tokens: packed
+    across documents, or each document truncated (shorter ones dropped)."""
+    chat = data.messages_field is not None
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def tokenize(batch: dict) -> dict:
@@ -100,25 +144,18 @@ def build_datasets(data: DataRecipe, tokenizer: PreTrainedTokenizerBase, seed: i
         }
 
     tokenized = raw.map(tokenize, batched=True, remove_columns=raw.column_names, desc="Tokenizing")
-    if data.packing:
+    if not data.packing:
+        return tokenized.filter(lambda row: len(row["input_ids"]) == data.max_length)
 
-        def pack(batch: dict) -> dict:
-            size = data.max_length
-            out = {}
-            for key in ("input_ids", "labels"):
-                flat = [token for row in batch[key] for token in row]
-                out[key] = [flat[i : i + size] for i in range(0, len(flat) - size + 1, size)]
-            return out
+    def pack(batch: dict) -> dict:
+        size = data.max_length
+        out = {}
+        for key in ("input_ids", "labels"):
+            flat = [token for row in batch[key] for token in row]
+            out[key] = [flat[i : i + size] for i in range(0, len(flat) - size + 1, size)]
+        return out
 
-        tokenized = tokenized.map(pack, batched=True, desc="Packing")
-    else:
-        tokenized = tokenized.filter(lambda row: len(row["input_ids"]) == data.max_length)
-    if len(tokenized) == 0:
-        raise MoeifyError(f"data: no training block of {data.max_length} tokens; lower data.max_length or add text.")
-    if data.eval_fraction and len(tokenized) >= 2:
-        split = tokenized.train_test_split(test_size=data.eval_fraction, seed=seed)
-        return split["train"], split["test"]
-    return tokenized, None
+    return tokenized.map(pack, batched=True, desc="Packing")
 
 
 def _render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], assistant_only: bool) -> tuple[list, list]:

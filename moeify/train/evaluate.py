@@ -28,13 +28,15 @@ def evaluate(
     dtype: str = "float32",
     held_out: float = 0.0,
     seed: int = 0,
+    eval_split: str = "documents",
     experts: str | None = None,
     linear: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate `model` (+ `adapter`) on the first `max_blocks` packed blocks of `data`; `baseline` on the same.
 
-    With `held_out` > 0 the blocks are those `moeify train` held out with `data.eval_fraction = held_out` and
-    `training.seed = seed` (the same split), so a trained adapter is measured on text it did not see.
+    With `held_out` > 0 the blocks are those `moeify train` held out with `data.eval_fraction = held_out`,
+    `data.eval_seed = seed` and `data.eval_split = eval_split` (the same split), so a trained adapter is measured
+    on text it did not see.
 
     `experts` and `linear` (`"nf4"`, `"fp4"` or `"none"`) say how the model's routed experts and other linear
     modules are stored, as `quantization.experts` / `quantization.linear` of a recipe: 4-bit experts load with
@@ -60,9 +62,15 @@ def evaluate(
         where = f"{folder} or {adapter}" if adapter else str(folder)
         raise MoeifyError(f"no tokenizer in {where} (tokenizer_config.json): copy the source model's tokenizer there.")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-    train_blocks, eval_blocks = build_datasets(
-        DataRecipe(path=data, text_field=text_field, max_length=max_length, eval_fraction=held_out), tokenizer, seed
+    recipe = DataRecipe(
+        path=data,
+        text_field=text_field,
+        max_length=max_length,
+        eval_fraction=held_out,
+        eval_split=eval_split,  # type: ignore[arg-type]  (checked by the CLI's choices)
+        eval_seed=seed,
     )
+    train_blocks, eval_blocks = build_datasets(recipe, tokenizer)
     blocks = eval_blocks if held_out and eval_blocks is not None else train_blocks
     blocks = blocks.select(range(min(max_blocks, len(blocks))))
     ids = torch.tensor(blocks["input_ids"])

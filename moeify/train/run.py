@@ -191,7 +191,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     _set_router_losses(base, recipe)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    train_set, eval_set = build_datasets(recipe.data, tokenizer, seed)
+    train_set, eval_set = build_datasets(recipe.data, tokenizer)
     trainer = MoeTrainer(
         model=model,
         args=args,
