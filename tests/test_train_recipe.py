@@ -51,6 +51,8 @@ def write(tmp_path: Path, recipe: dict) -> Path:
         ({"data": {"path": ""}}, "data.path: missing"),
         ({"model": {"path": None}}, "model: give exactly one of `path`"),
         ({"data": {"eval_fraction": 1.5}}, "data.eval_fraction: must be in [0, 1)"),
+        ({"data": {"eval_blocks": 0}}, "data.eval_blocks: must be at least 1"),
+        ({"moe": {"router_warmup_steps": -1}}, "moe.router_warmup_steps: must be 0 or more"),
         ({"lora": None}, "lora: null (full fine-tuning) needs quantization.experts and .linear set to none."),
         (
             {"model": {"path": "/no/such/moe"}},

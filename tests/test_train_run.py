@@ -163,6 +163,9 @@ def test_held_out_documents_are_never_in_training_blocks(tmp_path: Path) -> None
     assert len(numbers(held_out)) <= 8  # 20% of 40 documents
     _, other_draw = build_datasets(DataRecipe(**{**data.__dict__, "eval_seed": 2}), tokenizer)
     assert numbers(other_draw) != numbers(held_out)  # the draw follows eval_seed
+    few = build_datasets(DataRecipe(**{**data.__dict__, "eval_blocks": 3}), tokenizer)[1]
+    assert len(few) == 3 and len(held_out) > 3
+    assert {tuple(r["input_ids"]) for r in few} < {tuple(r["input_ids"]) for r in held_out}
     # Held-out blocks cut from the packed stream share documents with the training blocks.
     train, held_out = build_datasets(DataRecipe(**{**data.__dict__, "eval_split": "blocks"}), tokenizer)
     assert numbers(train) & numbers(held_out)
@@ -247,6 +250,63 @@ def test_a_killed_run_resumes_with_the_losses_of_an_uninterrupted_one(
     assert sorted(resumed) == list(range(1, 11))  # steps 1-5 from checkpoint-5's history, 6-10 trained again
     for step in range(1, 11):
         assert resumed[step] == pytest.approx(straight[step], abs=1e-5), step
+
+
+def test_evaluations_along_the_run_and_once_at_its_end(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    settings = {"max_steps": 6, "eval_strategy": "steps", "eval_steps": 3, "eval_on_start": True}
+    path = _tiny_run(tmp_path, tmp_path_factory, "evaluated", **settings)
+    recipe = yaml.safe_load(path.read_text())
+    recipe["data"]["eval_fraction"] = 0.25
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path)]) == 0
+    history = json.loads((tmp_path / "evaluated" / "trainer_state.json").read_text())["log_history"]
+    evaluated = [entry for entry in history if "eval_loss" in entry]
+    assert [entry["step"] for entry in evaluated] == [0, 3, 6]  # the last step's evaluation is not repeated
+    results = json.loads((tmp_path / "evaluated" / "train_results.json").read_text())
+    assert results["eval_loss"] == evaluated[-1]["eval_loss"] != evaluated[0]["eval_loss"]
+
+    settings["max_steps"] = 5  # the last step is not an evaluation step: the run evaluates once more at its end
+    path = _tiny_run(tmp_path, tmp_path_factory, "odd", **settings)
+    recipe = yaml.safe_load(path.read_text())
+    recipe["data"]["eval_fraction"] = 0.25
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path)]) == 0
+    history = json.loads((tmp_path / "odd" / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "eval_loss" in entry] == [0, 3, 5]
+
+
+def test_router_warmup_trains_only_the_routers_first(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from moeify.train.recipe import load_recipe
+    from moeify.train.run import train
+
+    path = _tiny_run(tmp_path, tmp_path_factory, "warm", max_steps=3, save_steps=1, learning_rate=1e-2)
+    recipe = yaml.safe_load(path.read_text())
+    recipe["moe"] = {"router_warmup_steps": 2}
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path)]) == 0
+
+    def adapter(step: int) -> dict[str, torch.Tensor]:
+        return load_file(tmp_path / "warm" / f"checkpoint-{step}" / "adapter_model.safetensors")
+
+    routers = [k for k in adapter(1) if ".gate." in k or k.endswith(".gate.weight") or "expert_gate" in k]
+    lora_b = [k for k in adapter(1) if "lora_B" in k]
+    assert routers and lora_b
+    for step in (1, 2):  # warm-up: LoRA B stays at its zero init, the routers move
+        assert all(not adapter(step)[k].any() for k in lora_b), step
+    assert any(not torch.equal(adapter(1)[k], adapter(2)[k]) for k in routers)
+    assert all(adapter(3)[k].any() for k in lora_b)  # after it, every LoRA trains
+
+    recipe["lora"]["train_router"] = False
+    recipe["output"]["dir"] = str(tmp_path / "no-router")
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(MoeifyError, match="router_warmup_steps: the model has no trained router"):
+        train(load_recipe(path))
+    assert not (tmp_path / "no-router" / "train_results.json").exists()
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(

@@ -50,6 +50,10 @@ class DataRecipe:
         metadata={"doc": "seed of the held-out draw (apart from training.seed: runs with other seeds evaluate alike)"},
         default=0,
     )
+    eval_blocks: int | None = field(
+        metadata={"doc": "evaluate at most this many held-out blocks, drawn by eval_seed (null: all of them)"},
+        default=None,
+    )
     packing: bool = field(metadata={"doc": "concatenate texts and cut them into max_length blocks"}, default=True)
 
 
@@ -89,7 +93,8 @@ def build_datasets(data: DataRecipe, tokenizer: PreTrainedTokenizerBase):  # noq
 
     `eval_fraction` of the documents is held out before packing (`eval_split: documents`), so a block never mixes
     held-out and training text and no document is on both sides; `eval_split: blocks` holds out packed blocks
-    instead. The draw depends on `eval_seed` only, so the held-out set is the same for every training seed.
+    instead. The draw depends on `eval_seed` only, so the held-out set is the same for every training seed;
+    `eval_blocks` keeps a random subset of the held-out blocks, to bound the cost of each evaluation.
     """
     raw = load_text(data)
     chat = data.messages_field is not None
@@ -121,6 +126,8 @@ def build_datasets(data: DataRecipe, tokenizer: PreTrainedTokenizerBase):  # noq
     if data.eval_fraction and not by_documents and len(train) >= 2:
         split = train.train_test_split(test_size=data.eval_fraction, seed=data.eval_seed)
         train, held_out = split["train"], split["test"]
+    if held_out is not None and data.eval_blocks is not None and len(held_out) > data.eval_blocks:
+        held_out = held_out.shuffle(seed=data.eval_seed).select(range(data.eval_blocks))
     return train, held_out
 
 

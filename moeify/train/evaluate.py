@@ -69,6 +69,7 @@ def evaluate(
         eval_fraction=held_out,
         eval_split=eval_split,  # type: ignore[arg-type]  (checked by the CLI's choices)
         eval_seed=seed,
+        eval_blocks=max_blocks if held_out else None,  # the subset a run with data.eval_blocks evaluates
     )
     train_blocks, eval_blocks = build_datasets(recipe, tokenizer)
     blocks = eval_blocks if held_out and eval_blocks is not None else train_blocks

@@ -102,6 +102,11 @@ class MoeRecipe:
         "--bias-update-rate, which creates the bias); null = the model's setting",
         default=None,
     )
+    router_warmup_steps: int = _doc(
+        "for the first N optimizer steps only the routers train (every other trained weight waits), so routing "
+        "settles on the upcycled experts before they change",
+        default=0,
+    )
     experts_implementation: ExpertsImplementation = _doc(
         "how the experts run in full fine-tuning (lora: null), transformers' experts_implementation: moeify "
         "(transformers' grouped_mm off the CPU) | moeify_grouped (one grouped autograd function, any device) | "
@@ -215,6 +220,10 @@ def check_recipe(recipe: Recipe) -> None:
         raise MoeifyError("data.path: missing; give a Hub dataset id or a local text/json/jsonl/parquet/csv file.")
     if not 0.0 <= recipe.data.eval_fraction < 1.0:
         raise MoeifyError(f"data.eval_fraction: must be in [0, 1), got {recipe.data.eval_fraction}.")
+    if recipe.moe.router_warmup_steps < 0:
+        raise MoeifyError(f"moe.router_warmup_steps: must be 0 or more, got {recipe.moe.router_warmup_steps}.")
+    if recipe.data.eval_blocks is not None and recipe.data.eval_blocks < 1:
+        raise MoeifyError(f"data.eval_blocks: must be at least 1 (or null for all), got {recipe.data.eval_blocks}.")
     if recipe.lora is None and (recipe.quantization.experts, recipe.quantization.linear) != ("none", "none"):
         raise MoeifyError("lora: null (full fine-tuning) needs quantization.experts and .linear set to none.")
     if recipe.lora is not None and recipe.moe.experts_implementation != "moeify":

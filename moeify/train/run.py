@@ -34,6 +34,7 @@ class MoeTrainer(Trainer):
     """
 
     z_loss_coef = 0.0  # the recipe's moe.z_loss_coef
+    router_warmup_steps = 0  # the recipe's moe.router_warmup_steps (see `warmup.py`)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -46,6 +47,18 @@ class MoeTrainer(Trainer):
         for printer, concise in ((ProgressCallback, _ConciseProgress), (PrinterCallback, _ConcisePrinter)):
             if self.pop_callback(printer) is not None:
                 self.add_callback(concise)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """One micro-batch's forward and backward; during the router warm-up, the gradients of every trained
+        parameter but the routers' are dropped (the model's parameters are read here, after accelerate has wrapped
+        or sharded it)."""
+        loss = super().training_step(*args, **kwargs)
+        if self.state.global_step < self.router_warmup_steps:
+            from .warmup import warmup_split
+
+            for param in warmup_split(self.model)[1]:
+                param.grad = None
+        return loss
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
         """The micro-batches of one optimizer step and their predicted tokens (labels after the shift that are not
@@ -201,6 +214,15 @@ def train(recipe: Recipe) -> dict[str, Any]:
         processing_class=tokenizer,  # saved beside the adapter / model
     )
     trainer.z_loss_coef = recipe.moe.z_loss_coef
+    if recipe.moe.router_warmup_steps:
+        from .warmup import warmup_split
+
+        if not warmup_split(model)[0]:
+            raise MoeifyError(
+                "moe.router_warmup_steps: the model has no trained router (a dense model, or lora.train_router is "
+                "false); set it to 0."
+            )
+        trainer.router_warmup_steps = recipe.moe.router_warmup_steps
     from .balancing import BiasBalancingCallback, balanced_routers
 
     if balanced_routers(model):
@@ -208,7 +230,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     result = trainer.train(resume_from_checkpoint=_resume_point(recipe))
     metrics = dict(result.metrics)
     if eval_set is not None:
-        metrics.update(trainer.evaluate())
+        metrics.update(_final_evaluation(trainer))
     trainer.save_model(recipe.output.dir)  # the PeftModel: adapter_config.json + adapter_model.safetensors
     trainer.save_state()
     if not trainer.is_world_process_zero():
@@ -371,6 +393,15 @@ def _model_folder(recipe: Recipe) -> str:
     if not (out / "config.json").exists():
         convert(str(recipe.model.source), out, ConvertOptions(**recipe.model.convert))
     return str(out)
+
+
+def _final_evaluation(trainer: Trainer) -> dict[str, float]:
+    """The held-out metrics of the trained model: those of the Trainer's own evaluation when `eval_steps` already
+    ran one at the last step (the same weights: a second pass would only double its cost), else a new one."""
+    last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
+    if last is not None and last["step"] == trainer.state.global_step:
+        return {key: value for key, value in last.items() if key.startswith("eval_")}
+    return trainer.evaluate()
 
 
 def _last_logged(trainer: Trainer) -> dict[str, float]:
