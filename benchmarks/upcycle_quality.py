@@ -84,6 +84,8 @@ class Run:
     seed: int = 0
     eval_seed: int = 0
     aux: float = AUX
+    warmup: int = 0  # moe.router_warmup_steps
+    full: bool = False  # full fine-tuning (lora: null) instead of LoRA
     label: str = ""
     results: dict[str, Any] = field(default_factory=dict)
 
@@ -182,7 +184,7 @@ class Study:
         rank = expert_r if expert_r is not None else self.ranks[run.model]
         warmup = max(1, round(0.05 * run.steps))
         every = min(self.args.eval_every, run.steps)
-        return {
+        recipe: dict[str, Any] = {
             "model": {"path": self.model_path(run.model)},
             "quantization": {"experts": "none", "linear": "none", "compute_dtype": "float32"},
             "lora": {
@@ -219,9 +221,16 @@ class Study:
                 "report_to": "none",
                 "disable_tqdm": True,
             },
-            "moe": {"aux_loss_coef": 0.0 if run.dense else run.aux, "z_loss_coef": 0.0},
+            "moe": {
+                "aux_loss_coef": 0.0 if run.dense else run.aux,
+                "z_loss_coef": 0.0,
+                "router_warmup_steps": run.warmup,
+            },
             "output": {"dir": str(out or self.runs_dir / run.name)},
         }
+        if run.full:
+            recipe["lora"] = None
+        return recipe
 
     def train(self, run: Run) -> Run:
         """Train `run` to the end (resuming from its last complete checkpoint), then read its logs."""
@@ -241,9 +250,18 @@ class Study:
             what = f"resuming at step {start}" if start else "starting"
             print(f"  {run.name}: {what} ({run.steps} steps, lr {run.lr:g}, seed {run.seed})", flush=True)
             with open(self.runs_dir / f"{run.name}.log", "a") as log:
-                measured = run_measured(
-                    ["moeify", "train", str(path)], stdout=log, stderr=log, oom_first=False, preexec=_die_with_parent
-                )
+                try:
+                    measured = run_measured(
+                        ["moeify", "train", str(path)],
+                        stdout=log,
+                        stderr=log,
+                        oom_first=False,
+                        preexec=_die_with_parent,
+                    )
+                except KeyboardInterrupt:  # stopped: the steps up to its last checkpoint count as this segment's
+                    segments.append({"start_step": start, "wall_s": None, "peak_rss": None, "stopped": True})
+                    segments_file.write_text(json.dumps(segments, indent=2) + "\n")
+                    raise
             segments.append({"start_step": start, "wall_s": measured.wall_s, "peak_rss": measured.peak_rss_bytes})
             segments_file.write_text(json.dumps(segments, indent=2) + "\n")
             if measured.returncode != 0:
@@ -286,7 +304,7 @@ def read_run(out: Path, segments: list[dict[str, Any]]) -> dict[str, Any]:
         "final_loss": evals[-1][1],
         "best_loss": min(loss for _, loss in evals),
         "s_per_step": seconds / steps if steps else None,
-        "peak_rss": max(s["peak_rss"] for s in segments) if segments else None,
+        "peak_rss": max((s["peak_rss"] for s in segments if s["peak_rss"]), default=None),
         "load_cv": [(e["step"], e["router/load_cv"]) for e in router],
         "entropy": [(e["step"], e["router/entropy"]) for e in router],
     }
@@ -320,6 +338,7 @@ def main_runs(args: argparse.Namespace, lrs: dict[str, float]) -> list[Run]:
 
 AXES: list[tuple[str, str, float, str]] = [  # (name suffix, model, aux weight, label)
     ("copy", "copy", AUX, "copy (aux 0.01)"),
+    ("warmup", "copy", AUX, "copy, router-only warm-up for the first 10% of steps"),
     ("kmeans", "kmeans", AUX, "k-means router rows"),
     ("drop0.1", "drop0.1", AUX, "Drop-Upcycling 0.1"),
     ("drop0.5", "drop0.5", AUX, "Drop-Upcycling 0.5"),
@@ -331,12 +350,22 @@ AXES: list[tuple[str, str, float, str]] = [  # (name suffix, model, aux weight, 
 
 
 def axes_runs(args: argparse.Namespace, lr: float) -> list[Run]:
-    wanted = set(args.axes.split(",")) if args.axes else {a[0] for a in AXES}
-    return [
+    wanted = set(args.axes.split(",")) if args.axes else {a[0] for a in AXES} | {"full"}
+    runs = [
         Run(f"axis-{suffix}", "axes", model, lr, args.axes_steps, aux=aux, label=label)
         for suffix, model, aux, label in AXES
         if suffix in wanted
-    ] + [Run("axis-dense", "axes", "dense", 0.0, args.axes_steps, label="dense")]
+    ]
+    for run in runs:
+        if run.name == "axis-warmup":
+            run.warmup = max(1, args.axes_steps // 10)
+    runs.append(Run("axis-dense", "axes", "dense", 0.0, args.axes_steps, label="dense"))
+    if "full" in wanted:  # every weight trained, experts included, at equal steps (the MoE has more parameters)
+        runs += [
+            Run("axis-full-dense", "axes", "dense", args.full_lr, args.axes_steps, full=True, label="dense, full"),
+            Run("axis-full-copy", "axes", "copy", args.full_lr, args.axes_steps, full=True, label="copy MoE, full"),
+        ]
+    return runs
 
 
 def report(study: Study, runs: list[Run], plot: Path | None) -> str:
@@ -362,11 +391,11 @@ def report(study: Study, runs: list[Run], plot: Path | None) -> str:
             cv = f"{res['load_cv'][-1][1]:.3f}" if res["load_cv"] else "-"
             entropy = f"{res['entropy'][-1][1]:.3f}" if res["entropy"] else "-"
             ratio = f"{res['final_loss'] / baseline:.4f}x" if baseline else "-"
-            sps = res["s_per_step"]
+            sps = res["s_per_step"] or math.nan
             lines.append(
-                f"| {r.name} | {r.label or r.model} | {r.lr:g} | {r.seed} | {study.trainable.get(r.model, 0):,} | "
+                f"| {r.name} | {r.label or r.model} | {r.lr:g} | {r.seed} | {_trainable(study, r):,} | "
                 f"{res['eval'][0][1]:.4f} -> {res['final_loss']:.4f} | {ratio} | {sps:.2f} | "
-                f"{tokens_per_step / sps:.0f} | {res['peak_rss'] / 1024**3:.2f} | {cv} | {entropy} |"
+                f"{tokens_per_step / sps:.0f} | {_gib(res['peak_rss'])} | {cv} | {entropy} |"
             )
         lines.append("")
     main = [r for r in finished if r.stage == "main"]
@@ -428,8 +457,9 @@ def main() -> None:
     parser.add_argument("--sweep-steps", type=int, default=30)
     parser.add_argument("--main-steps", type=int, default=300)
     parser.add_argument("--axes-steps", type=int, default=100)
-    names = ", ".join(a[0] for a in AXES)
+    names = ", ".join([a[0] for a in AXES] + ["full"])
     parser.add_argument("--axes", default="", help=f"comma-separated axes (default all): {names}")
+    parser.add_argument("--full-lr", type=float, default=3e-5, help="learning rate of the full fine-tuning axis")
     parser.add_argument("--main-moe", default="copy", choices=sorted(METHODS), help="the MoE of the main comparison")
     parser.add_argument("--seeds", default="0,1", help="seeds of the main comparison")
     parser.add_argument("--expert-rank", type=int, default=4, help="the copy MoE's per-expert LoRA rank (default 4)")
@@ -476,6 +506,16 @@ def main() -> None:
             json.dumps([{**r.__dict__} for r in runs if r.results], indent=2) + "\n"
         )
         print(text)
+
+
+def _gib(n: int | None) -> str:
+    return f"{n / 1024**3:.2f}" if n else "-"
+
+
+def _trainable(study: Study, run: Run) -> int:
+    if run.full:
+        return study.params.get(run.model, {}).get("total", 0)
+    return study.trainable.get(run.model, 0)
 
 
 def _finished(study: Study, run: Run) -> bool:
