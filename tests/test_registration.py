@@ -60,3 +60,20 @@ def test_auto_classes_load_moeify_models_in_either_import_order(
         [sys.executable, "-c", _LOAD, str(out), order], capture_output=True, text=True, timeout=300, cwd=tmp_path
     )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+_KERNELS_REGISTERED = """
+import importlib, sys
+importlib.import_module(sys.argv[1])
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+assert "moeify" in ALL_EXPERTS_FUNCTIONS
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("first", ["moeify.quant", "moeify.kernels.cpu_experts", "moeify.quant.dispatch", "moeify"])
+def test_the_kernels_register_whichever_module_is_imported_first(first: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _KERNELS_REGISTERED, first], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
