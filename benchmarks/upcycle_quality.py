@@ -213,7 +213,7 @@ class Study:
                 "logging_steps": max(1, every // 5),
                 "eval_strategy": "steps",
                 "eval_steps": every,
-                "eval_on_start": True,
+                "eval_on_start": run.stage != "sweep",  # the sweep selects on the final loss only
                 "save_strategy": "steps",
                 "save_steps": every,
                 "save_total_limit": 1,
@@ -392,9 +392,10 @@ def report(study: Study, runs: list[Run], plot: Path | None) -> str:
             entropy = f"{res['entropy'][-1][1]:.3f}" if res["entropy"] else "-"
             ratio = f"{res['final_loss'] / baseline:.4f}x" if baseline else "-"
             sps = res["s_per_step"] or math.nan
+            start = f"{res['eval'][0][1]:.4f}" if res["eval"][0][0] == 0 else "-"
             lines.append(
                 f"| {r.name} | {r.label or r.model} | {r.lr:g} | {r.seed} | {_trainable(study, r):,} | "
-                f"{res['eval'][0][1]:.4f} -> {res['final_loss']:.4f} | {ratio} | {sps:.2f} | "
+                f"{start} -> {res['final_loss']:.4f} | {ratio} | {sps:.2f} | "
                 f"{tokens_per_step / sps:.0f} | {_gib(res['peak_rss'])} | {cv} | {entropy} |"
             )
         lines.append("")
