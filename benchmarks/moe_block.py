@@ -38,8 +38,8 @@ profiler's memory timeline on CPU); with `--faults`, the process's minor page fa
 (`getrusage`, Unix): on the CPU, memory the C allocator mapped afresh and the kernel zero-filled page by page, the
 cost the CPU dispatch is built to avoid; with `--profile N`, after the table, each variant's N costliest operators
 in one more fwd+bwd (`torch.profiler`, by self time on the device: where a variant spends what the table sums up).
-`--ratios A/B,C/D` adds a second table, one row per shape, with the ratio of variant A's median time to variant B's,
-and so on (e.g. `moeify/tf-grouped_mm,moeify/ideal`): the same medians as the first table, side by side per shape.
+`--ratios A/B,C/D` adds a second table, one row per dtype and shape, with the ratio of variant A's median time to
+variant B's, and so on (e.g. `moeify/tf-grouped_mm,moeify/ideal`): the first table's medians, side by side per shape.
 The cpu grid is the issue's grid cut to what 2 cores finish in minutes (H 1024); `--grid full` is the issue's.
 `--decode`: generation's case instead, forward only under `torch.no_grad()` for 1 and 4 tokens (the grid's T is
 ignored), timed over 20 calls per rep. Every shape builds all its variants first and then times them in rounds, each
@@ -371,11 +371,12 @@ def main() -> None:
             print(f"| {h} | {i} | {e} | {k} | {t} | {variant} | " + " | ".join(cells) + " |", flush=True)
         per_shape.append((shape, medians))
     if ratios:
-        print("\n| H | I | E | K | T | " + " | ".join(f"{a} / {b}" for a, b in ratios) + " |")
-        print("|---|---|---|---|---|" + "---:|" * len(ratios))
+        print("\n| dtype | H | I | E | K | T | " + " | ".join(f"{a} / {b}" for a, b in ratios) + " |")
+        print("|---|---|---|---|---|---|" + "---:|" * len(ratios))
+        name = str(dtype).removeprefix("torch.")
         for shape, medians in per_shape:
             cells = [_ratio(medians.get(a, math.nan), medians.get(b, math.nan)) for a, b in ratios]
-            print("| " + " | ".join(map(str, shape)) + " | " + " | ".join(cells) + " |", flush=True)
+            print(f"| {name} | " + " | ".join(map(str, (*shape, *cells))) + " |", flush=True)
     print(*profiles, sep="\n")
 
 
