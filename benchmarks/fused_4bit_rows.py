@@ -7,12 +7,13 @@
 - `bf16`: the same expert in full precision through `experts_implementation="moeify"` (for scale: what 4-bit
   generation is measured against).
 
-    python benchmarks/fused_4bit_rows.py [--rows 1 2 4 8 16 32] [--shapes H,I ...]
+    python benchmarks/fused_4bit_rows.py [--rows 1 2 4 8 12 16 20 24 32] [--shapes H,I ...]
 
 Printed: milliseconds of the dequantizing path, and `fused` and `bf16` as ratios to it (below 1.00x: faster), each
 the median of `--repeats` rounds of `--calls` calls, the three alternating within each round; and whether the
-default `cpu_fused_rows` takes the fused kernel at that row count. Needs a CPU with AVX512-BF16 (bitsandbytes
-registers the kernel there only).
+default `cpu_fused_rows` takes the fused kernel at that row count. Then the same `fused / dequantize` ratios as one
+row per expert shape, a column per row count. Needs a CPU with AVX512-BF16 (bitsandbytes registers the kernel there
+only).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from common import machine_summary  # noqa: E402
 
 # Mixtral-like (I = 3.5 H) and fine-grained (I / 4) experts at H 1024, and Gemma 3 270M's MLP.
 SHAPES = ["1024,3584", "1024,896", "640,2048"]
+NAMES = {(640, 2048): "Gemma 3 270M"}
 
 
 def experts(h: int, i: int) -> dict[str, nn.Module]:
@@ -72,7 +74,7 @@ def milliseconds(runs: dict[str, nn.Module], rows: int, calls: int, repeats: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--rows", type=int, nargs="*", default=[1, 2, 4, 8, 12, 16, 20, 24, 32])
     parser.add_argument("--shapes", nargs="*", default=SHAPES, help="H,I of one expert")
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=7)
@@ -85,17 +87,25 @@ def main() -> None:
     print(machine_summary(), f"bfloat16, default cpu_fused_rows {CPU_FUSED_ROWS}")
     print("\n| H | I | rows | dequantize ms | fused / dequantize | bf16 / dequantize | default takes fused |")
     print("|---|---|---:|---:|---:|---:|---|")
+    fused: dict[tuple[int, int], list[str]] = {}
     for shape in args.shapes:
         h, i = (int(v) for v in shape.split(","))
         runs = experts(h, i)
         for rows in args.rows:
             ms = milliseconds(runs, rows, args.calls, args.repeats)
             base = ms["dequantize"]
+            fused.setdefault((h, i), []).append(f"{ms['fused'] / base:.2f}x")
             print(
                 f"| {h} | {i} | {rows} | {base:.3f} | {ms['fused'] / base:.2f}x | {ms['bf16'] / base:.2f}x | "
                 f"{'yes' if rows <= CPU_FUSED_ROWS else 'no'} |",
                 flush=True,
             )
+    columns = [f"{rows} row{'s' if rows > 1 else ''}" if n == 0 else str(rows) for n, rows in enumerate(args.rows)]
+    print("\nfused / dequantize:\n\n| H, I | " + " | ".join(columns) + " |")
+    print("|---|" + "---:|" * len(columns))
+    for (h, i), ratios in fused.items():
+        name = f" ({NAMES[h, i]})" if (h, i) in NAMES else ""
+        print(f"| {h}, {i}{name} | " + " | ".join(ratios) + " |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """One MoE block, forward + backward: transformers' Mixtral block against moeify's, every implementation, side by side.
 
     python benchmarks/moe_block.py [--grid cpu|full] [--shapes H,I,E,K,T ...] [--dtype float32|bfloat16]
-                                   [--reps 3] [--variants ...] [--memory] [--faults] [--decode] [--profile N]
+                                   [--reps 3] [--variants ...] [--ratios A/B,...] [--memory] [--faults] [--decode]
+                                   [--profile N]
 
 For each shape (hidden H, expert intermediate I, experts E, top-k K, tokens T), each variant times
 `y = block(x); (y * g).sum().backward()` with a fixed random `g`, in interleaved rounds (below); the median of
@@ -27,7 +28,8 @@ For each shape (hidden H, expert intermediate I, experts E, top-k K, tokens T), 
 
 Every variant routes with its own router (a linear layer, softmax top-k) and trains what its setting trains: all
 weights for the full-precision blocks, the LoRA factors (and input) with LoRA, the input and router for 4-bit.
-Printed: time per fwd+bwd, its ratio to tf-grouped_mm and to ideal, the max |output difference| from tf-eager (the
+Printed: time per fwd+bwd, its ratio to tf-grouped_mm and to ideal (where they run), the max |output difference| from
+tf-eager (the
 same function: float noise for the full-precision variants, quantization error for 4-bit, 0 for LoRA at init; not
 applicable to ideal. In bf16 / fp16 it can reach the size of an expert's output: moeify's router scores in float32,
 transformers' gate in the model dtype, so a few near-tied tokens pick different experts, e.g. 5 of 4096 at E 8 / K 2);
@@ -36,6 +38,8 @@ profiler's memory timeline on CPU); with `--faults`, the process's minor page fa
 (`getrusage`, Unix): on the CPU, memory the C allocator mapped afresh and the kernel zero-filled page by page, the
 cost the CPU dispatch is built to avoid; with `--profile N`, after the table, each variant's N costliest operators
 in one more fwd+bwd (`torch.profiler`, by self time on the device: where a variant spends what the table sums up).
+`--ratios A/B,C/D` adds a second table, one row per dtype and shape, with the ratio of variant A's median time to
+variant B's, and so on (e.g. `moeify/tf-grouped_mm,moeify/ideal`): the first table's medians, side by side per shape.
 The cpu grid is the issue's grid cut to what 2 cores finish in minutes (H 1024); `--grid full` is the issue's.
 `--decode`: generation's case instead, forward only under `torch.no_grad()` for 1 and 4 tokens (the grid's T is
 ignored), timed over 20 calls per rep. Every shape builds all its variants first and then times them in rounds, each
@@ -286,6 +290,12 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: fp32 CPU, bf16 GPU")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--variants", default=",".join(ALL_VARIANTS))
+    parser.add_argument(
+        "--ratios",
+        default="",
+        metavar="A/B,...",
+        help="also a table of these ratios of median times per shape (A and B among --variants)",
+    )
     parser.add_argument("--memory", action="store_true", help="also the peak of live tensor bytes")
     parser.add_argument("--faults", action="store_true", help="also the minor page faults of one fwd+bwd")
     parser.add_argument("--seed", type=int, default=0)
@@ -304,15 +314,21 @@ def main() -> None:
     if args.decode:  # generation: no LoRA training variants, T of 1 and 4
         variants = [v for v in variants if "lora" not in v]
         shapes = list(dict.fromkeys((h, i, e, k, t) for h, i, e, k, _ in shapes for t in (1, 4)))
+    ratios = [tuple(pair.split("/")) for pair in args.ratios.split(",") if pair]
+    for pair in ratios:
+        if len(pair) != 2 or not set(pair) <= set(variants):
+            parser.error(f"--ratios: {'/'.join(pair)} is not A/B with A and B among the variants run")
     print(machine_summary(), f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, {dtype}")
     if (args.faults or args.profile) and args.decode:
         parser.error("--faults and --profile look at a fwd+bwd; --decode times forward only")
     profiles: list[str] = []
+    baselines = [name for name in ("tf-grouped_mm", "ideal") if name in variants]
     extra_columns = [name for name, on in (("peak MiB", args.memory), ("minor faults", args.faults)) if on]
-    timed = "forward ms" if args.decode else "fwd+bwd ms"
-    header = "".join(f" | {name}" for name in extra_columns)
-    print(f"\n| H | I | E | K | T | variant | {timed} | / tf-grouped_mm | / ideal | max diff{header} |")
-    print("|---|---|---|---|---|---|---:|---:|---:|---:|" + "---:|" * len(extra_columns))
+    columns = ["forward ms" if args.decode else "fwd+bwd ms", *(f"/ {b}" for b in baselines), "max diff"]
+    columns += extra_columns
+    print("\n| H | I | E | K | T | variant | " + " | ".join(columns) + " |")
+    print("|---|---|---|---|---|---|" + "---:|" * len(columns))
+    per_shape: list[tuple[tuple[int, ...], dict[str, float]]] = []
     for shape in shapes:
         h, i, e, k, t = shape
         torch.manual_seed(args.seed)
@@ -327,7 +343,8 @@ def main() -> None:
             try:
                 modules[variant] = module = build(variant, reference, shape, dtype, device)
             except Exception as err:  # noqa: BLE001 (a variant this shape or device cannot build: say so, go on)
-                print(f"| {h} | {i} | {e} | {k} | {t} | {variant} | n/a: {type(err).__name__}: {err} | | |")
+                failed = f"n/a: {type(err).__name__}: {err}"
+                print(f"| {h} | {i} | {e} | {k} | {t} | {variant} | {failed} |" + " |" * (len(columns) - 1))
                 continue
             with torch.no_grad():
                 diffs[variant] = float((output(module, x) - expected).abs().max()) if variant != "ideal" else math.nan
@@ -340,22 +357,26 @@ def main() -> None:
             for variant, module in modules.items()
         }
         medians = interleaved_medians(runs, args.reps)
-        results: dict[str, tuple[float, float, str]] = {}
+        results: dict[str, tuple[float, float, list[str]]] = {}
         for variant, module in modules.items():
-            extra = f" | {peak_bytes(module, x, grad) / 2**20:.0f}" if args.memory else ""
-            extra += f" | {page_faults(module, x, grad)}" if args.faults else ""
+            extra = [f"{peak_bytes(module, x, grad) / 2**20:.0f}"] if args.memory else []
+            extra += [f"{page_faults(module, x, grad)}"] if args.faults else []
             results[variant] = medians[variant], diffs[variant], extra
             if args.profile:
                 profiles.append(f"\n{shape} {variant}\n{operator_table(module, x, grad, sync, args.profile)}")
         del modules, runs
-        base = results["tf-grouped_mm"][0] if "tf-grouped_mm" in results else float("nan")
-        ideal = results["ideal"][0] if "ideal" in results else float("nan")
         for variant, (seconds, diff, extra) in results.items():
-            print(
-                f"| {h} | {i} | {e} | {k} | {t} | {variant} | {seconds * 1e3:.1f} | {_ratio(seconds, base)} "
-                f"| {_ratio(seconds, ideal)} | {diff:.1e}{extra} |",
-                flush=True,
-            )
+            cells = [f"{seconds * 1e3:.1f}", *(_ratio(seconds, medians.get(b, math.nan)) for b in baselines)]
+            cells += [f"{diff:.1e}", *extra]
+            print(f"| {h} | {i} | {e} | {k} | {t} | {variant} | " + " | ".join(cells) + " |", flush=True)
+        per_shape.append((shape, medians))
+    if ratios:
+        print("\n| dtype | H | I | E | K | T | " + " | ".join(f"{a} / {b}" for a, b in ratios) + " |")
+        print("|---|---|---|---|---|---|" + "---:|" * len(ratios))
+        name = str(dtype).removeprefix("torch.")
+        for shape, medians in per_shape:
+            cells = [_ratio(medians.get(a, math.nan), medians.get(b, math.nan)) for a, b in ratios]
+            print(f"| {name} | " + " | ".join(map(str, (*shape, *cells))) + " |", flush=True)
     print(*profiles, sep="\n")
 
 
@@ -374,8 +395,8 @@ def operator_table(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, sync:
 
 
 def _ratio(seconds: float, baseline: float) -> str:
-    """`seconds / baseline` as a table cell; "-" where the baseline was not run (no ideal under `--decode`)."""
-    return "-" if math.isnan(baseline) else f"{seconds / baseline:.2f}x"
+    """`seconds / baseline` as a table cell; "-" where either was not run (a variant this shape cannot build)."""
+    return "-" if math.isnan(baseline) or math.isnan(seconds) else f"{seconds / baseline:.2f}x"
 
 
 if __name__ == "__main__":

@@ -73,8 +73,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     print(machine_summary())
     print(f"{args.dtype}, median of {args.repeats} alternating steps\n")
-    print("| H | I | T | dense ms | dispatch ms | dispatch / dense |")
-    print("|---|---|---|---:|---:|---:|")
+    print("| dtype | H | I | T | dense ms | dispatch ms | dispatch / dense |")
+    print("|---|---|---|---|---:|---:|---:|")
     for shape in args.shapes:
         hidden, inner, tokens = (int(v) for v in shape.split(","))
         runs = steps(hidden, inner, tokens, dtype)
@@ -86,7 +86,11 @@ def main() -> None:
                 if i:
                     times[name].append(time.perf_counter() - start)
         dense, dispatch = (statistics.median(times[name]) for name in ("dense", "dispatch"))
-        print(f"| {hidden} | {inner} | {tokens} | {dense * 1e3:.1f} | {dispatch * 1e3:.1f} | {dispatch / dense:.2f}x |")
+        print(
+            f"| {args.dtype} | {hidden} | {inner} | {tokens} | {dense * 1e3:.1f} | {dispatch * 1e3:.1f} "
+            f"| {dispatch / dense:.2f}x |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

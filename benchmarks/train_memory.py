@@ -14,6 +14,8 @@ samples into phases: loading (until training starts), each step, the final evalu
 its peak, and against the model's size (the bytes of every tensor of the loaded model: 4-bit experts and linears,
 bfloat16 embeddings and norms, float32 LoRA and routers), the peak minus that size. The target is the whole run's
 peak <= the model's size + 1 GiB, and no growth from step to step after the optimizer's state exists (step 2).
+Last, the run in one table row, in GiB: the model's size, the peak of loading, of step 1, of step 2, the range of
+the later steps' peaks, the final evaluation, saving, and `moeify eval`'s loading / evaluation.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 GiB = 1024**3
+MODELS = {"mixtral-353m": "Mixtral 353M", "tinyllama-6.45b": "TinyLlama-shaped 6.45B MoE", "small": "small Mixtral"}
 
 # Runs in the child: `moeify train RECIPE` with phase marks around it.
 _CHILD = r"""
@@ -194,6 +197,8 @@ def main() -> int:
         "its peak / the training steps' peak: "
         f"{max(evaluated.values()) / training_peak:.3f}x (target <= 1)"
     )
+    print(f"\n{ROW_HEADER}")
+    print(summary_row(f"{MODELS[args.model]}, {args.compute_dtype}, {args.steps} steps", size, phases, evaluated))
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -201,6 +206,26 @@ def main() -> int:
             )
         )
     return 0
+
+
+ROW_HEADER = (
+    "| model | model size | load | step 1 | step 2 | later steps | final evaluation | saving "
+    "| `moeify eval`: load / evaluation |\n|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def summary_row(label: str, size: int, phases: dict[str, int], evaluated: dict[str, int]) -> str:
+    """The run as one row under `ROW_HEADER`, in GiB ("-" for a phase the run did not have)."""
+
+    def cell(*values: int) -> str:
+        texts = sorted({f"{v / GiB:.2f}" for v in values}, key=float)
+        return "-" if not texts else texts[0] if len(texts) == 1 else f"{texts[0]}-{texts[-1]}"
+
+    steps = [peak for name, peak in phases.items() if name.startswith("step ")]
+    cells = [cell(size), *(cell(*([phases[n]] if n in phases else [])) for n in ("load", "step 1", "step 2"))]
+    cells += [cell(*steps[2:]), *(cell(*([phases[n]] if n in phases else [])) for n in ("final evaluation", "saving"))]
+    cells.append(f"{cell(evaluated['load'])} / {cell(evaluated['evaluation'])}")
+    return f"| {label} | " + " | ".join(cells) + " |"
 
 
 def _moeify_eval(model: Path, run_dir: Path, args: argparse.Namespace) -> dict[str, int] | None:

@@ -4,7 +4,8 @@
 
 For each method, `moeify convert` of the PyPI GGUF (dequantized once into moeify's cache) to 8 experts, top-2
 (granularity 4: top-4 of 8 slices of a quarter of the FFN each, the same active compute as top-1 of whole copies;
-the others top-2), timed with its peak RSS (a child process, `os.wait4`); then `moeify verify` (max |logit
+the others top-2), timed with its peak RSS (a child process, `os.wait4`), and the parameters it wrote (from the
+safetensors headers); then `moeify verify` (max |logit
 difference| and top-1 agreement with the dense model on the verify prompts) and `moeify route-stats` on held-out
 docstrings for the mean load CV over layers: the standard library's docstrings (`builtin:python-docstrings`) are
 cut in two, the first 90% for the k-means calibration (its first `--calibration-tokens` tokens), the last 10% for
@@ -28,7 +29,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import gib, machine_summary, run_measured  # noqa: E402
+from common import gib, machine_summary, run_measured, safetensors_summary  # noqa: E402
 
 METHODS: dict[str, list[str]] = {
     "copy (random router)": ["--top-k", "2"],
@@ -92,8 +93,12 @@ def main() -> None:
     calibration.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:cut]))
     held_out.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[cut:]))
     print(machine_summary())
-    print("\n| method | convert s | convert peak RSS | max abs logit diff | top-1 agreement | load CV (held-out) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"dense model: {safetensors_summary(Path(dense))[1] / 1e6:.1f}M parameters")
+    print(
+        "\n| method | top-k | parameters | convert s | convert peak RSS | max abs logit diff | top-1 agreement "
+        "| load CV (held-out) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     results = {}
     prompts = work / "expert-prompts.yaml"  # expert e: four docstrings of the e-th eighth of the calibration text
     eighth = cut // 8
@@ -129,21 +134,32 @@ def main() -> None:
         ).stdout  # fmt: skip
         layers = json.loads(stats)["layers"]
         cv = sum(layer["load_cv"] for layer in layers) / len(layers)
+        parameters = safetensors_summary(out)[1]
         shutil.rmtree(out)  # 3 GB each: the disk holds one at a time
-        results[name] = {"seconds": measured.wall_s, "peak_rss": measured.peak_rss_bytes, "diff": diff, "cv": cv}
+        results[name] = {
+            "seconds": measured.wall_s,
+            "peak_rss": measured.peak_rss_bytes,
+            "diff": diff,
+            "cv": cv,
+            "parameters": parameters,
+        }
+        top_k = flags[flags.index("--top-k") + 1]
         print(
-            f"| {name} | {measured.wall_s:.1f} | {gib(measured.peak_rss_bytes):.2f} GiB | {diff:.2e} | {agreement} | "
-            f"{cv:.3f} |",
+            f"| {name} | {top_k} | {parameters / 1e6:.1f}M | {measured.wall_s:.1f} | "
+            f"{gib(measured.peak_rss_bytes):.2f} GiB | {diff:.2e} | {agreement} | {cv:.3f} |",
             flush=True,
         )
 
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     if args.skip_calibration:
         return
-    print(f"\ncalibration forward over {args.calibration_tokens} tokens (peak RSS of its own process)")
+    print(f"\ncalibration forward over {args.calibration_tokens} tokens (peak RSS of its own process)\n")
     print("| weights | wall s | peak RSS |")
     print("|---|---:|---:|")
-    for mode, label in (("disk", "on disk, one layer at a time (moeify)"), ("memory", "whole model in memory")):
+    for mode, label in (
+        ("disk", "on disk, one layer at a time (what `--router-init kmeans` does)"),
+        ("memory", "whole model in memory"),
+    ):
         cmd = [sys.executable, "-c", _CALIBRATE, dense, mode, str(args.calibration_tokens), str(calibration)]
         measured = run_measured(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         print(f"| {label} | {measured.wall_s:.1f} | {gib(measured.peak_rss_bytes):.2f} GiB |", flush=True)
