@@ -1,7 +1,7 @@
 """When does upcycling pay? A resumable study: Gemma 3 270M dense + LoRA against its upcycled MoE + LoRA, trained
 the same way on the same tokens, with held-out loss measured along the way.
 
-    python benchmarks/upcycle_quality.py --work DIR [--stages sweep,main,axes] [--main-steps 300] [--seeds 0,1]
+    python benchmarks/upcycle_quality.py --work DIR [--stages sweep,main,axes] [--main-steps 120] [--seeds 0,1]
     python benchmarks/upcycle_quality.py --work DIR --report [--plot docs/upcycle_quality.png]
 
 Every run is a `moeify train` recipe under WORK/runs/NAME (checkpoints every `--eval-every` steps). Rerunning the
@@ -16,7 +16,7 @@ the rank whose count comes closest (from `moeify train --dry-run`'s counter). al
 
 Data. `builtin:python-stdlib` (the standard library's source files and the language reference topics; 639
 documents, 3.2 M Gemma tokens), 128-token blocks, batch 4 (512 tokens a step). 5% of the documents are held out
-(`data.eval_split: documents`); the first `--eval-blocks` of them, shuffled, are evaluated every `--eval-every`
+(`data.eval_split: documents`); a random `--eval-blocks` of their blocks are evaluated every `--eval-every`
 steps. The learning-rate sweep selects on another draw of held-out documents (`data.eval_seed: 1`) than the one
 the main comparison reports on (`eval_seed: 0`).
 
@@ -29,9 +29,9 @@ Stages.
   aux-loss weight, aux-loss-free bias balancing (`AXES`).
 
 Schedule: AdamW, linear warm-up over 5% of the steps then cosine decay, float32 (the fast path on CPUs without
-bfloat16 matrix units). Recorded per run: tokens seen, training seconds per step (evaluation time subtracted),
-peak resident memory of the `moeify train` process, the held-out loss curve, training loss, the routers' load CV
-and entropy. Results: WORK/results.json, WORK/report.md (printed), and with `--plot` the held-out loss curves.
+bfloat16 matrix units), no activation checkpointing. Recorded per run: tokens seen, training seconds per step
+(evaluation time subtracted), peak resident memory of the `moeify train` process, the held-out loss curve,
+training loss, the routers' load CV and entropy. Results: WORK/results.json, WORK/report.md (printed), and with `--plot` the held-out loss curves.
 """
 
 from __future__ import annotations
@@ -218,6 +218,7 @@ class Study:
                 "save_steps": every,
                 "save_total_limit": 1,
                 "include_num_input_tokens_seen": "all",
+                "gradient_checkpointing": False,  # memory is not what limits a 270M model; the recompute costs time
                 "report_to": "none",
                 "disable_tqdm": True,
             },
@@ -243,9 +244,16 @@ class Study:
             raw = self.recipe(run)
             complete = complete_checkpoints(out)
             start = int(complete[-1].name.removeprefix("checkpoint-")) if complete else 0
+            path = self.runs_dir / f"{run.name}.yaml"
+            if complete and path.exists():
+                before = yaml.safe_load(path.read_text())
+                before["training"].pop("resume_from_checkpoint", None)
+                if before != raw:
+                    raise SystemExit(
+                        f"{run.name} was started with another recipe ({path}); delete {out} to start it again."
+                    )
             if complete:
                 raw["training"]["resume_from_checkpoint"] = True
-            path = self.runs_dir / f"{run.name}.yaml"
             path.write_text(yaml.safe_dump(raw, sort_keys=False))
             what = f"resuming at step {start}" if start else "starting"
             print(f"  {run.name}: {what} ({run.steps} steps, lr {run.lr:g}, seed {run.seed})", flush=True)
@@ -456,15 +464,15 @@ def main() -> None:
     parser.add_argument("--stages", default="sweep,main", help="comma-separated: sweep, main, axes (in that order)")
     parser.add_argument("--lrs", default="1e-4,3e-4,1e-3", help="the sweep's learning rates")
     parser.add_argument("--sweep-steps", type=int, default=30)
-    parser.add_argument("--main-steps", type=int, default=300)
-    parser.add_argument("--axes-steps", type=int, default=100)
+    parser.add_argument("--main-steps", type=int, default=120)
+    parser.add_argument("--axes-steps", type=int, default=60)
     names = ", ".join([a[0] for a in AXES] + ["full"])
     parser.add_argument("--axes", default="", help=f"comma-separated axes (default all): {names}")
     parser.add_argument("--full-lr", type=float, default=3e-5, help="learning rate of the full fine-tuning axis")
     parser.add_argument("--main-moe", default="copy", choices=sorted(METHODS), help="the MoE of the main comparison")
     parser.add_argument("--seeds", default="0,1", help="seeds of the main comparison")
     parser.add_argument("--expert-rank", type=int, default=4, help="the copy MoE's per-expert LoRA rank (default 4)")
-    parser.add_argument("--eval-every", type=int, default=50, help="steps between evaluations and checkpoints")
+    parser.add_argument("--eval-every", type=int, default=40, help="steps between evaluations and checkpoints")
     parser.add_argument("--eval-blocks", type=int, default=64, help="held-out blocks evaluated (default 64)")
     parser.add_argument("--report", action="store_true", help="only report the finished runs")
     parser.add_argument("--plot", type=Path, default=None, help="write the main comparison's curves to this PNG")
