@@ -31,7 +31,8 @@ Stages.
 Schedule: AdamW, linear warm-up over 5% of the steps then cosine decay, float32 (the fast path on CPUs without
 bfloat16 matrix units), no activation checkpointing. Recorded per run: tokens seen, training seconds per step
 (evaluation time subtracted), peak resident memory of the `moeify train` process, the held-out loss curve,
-training loss, the routers' load CV and entropy. Results: WORK/results.json, WORK/report.md (printed), and with `--plot` the held-out loss curves.
+training loss, the routers' load CV and entropy. Results: WORK/results.json, WORK/report.md (printed), and with
+`--plot` the held-out loss curves.
 """
 
 from __future__ import annotations
