@@ -446,9 +446,10 @@ def report(study: Study, runs: list[Run], plot: Path | None) -> str:
             continue
         steps = rows[0].steps
         dense = [r for r in rows if r.dense]
-        losses = [r.results["final_loss"] for r in dense]
-        # the sweep compares with the dense model at its best learning rate; the other stages with its mean over seeds
-        baseline = (min(losses) if stage == "sweep" else statistics.mean(losses)) if losses else None
+        # the sweep compares with the dense model at its best learning rate; the other stages with the dense run of
+        # the same seed
+        best = min((r.results["final_loss"] for r in dense), default=None)
+        same_seed = {r.seed: r.results["final_loss"] for r in dense}
         lines += [
             f"### {title}: {steps} steps, {steps * tokens_per_step:,} tokens per run",
             "",
@@ -460,6 +461,7 @@ def report(study: Study, runs: list[Run], plot: Path | None) -> str:
             res = r.results
             cv = f"{res['load_cv'][-1][1]:.3f}" if res["load_cv"] else "-"
             entropy = f"{res['entropy'][-1][1]:.3f}" if res["entropy"] else "-"
+            baseline = best if stage == "sweep" else same_seed.get(r.seed)
             ratio = f"{res['final_loss'] / baseline:.4f}x" if baseline else "-"
             sps = res["s_per_step"] or math.nan
             start = f"{res['eval'][0][1]:.4f}" if res["eval"][0][0] == 0 else "-"
@@ -470,9 +472,12 @@ def report(study: Study, runs: list[Run], plot: Path | None) -> str:
             )
         lines.append("")
     main = [r for r in finished if r.stage == "main"]
+    models = list(dict.fromkeys(r.model for r in main))
+    paired = sorted(set.intersection(*({r.seed for r in main if r.model == m} for m in models))) if main else []
+    main = [r for r in main if r.seed in paired]  # the curves compare the seeds every model has finished
     if main:
-        lines += ["### Held-out loss against tokens seen (main comparison, mean over seeds)", ""]
-        models = list(dict.fromkeys(r.model for r in main))
+        seeds = ", ".join(str(s) for s in paired)
+        lines += [f"### Held-out loss against tokens seen (main comparison, mean over seeds {seeds})", ""]
         steps = sorted({s for r in main for s, _ in r.results["eval"]})
         lines.append("| tokens | " + " | ".join(models) + " | MoE / dense |")
         lines.append("|---" * (len(models) + 2) + "|")
@@ -504,12 +509,18 @@ def _plot(runs: list[Run], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     colors = {"dense": "tab:blue"}
+    start = runs[0].results["eval"][0][1] if runs[0].results["eval"][0][0] == 0 else None
     for r in runs:
         color = colors.setdefault(r.model, "tab:orange" if r.model != "dense" else "tab:blue")
-        tokens = [s * BATCH * MAX_LENGTH / 1000 for s, _ in r.results["eval"]]
+        evals = [
+            (s, loss) for s, loss in r.results["eval"] if s > 0
+        ]  # step 0 (the same for all) would flatten the rest
+        tokens = [s * BATCH * MAX_LENGTH / 1000 for s, _ in evals]
         label = f"{'dense + LoRA' if r.dense else r.model + ' MoE + LoRA'}, seed {r.seed}"
-        ax.plot(tokens, [loss for _, loss in r.results["eval"]], color=color, alpha=1.0 if r.seed == 0 else 0.55,
+        ax.plot(tokens, [loss for _, loss in evals], color=color, alpha=1.0 if r.seed == 0 else 0.55,
                 linestyle="-" if r.seed == 0 else "--", marker="o", markersize=3, label=label)  # fmt: skip
+    if start is not None:
+        ax.text(0.02, 0.04, f"both start at {start:.3f} (step 0)", transform=ax.transAxes, fontsize=8)
     ax.set_xlabel("training tokens seen (thousands)")
     ax.set_ylabel("held-out loss (nats per token)")
     ax.set_title("Gemma 3 270M: dense vs upcycled 8 x top-2 MoE, LoRA, matched trainable parameters", fontsize=9)
