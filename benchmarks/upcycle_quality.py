@@ -512,9 +512,8 @@ def _plot(runs: list[Run], path: Path) -> None:
     start = runs[0].results["eval"][0][1] if runs[0].results["eval"][0][0] == 0 else None
     for r in runs:
         color = colors.setdefault(r.model, "tab:orange" if r.model != "dense" else "tab:blue")
-        evals = [
-            (s, loss) for s, loss in r.results["eval"] if s > 0
-        ]  # step 0 (the same for all) would flatten the rest
+        # step 0, the same for every run, would flatten the rest of the curves
+        evals = [(s, loss) for s, loss in r.results["eval"] if s > 0]
         tokens = [s * BATCH * MAX_LENGTH / 1000 for s, _ in evals]
         label = f"{'dense + LoRA' if r.dense else r.model + ' MoE + LoRA'}, seed {r.seed}"
         ax.plot(tokens, [loss for _, loss in evals], color=color, alpha=1.0 if r.seed == 0 else 0.55,
